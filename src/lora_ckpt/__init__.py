@@ -1,0 +1,52 @@
+"""lora_ckpt: make model checkpoints portable between standard and LoRA layouts.
+
+The pure core (:func:`detect_layout`, :func:`merge_lora`, :func:`remap_standard_to_lora`) works on
+plain state dicts; :func:`load_into` and :func:`merged_state_dict` adapt live models; files are read
+and written by :func:`load_checkpoint` and :func:`save_checkpoint`.
+"""
+
+from lora_ckpt.errors import (
+    AlphaError,
+    CheckpointFileError,
+    KeyMismatchError,
+    LayoutError,
+    LoraCkptError,
+    ShapeError,
+    TiedWeightError,
+    UnsafeCheckpointError,
+)
+from lora_ckpt.io import Checkpoint, load_checkpoint, save_checkpoint
+from lora_ckpt.layout import Layout, LoraModule, detect_layout
+from lora_ckpt.merge import merge_lora
+from lora_ckpt.model import LoadReport, load_into, merged_state_dict, module_alphas
+from lora_ckpt.optim import OptimizerReport, named_optimizer_state, transfer_optimizer_state
+from lora_ckpt.remap import remap_standard_to_lora
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlphaError",
+    "Checkpoint",
+    "CheckpointFileError",
+    "KeyMismatchError",
+    "Layout",
+    "LayoutError",
+    "LoadReport",
+    "LoraCkptError",
+    "LoraModule",
+    "OptimizerReport",
+    "ShapeError",
+    "TiedWeightError",
+    "UnsafeCheckpointError",
+    "__version__",
+    "detect_layout",
+    "load_checkpoint",
+    "load_into",
+    "merge_lora",
+    "merged_state_dict",
+    "module_alphas",
+    "named_optimizer_state",
+    "remap_standard_to_lora",
+    "save_checkpoint",
+    "transfer_optimizer_state",
+]

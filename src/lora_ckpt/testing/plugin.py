@@ -1,0 +1,32 @@
+"""pytest plugin (entry point ``pytest11: lora_ckpt``): the :mod:`lora_ckpt.testing` factories as fixtures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_ckpt import testing
+
+
+@pytest.fixture
+def nanogpt() -> torch.nn.Module:
+    """A tiny plain nanoGPT (seed 0), ``wte`` tied to ``lm_head``."""
+    return testing.make_gpt(seed=0)
+
+
+@pytest.fixture
+def nanogpt_lora() -> torch.nn.Module:
+    """The same nanoGPT with LoRA (rank 4, alpha 16) on ``c_attn`` and ``wte``, adapters randomised."""
+    return testing.make_gpt(seed=0, attn_rank=4, wte_rank=4, randomize=True)
+
+
+@pytest.fixture
+def lora_state_dict() -> dict[str, torch.Tensor]:
+    """A nanoGPT LoRA state dict (rank 4 on ``c_attn``, alpha 16) with random adapters."""
+    return testing.make_lora_state_dict(rank=4)
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    """A seeded (2, 8) batch of token ids for the tiny models."""
+    return testing.make_tokens()
