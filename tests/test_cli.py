@@ -1,0 +1,122 @@
+import json
+
+import pytest
+import torch
+
+from conftest import logits
+from lora_ckpt import LoraCkptError, load_checkpoint, load_into, save_checkpoint
+from lora_ckpt.cli import main
+from lora_ckpt.testing import make_gpt
+
+
+@pytest.fixture
+def lora_file(tmp_path):
+    model = make_gpt(attn_rank=4, wte_rank=2, alpha=8.0, randomize=True)
+    path = tmp_path / "lora.pt"
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()},
+                "model_args": {"n_layer": 2, "lora_alpha": 8.0, "lora_rank": 4},
+                "optimizer": {"state": {}, "param_groups": []}, "iter_num": 5}, path)
+    return model, path
+
+
+def test_inspect_text_and_json(lora_file, capsys):
+    _, path = lora_file
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "layout: nanogpt_lora" in out and "prefix: _orig_mod." in out
+    assert "alpha: 8 (model_args['lora_alpha'])" in out
+    assert "tied: transformer.wte.main_weight.weight = lm_head.weight (a LoRA update lands here" in out
+    assert "transformer.h.0.attn.c_attn  linear     4" in out
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "nanogpt_lora" and info["alpha"] == 8.0 and info["dtypes"] == {"float32": 35}
+    assert [m["rank"] for m in info["modules"]] == [2, 4, 4]
+    assert info["other_entries"] == ["iter_num", "model_args", "optimizer"]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_merge_gives_a_file_the_plain_model_loads(lora_file, tmp_path, capsys, suffix):
+    model, path = lora_file
+    dst = tmp_path / f"merged{suffix}"
+    assert main(["merge", str(path), str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert f"merged 3 LoRA module(s) of {path} into {dst}" in out
+    assert "untied: each key keeps its own value" in out
+    assert "left out: optimizer" in out and "model_args['lora_alpha']" in out
+    plain = make_gpt(seed=4)
+    load_into(plain, dst, tied="untie")
+    torch.testing.assert_close(logits(plain), logits(model))
+    if suffix == ".pt":
+        assert load_checkpoint(dst).extra == {"model_args": {"n_layer": 2}, "iter_num": 5}
+
+
+def test_merge_dtype_and_tie(lora_file, tmp_path):
+    _, path = lora_file
+    dst = tmp_path / "m.safetensors"
+    assert main(["merge", str(path), str(dst), "--dtype", "bf16", "--tied", "tie"]) == 0
+    sd = load_checkpoint(dst).state_dict
+    assert all(v.dtype == torch.bfloat16 for v in sd.values())
+    assert sd["lm_head.weight"] is sd["transformer.wte.weight"]
+
+
+def test_convert_both_ways(lora_file, tmp_path, capsys):
+    model, path = lora_file
+    std = tmp_path / "std.safetensors"
+    assert main(["convert", str(path), str(std), "--to", "standard"]) == 0
+    back = tmp_path / "back.pt"
+    assert main(["convert", str(std), str(back), "--to", "nanogpt", "--like", str(path)]) == 0
+    assert "standard checkpoint -> nanogpt_lora model" in capsys.readouterr().out
+    ckpt = load_checkpoint(back)
+    assert set(ckpt.alpha.values()) == {8.0} and len(ckpt.alpha) == 3
+    assert all(k.startswith("_orig_mod.") for k in ckpt.state_dict)
+    assert torch.count_nonzero(ckpt.state_dict["_orig_mod.transformer.h.0.attn.c_attn.lora_A.weight"]) > 0
+    assert torch.count_nonzero(ckpt.state_dict["_orig_mod.transformer.h.0.attn.c_attn.lora_B.weight"]) == 0
+    again = make_gpt(seed=6, attn_rank=4, wte_rank=2, alpha=8.0)
+    again.lm_head.weight = torch.nn.Parameter(again.lm_head.weight.detach().clone())
+    load_into(again, back)
+    torch.testing.assert_close(logits(again), logits(model))
+
+
+def test_failures_exit_1_with_one_clear_line(lora_file, tmp_path, capsys):
+    _, path = lora_file
+    existing = save_checkpoint(tmp_path / "x.safetensors", {"w": torch.zeros(2)})
+    assert main(["merge", str(path), str(existing)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"lora-ckpt: error: {existing}: already exists; pass --force to replace it\n"
+    assert main(["merge", str(path), str(existing), "--force"]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(path), str(tmp_path / "y.pt"), "--alpha", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "alpha=3 conflicts with alpha 8 recorded" in err and err.count("\n") == 1
+    assert not (tmp_path / "y.pt").exists()
+    assert main(["merge", str(existing), str(tmp_path / "z.pt")]) == 1
+    assert "already in the standard layout" in capsys.readouterr().err
+    assert not (tmp_path / "z.pt").exists()
+    assert main(["inspect", str(tmp_path / "missing.pt")]) == 1
+    assert capsys.readouterr().err == f"lora-ckpt: error: {tmp_path / 'missing.pt'}: no such file\n"
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(LoraCkptError, match="no such file"):
+        main(["--debug", "inspect", str(tmp_path / "missing.pt")])
+
+
+def test_usage_errors_exit_2(lora_file, tmp_path, capsys):
+    _, path = lora_file
+    assert main(["frobnicate"]) == 2
+    assert main(["merge", str(path)]) == 2
+    assert main(["convert", str(path), str(tmp_path / "o.pt"), "--to", "nanogpt"]) == 2
+    assert "--to nanogpt needs --like TEMPLATE" in capsys.readouterr().err
+    assert main([]) == 2
+
+
+def test_demo(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[ok]") == 3 and "all outputs match" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.pt", "lora_again.pt", "merged.safetensors"]
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("lora-ckpt 0.1.0")
