@@ -136,3 +136,25 @@ def test_file_without_a_state_dict(tmp_path):
     torch.save({"iter_num": 3}, path)
     with pytest.raises(LayoutError, match=r"o.pt: no state dict found: expected tensors at the top level or under one of \['model'"):
         load_checkpoint(path)
+
+
+def test_not_a_mapping_and_empty_safetensors_and_corrupt_pickle(tmp_path):
+    from lora_ckpt.io import as_checkpoint
+    from safetensors.torch import save_file
+
+    with pytest.raises(LayoutError, match="expected a state dict or a checkpoint dict, got list"):
+        as_checkpoint([torch.zeros(1)])  # type: ignore[arg-type]
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, str(empty))
+    with pytest.raises(LayoutError, match="empty.safetensors: the file holds no tensors"):
+        load_checkpoint(empty)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01K\x01u\xff")  # a pickle with a broken opcode
+    with pytest.raises(CheckpointFileError, match=r"bad.pt: corrupt pickle \(Unsupported operand 255\)"):
+        load_checkpoint(bad)
+
+
+def test_model_args_that_json_cannot_hold(tmp_path):
+    with pytest.raises(CheckpointFileError, match="cannot write safetensors: .*is model_args JSON-serialisable"):
+        save_checkpoint(tmp_path / "a.safetensors", make_lora_state_dict(rank=2), extra={"model_args": {"x": object()}})
+    assert list(tmp_path.iterdir()) == []

@@ -131,3 +131,10 @@ def test_factor_must_be_2d():
     sd[f"{C_ATTN}.lora_A.weight"] = torch.zeros(4, 32, 1)
     with pytest.raises(ShapeError, match=rf"{C_ATTN}.lora_A.weight: expected a 2-d tensor, got shape \(4, 32, 1\)"):
         detect_layout(sd)
+
+
+def test_bias_without_weight():
+    sd = make_lora_state_dict(rank=4)
+    del sd[f"{C_ATTN}.main_weight.weight"]
+    with pytest.raises(LayoutError, match=f"{C_ATTN}: has main_weight.bias but no main_weight.weight"):
+        detect_layout(sd)

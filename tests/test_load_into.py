@@ -164,3 +164,11 @@ def test_merged_state_dict_leaves_the_live_model_unchanged():
 def test_bad_tied_option():
     with pytest.raises(ValueError, match="tied must be 'error', 'untie' or 'tie', got 'x'"):
         load_into(make_gpt(), make_gpt().state_dict(), tied="x")  # type: ignore[arg-type]
+
+
+def test_report_renders_as_text_and_html():
+    report = load_into(make_gpt(attn_rank=4), make_gpt().state_dict())
+    text, html = str(report), report._repr_html_()
+    assert text.startswith("standard checkpoint -> nanogpt_lora model\naction")
+    assert "remapped     4" in text
+    assert "<td>remapped</td><td>4</td>" in html

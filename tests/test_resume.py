@@ -100,3 +100,26 @@ def test_tokens_fixture_and_lora_fixture_from_the_plugin(nanogpt_lora, nanogpt, 
     assert report.untied == ["lm_head.weight"]
     torch.testing.assert_close(nanogpt(tokens), nanogpt_lora(tokens))
     assert tokens.shape == make_tokens().shape
+
+
+def test_optimizer_over_parameters_outside_the_model():
+    model = make_gpt()
+    stranger = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([*model.parameters(), stranger])
+    with pytest.raises(KeyMismatchError, match="the optimizer holds a parameter that is not in the model"):
+        transfer_optimizer_state(opt, model, {"state": {}, "param_groups": []})
+
+
+def test_transfer_leaves_the_saved_state_unchanged_by_later_steps():
+    src = make_gpt(seed=0)
+    opt = _optimizer(src)
+    _train(src, opt)
+    saved = named_optimizer_state(src, opt)
+    before = {k: {n: t.clone() for n, t in v.items()} for k, v in saved["state"].items()}
+    dst = make_gpt(seed=1)
+    opt2 = _optimizer(dst)
+    transfer_optimizer_state(opt2, dst, saved)
+    _train(dst, opt2, seed=5)
+    for k, v in saved["state"].items():
+        for n, t in v.items():
+            assert torch.equal(t, before[k][n]), (k, n)

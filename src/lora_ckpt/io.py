@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -156,14 +157,19 @@ def _torch_load(p: Path, *, zip_format: bool) -> object:
     try:
         return torch.load(p, map_location="cpu", weights_only=True, mmap=zip_format)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported" in str(e):
+        if re.search(r"GLOBAL|global|class", str(e)):
             raise UnsafeCheckpointError(
                 f"{p}: refusing to load, the pickle needs code beyond tensors and plain containers "
                 "(weights_only=True rejected it); re-save it as safetensors from a trusted environment"
             ) from None
-        raise CheckpointFileError(f"{p}: corrupt pickle ({e})") from None
+        raise CheckpointFileError(f"{p}: corrupt pickle ({_pickle_detail(e)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointFileError(f"{p}: corrupt or truncated torch checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def _pickle_detail(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith(("Weights only", "Check the"))]
+    return lines[-1] if lines else type(e).__name__
 
 
 def _load_safetensors(p: Path) -> Checkpoint:

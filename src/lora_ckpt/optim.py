@@ -108,7 +108,7 @@ def transfer_optimizer_state(
         key = canonical_key(name)
         st = old.get(key)
         if st is not None and _fits(st, p):
-            new_state[index] = st
+            new_state[index] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
             taken.add(key)
             report.transferred.append(name)
         else:

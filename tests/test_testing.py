@@ -1,0 +1,27 @@
+"""lora_ckpt.testing: the helpers other projects use must fail loudly."""
+
+import pytest
+import torch
+
+from lora_ckpt.testing import assert_state_dict_close, make_gpt, make_lora_state_dict, make_state_dict, randomize_lora
+
+
+def test_assert_state_dict_close_names_keys_and_values():
+    a = make_state_dict()
+    b = dict(a)
+    del b["lm_head.weight"]
+    with pytest.raises(AssertionError, match=r"keys differ: missing \['lm_head.weight'\], unexpected \[\]"):
+        assert_state_dict_close(b, a)
+    c = {**a, "transformer.ln_f.bias": a["transformer.ln_f.bias"] + 1e-3}
+    with pytest.raises(AssertionError, match="^transformer.ln_f.bias: "):
+        assert_state_dict_close(c, a, rtol=0, atol=0)
+    assert_state_dict_close(c, a, rtol=0, atol=2e-3)
+
+
+def test_factories_are_seeded_and_randomize_only_touches_factors():
+    assert_state_dict_close(make_lora_state_dict(rank=3, seed=4), make_lora_state_dict(rank=3, seed=4), rtol=0, atol=0)
+    model = make_gpt(attn_rank=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    randomize_lora(model, seed=3)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"transformer.h.{i}.attn.c_attn.lora_{x}.weight" for i in (0, 1) for x in "AB"}
