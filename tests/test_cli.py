@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import logits
+
 from lora_ckpt import LoraCkptError, load_checkpoint, load_into, save_checkpoint
 from lora_ckpt.cli import main
 from lora_ckpt.testing import make_gpt

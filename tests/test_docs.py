@@ -15,7 +15,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _python_blocks(path: Path) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.DOTALL)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
@@ -51,7 +51,7 @@ def test_docstring_examples_exist():
 
 
 def test_all_matches_the_api_reference():
-    documented = set(re.findall(r"^### `(\w+)`", (ROOT / "docs" / "api.md").read_text(), flags=re.M))
+    documented = set(re.findall(r"^### `(\w+)`", (ROOT / "docs" / "api.md").read_text(), flags=re.MULTILINE))
     exported = set(lora_ckpt.__all__) - {"__version__"}
     assert documented == exported
     assert all(hasattr(lora_ckpt, name) for name in lora_ckpt.__all__)

@@ -3,9 +3,9 @@ import pickle
 
 import pytest
 import torch
+from conftest import logits
 
 import lora_ckpt.io as lio
-from conftest import logits
 from lora_ckpt import (
     CheckpointFileError,
     LayoutError,
@@ -139,8 +139,9 @@ def test_file_without_a_state_dict(tmp_path):
 
 
 def test_not_a_mapping_and_empty_safetensors_and_corrupt_pickle(tmp_path):
-    from lora_ckpt.io import as_checkpoint
     from safetensors.torch import save_file
+
+    from lora_ckpt.io import as_checkpoint
 
     with pytest.raises(LayoutError, match="expected a state dict or a checkpoint dict, got list"):
         as_checkpoint([torch.zeros(1)])  # type: ignore[arg-type]

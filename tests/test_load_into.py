@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import assert_unchanged, compiled, logits, snapshot
+
 from lora_ckpt import (
     AlphaError,
     KeyMismatchError,

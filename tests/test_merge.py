@@ -2,10 +2,10 @@ import math
 
 import pytest
 import torch
+from conftest import assert_unchanged, logits, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_unchanged, logits, snapshot
 from lora_ckpt import AlphaError, LayoutError, detect_layout, merge_lora
 from lora_ckpt.testing import assert_state_dict_close, make_gpt, make_lora_state_dict
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from conftest import assert_unchanged, logits, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_unchanged, logits, snapshot
 from lora_ckpt import KeyMismatchError, LayoutError, ShapeError, detect_layout, merge_lora, remap_standard_to_lora
 from lora_ckpt.testing import assert_state_dict_close, make_gpt, make_state_dict
 

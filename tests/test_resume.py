@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import logits
+
 from lora_ckpt import (
     KeyMismatchError,
     load_checkpoint,

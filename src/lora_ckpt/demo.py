@@ -13,7 +13,7 @@ from lora_ckpt.convert import LoadReport
 from lora_ckpt.io import load_checkpoint, save_checkpoint
 from lora_ckpt.merge import merge_lora
 from lora_ckpt.model import load_into
-from lora_ckpt.testing import make_gpt, make_tokens
+from lora_ckpt.testing import GPT, make_gpt, make_tokens
 
 __all__ = ["DemoStep", "run_demo"]
 
@@ -31,12 +31,12 @@ class DemoStep:
     report: LoadReport | None = None
 
 
-def _train(model: torch.nn.Module, steps: int, seed: int) -> None:
+def _train(model: GPT, steps: int, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for _ in range(steps):
-        idx = torch.randint(model.config.vocab_size, (4, 9), generator=gen)  # type: ignore[union-attr]
+        idx = torch.randint(model.config.vocab_size, (4, 9), generator=gen)
         logits = model(idx[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
         opt.zero_grad()

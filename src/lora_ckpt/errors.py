@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 __all__ = [
-    "LoraCkptError",
-    "LayoutError",
-    "ShapeError",
-    "KeyMismatchError",
     "AlphaError",
-    "TiedWeightError",
     "CheckpointFileError",
+    "KeyMismatchError",
+    "LayoutError",
+    "LoraCkptError",
+    "ShapeError",
+    "TiedWeightError",
     "UnsafeCheckpointError",
 ]
 

@@ -250,10 +250,10 @@ def save_checkpoint(
             )
         if extra.get("model_args") is not None:
             meta["model_args"] = dict(extra["model_args"])
-        write = lambda tmp: _write_safetensors(tmp, state_dict, meta)  # noqa: E731
+        write = lambda tmp: _write_safetensors(tmp, state_dict, meta)
     else:
         payload = {"model": dict(state_dict), **extra, _META_KEY: meta}
-        write = lambda tmp: torch.save(payload, tmp)  # noqa: E731
+        write = lambda tmp: torch.save(payload, tmp)
     with _atomic_target(p) as tmp:
         write(tmp)
     return p

@@ -18,12 +18,12 @@ from lora_ckpt._table import render_html, render_text
 from lora_ckpt.errors import LayoutError, ShapeError
 
 __all__ = [
-    "Layout",
-    "LoraModule",
-    "LoraLayoutSpec",
-    "ModuleKind",
     "NANOGPT",
     "WRAPPER_PREFIXES",
+    "Layout",
+    "LoraLayoutSpec",
+    "LoraModule",
+    "ModuleKind",
     "detect_layout",
     "split_prefix",
 ]
@@ -230,9 +230,9 @@ def split_prefix(key: str) -> tuple[str, str]:
     return "".join(p + "." for p in parts[:n]), ".".join(parts[n:])
 
 
-def _strip_prefix(state_dict: Mapping[str, object]) -> tuple[str, dict[str, object]]:
+def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
     by_prefix: dict[str, list[str]] = defaultdict(list)
-    out: dict[str, object] = {}
+    out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         prefix, rest = split_prefix(key)
         by_prefix[prefix].append(key)
@@ -347,9 +347,8 @@ def detect_layout(
         hint = " (this looks like a checkpoint dict: pass checkpoint['model'])" if "model" in state_dict else ""
         raise LayoutError(f"values are not tensors for keys {bad[:5]}{hint}")
     prefix, tensors = _strip_prefix(state_dict)
-    assert all(isinstance(t, torch.Tensor) for t in tensors.values())
-    shapes = {k: tuple(t.shape) for k, t in tensors.items()}  # type: ignore[union-attr]
-    dtypes = {k: t.dtype for k, t in tensors.items()}  # type: ignore[union-attr]
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+    dtypes = {k: t.dtype for k, t in tensors.items()}
     spec = NANOGPT
 
     foreign = [k for k in shapes if set(k.split(".")) & _FOREIGN_MARKERS.keys()]
@@ -401,7 +400,7 @@ def detect_layout(
         kind="nanogpt_lora" if modules else "standard",
         prefix=prefix,
         modules=tuple(modules),
-        tied=_tied_groups(tensors),  # type: ignore[arg-type]
+        tied=_tied_groups(tensors),
         shapes=shapes,
         dtypes=dtypes,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
@@ -14,7 +14,7 @@ from lora_ckpt.layout import Layout, LoraModule, detect_layout
 __all__ = ["Alpha", "merge_lora", "merge_module", "resolve_scales"]
 
 #: One alpha for every module, or one per module name (without wrapper prefix).
-Alpha = Union[float, Mapping[str, float]]
+Alpha = float | Mapping[str, float]
 
 # Rows per block: a float32 block of about 4 MiB (1024 rows of a 1024-wide weight) was fastest on 2 cores.
 _BLOCK_BYTES = 4 << 20
@@ -87,8 +87,10 @@ def merge_module(
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         if direct:
+            assert base is not None
             torch.addmm(base[start:stop], left[start:stop], right, alpha=scale, out=out[start:stop])
             continue
+        assert scratch is not None
         buf = scratch[: stop - start]
         if base is None:
             torch.mm(left[start:stop], right, out=buf)
@@ -158,8 +160,9 @@ def merge_lora(
         for group in layout.tied_updates:
             updated = [source_of[k] for k in group if k in source_of]
             for k in group:
-                if k not in source_of:
-                    merged[_standard_key(k, by_key)] = merged[updated[0]]
+                std = _standard_key(k, by_key)
+                if k not in source_of and std is not None:
+                    merged[std] = merged[updated[0]]
 
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():

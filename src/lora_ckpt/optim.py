@@ -102,9 +102,9 @@ def transfer_optimizer_state(
     new_state: dict[int, Any] = {}
     taken: set[str] = set()
     for index, p in zip((i for g in current["param_groups"] for i in g["params"]), params):
-        name = name_of.get(id(p))
-        if name is None:
+        if id(p) not in name_of:
             raise KeyMismatchError("the optimizer holds a parameter that is not in the model; pass the model it optimizes")
+        name = name_of[id(p)]
         key = canonical_key(name)
         st = old.get(key)
         if st is not None and _fits(st, p):

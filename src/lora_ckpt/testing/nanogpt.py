@@ -127,15 +127,16 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if isinstance(wte, nn.Embedding):
             wte.weight = self.lm_head.weight
-        elif wte.main_weight is not None:
+        elif isinstance(wte, LoRAEmbedding) and wte.main_weight is not None:
             wte.main_weight.weight = self.lm_head.weight
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = self.transformer
         pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
-        for block in self.transformer.h:
+        x = t["wte"](idx) + t["wpe"](pos)
+        for block in t["h"]:  # type: ignore[attr-defined]
             x = block(x)
-        return self.lm_head(self.transformer.ln_f(x))
+        return self.lm_head(t["ln_f"](x))
