@@ -159,3 +159,10 @@ def test_model_args_that_json_cannot_hold(tmp_path):
     with pytest.raises(CheckpointFileError, match="cannot write safetensors: .*is model_args JSON-serialisable"):
         save_checkpoint(tmp_path / "a.safetensors", make_lora_state_dict(rank=2), extra={"model_args": {"x": object()}})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_metadata_from_a_newer_format_is_refused(tmp_path):
+    path = tmp_path / "future.pt"
+    torch.save({"model": make_lora_state_dict(rank=2), "lora_ckpt": {"format_version": 99, "lora_ckpt_version": "9.0"}}, path)
+    with pytest.raises(CheckpointFileError, match=r"future.pt: written by lora_ckpt 9.0 in metadata format 99, which lora_ckpt 0.1.0 does not read; upgrade"):
+        load_checkpoint(path)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
+from packaging.version import InvalidVersion, Version
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -120,7 +121,24 @@ def _from_dict(obj: object, path: Path | None) -> Checkpoint:
     return ckpt
 
 
+def _check_version(meta: Mapping[str, Any], path: Path | None) -> None:
+    """Refuse metadata written by a newer lora_ckpt in a format this version does not know."""
+    from lora_ckpt import __version__
+
+    written = str(meta.get("lora_ckpt_version", "0"))
+    try:
+        newer = Version(written) > Version(__version__)
+    except InvalidVersion:
+        newer = True
+    if newer and int(meta.get("format_version", _FORMAT_VERSION)) > _FORMAT_VERSION:
+        raise CheckpointFileError(
+            f"{path}: written by lora_ckpt {written} in metadata format {meta['format_version']}, which "
+            f"lora_ckpt {__version__} does not read; upgrade lora-ckpt"
+        )
+
+
 def _read_alpha(ckpt: Checkpoint) -> None:
+    _check_version(ckpt.metadata, ckpt.path)
     if ckpt.metadata.get("alpha") is not None:
         ckpt.alpha, ckpt.alpha_source = ckpt.metadata["alpha"], "lora_ckpt metadata"
         return
@@ -200,7 +218,9 @@ def _metadata(
     state_dict: Mapping[str, torch.Tensor], alpha: float | Mapping[str, float] | None
 ) -> dict[str, Any]:
     layout = detect_layout(state_dict)
-    meta: dict[str, Any] = {"format_version": _FORMAT_VERSION, "layout": layout.kind}
+    from lora_ckpt import __version__
+
+    meta: dict[str, Any] = {"format_version": _FORMAT_VERSION, "lora_ckpt_version": __version__, "layout": layout.kind}
     if alpha is not None:
         names = [m.name for m in layout.modules if m.has_factors]
         meta["alpha"] = dict(alpha) if isinstance(alpha, Mapping) else {n: float(alpha) for n in names}
