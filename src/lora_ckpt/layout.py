@@ -1,12 +1,13 @@
 """Layouts as data, and :func:`detect_layout`, which tells which one a state dict is in.
 
-A layout is described declaratively by a :class:`LoraLayoutSpec`: the key components that mark a
-LoRA module, the roles of its keys, and, per module kind, how the factors' shapes relate to the
-weight and how the update ``ΔW`` is formed from them. Detection only reads keys and shapes.
+Every LoRA layout is one :class:`LayoutSpec` in :data:`LAYOUTS`: the key roles of a module (base
+weight, bias, factors, DoRA magnitude, alpha), where module names start, and per module kind the
+update formula, which also fixes the factors' shapes. Detection reads only keys and shapes.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,12 +19,19 @@ from lora_ckpt._table import render_html, render_text
 from lora_ckpt.errors import LayoutError, ShapeError
 
 __all__ = [
-    "NANOGPT",
-    "WRAPPER_PREFIXES",
+    "FORMULAS",
+    "KOHYA",
+    "LAYOUTS",
+    "LORALIB",
     "Layout",
-    "LoraLayoutSpec",
+    "LayoutSpec",
     "LoraModule",
+    "MINLORA",
     "ModuleKind",
+    "NANOGPT",
+    "PEFT",
+    "TORCHTUNE",
+    "WRAPPER_PREFIXES",
     "detect_layout",
     "split_prefix",
 ]
@@ -33,59 +41,132 @@ ModuleKind = Literal["linear", "embedding", "lora_only_embedding", "base_only"]
 #: Leading key components added by wrappers: ``torch.compile`` and DistributedDataParallel.
 WRAPPER_PREFIXES = ("_orig_mod", "module")
 
-
-@dataclass(frozen=True)
-class LoraLayoutSpec:
-    """One LoRA layout: the key roles of a module and the update formula per kind.
-
-    Roles are the key suffixes that follow the module name. For ``linear`` modules the factors are
-    ``A (rank, in)`` and ``B (out, rank)`` with ``ΔW = B @ A``; for ``embedding`` modules they are
-    ``A (vocab, rank)`` and ``B (dim, rank)`` with ``ΔW = A @ B.T``.
-    """
-
-    name: str
-    base_weight: str
-    base_bias: str
-    factor_a: str
-    factor_b: str
-    #: Components that mark a key as belonging to this layout.
-    markers: tuple[str, ...]
-
-    @property
-    def roles(self) -> tuple[str, ...]:
-        return (self.base_weight, self.base_bias, self.factor_a, self.factor_b)
-
-
-#: The nanoGPT LoRA fork: ``LoRALinear`` / ``LoRAEmbedding`` with ``main_weight``, ``lora_A``, ``lora_B``.
-NANOGPT = LoraLayoutSpec(
-    name="nanogpt_lora",
-    base_weight="main_weight.weight",
-    base_bias="main_weight.bias",
-    factor_a="lora_A.weight",
-    factor_b="lora_B.weight",
-    markers=("main_weight", "lora_A", "lora_B"),
-)
-
-# Components of layouts that lora_ckpt recognises but does not read yet, with the layout's name.
-_FOREIGN_MARKERS = {
-    "lora_down": "kohya",
-    "lora_up": "kohya",
-    "lora_a": "torchtune",
-    "lora_b": "torchtune",
-    "lora_embedding_A": "PEFT",
-    "lora_embedding_B": "PEFT",
-    "lora_magnitude_vector": "PEFT DoRA",
-    "base_layer": "PEFT (live model)",
-    "parametrizations": "minLoRA",
+#: Update formulas: name -> (rank of A and B, ΔW shape (rows, cols), (left, right) with ΔW = left @ right).
+#: ``B@A``: A (r, in), B (out, r). ``A@B.T``: A (rows, r), B (cols, r). ``(B@A).T``: A (r, rows), B (cols, r).
+#: ``A@B``: A (rows, r), B (r, cols). ΔW is in the standard orientation: (out, in) or (vocab, dim).
+FORMULAS = {
+    "B@A": (lambda a, b: (a[0], b[1]), lambda a, b: (b[0], a[1]), lambda a, b: (b, a)),
+    "A@B.T": (lambda a, b: (a[1], b[1]), lambda a, b: (a[0], b[0]), lambda a, b: (a, b.T)),
+    "(B@A).T": (lambda a, b: (a[0], b[1]), lambda a, b: (a[1], b[0]), lambda a, b: (a.T, b.T)),
+    "A@B": (lambda a, b: (a[1], b[0]), lambda a, b: (a[0], b[1]), lambda a, b: (a, b)),
 }
 
 
 @dataclass(frozen=True)
-class LoraModule:
-    """One module of a LoRA layout, named without the wrapper prefix.
+class LayoutSpec:
+    """One LoRA layout, declaratively.
 
-    ``in_features``/``out_features`` are the weight's (in, out) for a linear module and
-    (num_embeddings, embedding_dim) for an embedding; ``rank`` is 0 for a module without factors.
+    ``roles`` maps a role (``weight``, ``bias``, ``a``, ``b``, ``magnitude``, ``alpha``, ``b_bias``)
+    to the key suffix after the module name; ``embedding_roles`` overrides roles for embeddings
+    where the layout names them apart. ``formulas`` gives the update formula per module kind
+    (a key of :data:`FORMULAS`). ``key_prefix`` is put before every module name (PEFT's
+    ``base_model.model.``). ``base_in_file``: whether the base weights normally sit beside the factors.
+    ``alpha_from``: where the alpha is recorded (``"argument"`` if nowhere).
+    """
+
+    name: str
+    roles: Mapping[str, str]
+    formulas: Mapping[str, str]
+    embedding_roles: Mapping[str, str] = field(default_factory=dict)
+    key_prefix: str = ""
+    base_in_file: bool = True
+    alpha_from: Literal["argument", "config", "tensor"] = "argument"
+    description: str = ""
+
+    def role_of(self, suffix: str) -> str | None:
+        for role, s in (*self.embedding_roles.items(), *self.roles.items()):
+            if s == suffix:
+                return role
+        return None
+
+    @property
+    def factor_roles(self) -> tuple[str, ...]:
+        return ("a", "b", "magnitude", "alpha", "b_bias")
+
+    def key(self, module: str, role: str, kind: str = "linear") -> str:
+        """The key of ``role`` for ``module`` in this layout (without wrapper prefix)."""
+        roles = {**self.roles, **(self.embedding_roles if kind in ("embedding", "lora_only_embedding") else {})}
+        return f"{self.key_prefix}{module}.{roles.get(role, role)}"
+
+
+NANOGPT = LayoutSpec(
+    name="nanogpt_lora",
+    roles={"weight": "main_weight.weight", "bias": "main_weight.bias", "a": "lora_A.weight", "b": "lora_B.weight"},
+    formulas={"linear": "B@A", "embedding": "A@B.T"},
+    description="nanoGPT LoRA fork: LoRALinear / LoRAEmbedding with main_weight, lora_A, lora_B",
+)
+PEFT = LayoutSpec(
+    name="peft",
+    roles={
+        "weight": "base_layer.weight",
+        "bias": "base_layer.bias",
+        "a": "lora_A.weight",
+        "b": "lora_B.weight",
+        "b_bias": "lora_B.bias",
+        "magnitude": "lora_magnitude_vector",
+    },
+    embedding_roles={"a": "lora_embedding_A", "b": "lora_embedding_B"},
+    formulas={"linear": "B@A", "embedding": "(B@A).T"},
+    key_prefix="base_model.model.",
+    base_in_file=False,
+    alpha_from="config",
+    description="Hugging Face PEFT adapters (adapter_model.safetensors + adapter_config.json)",
+)
+TORCHTUNE = LayoutSpec(
+    name="torchtune",
+    roles={"weight": "weight", "bias": "bias", "a": "lora_a.weight", "b": "lora_b.weight", "magnitude": "magnitude"},
+    formulas={"linear": "B@A"},
+    description="torchtune LoRALinear / DoRA: lora_a, lora_b, magnitude beside weight",
+)
+LORALIB = LayoutSpec(
+    name="loralib",
+    roles={"weight": "weight", "bias": "bias", "a": "lora_A", "b": "lora_B"},
+    formulas={"linear": "B@A", "embedding": "(B@A).T"},
+    description="loralib and the nanoGPT-LoRA forks built on it: bare lora_A / lora_B parameters",
+)
+MINLORA = LayoutSpec(
+    name="minlora",
+    roles={
+        "weight": "parametrizations.weight.original",
+        "bias": "bias",
+        "a": "parametrizations.weight.0.lora_A",
+        "b": "parametrizations.weight.0.lora_B",
+    },
+    formulas={"linear": "B@A", "embedding": "A@B"},
+    description="minLoRA: torch parametrizations holding lora_A / lora_B",
+)
+KOHYA = LayoutSpec(
+    name="kohya",
+    roles={"a": "lora_down.weight", "b": "lora_up.weight", "alpha": "alpha"},
+    formulas={"linear": "B@A"},
+    base_in_file=False,
+    alpha_from="tensor",
+    description="kohya-ss (sd-scripts) LoRA: lora_unet_… / lora_te_… with lora_down, lora_up, alpha",
+)
+
+#: Every known LoRA layout. Adding one means adding an entry here and its tests.
+LAYOUTS: dict[str, LayoutSpec] = {s.name: s for s in (NANOGPT, PEFT, TORCHTUNE, LORALIB, MINLORA, KOHYA)}
+
+# Layouts lora_ckpt recognises but does not read, with what to say.
+_UNSUPPORTED = {
+    "lora_E": "AdaLoRA (PEFT) adapters are not supported",
+    "hada_w1_a": "LoHa (LyCORIS) adapters are not supported",
+    "lokr_w1": "LoKr (LyCORIS) adapters are not supported",
+    "ia3_l": "IA3 adapters are not supported",
+}
+_KOHYA_NAME = re.compile(r"^(lora_unet|lora_te\d?|lora_transformer)_")
+_PEFT_ADAPTER_PART = re.compile(
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.([^.]+)(?=\.weight$|\.bias$|$)"
+)
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA module, named as in the standard model (no wrapper or layout prefix).
+
+    ``in_features``/``out_features`` are (in, out) for a linear module and (num_embeddings,
+    embedding_dim) for an embedding; ``rank`` is 0 for a module without factors. ``key_map`` maps
+    each role present to its key; ``formula`` is the update formula (see :data:`FORMULAS`).
     """
 
     name: str
@@ -94,51 +175,59 @@ class LoraModule:
     in_features: int
     out_features: int
     has_bias: bool
-    spec: LoraLayoutSpec = field(default=NANOGPT, repr=False, compare=False)
+    key_map: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False, hash=False)
+    formula: str = "B@A"
+    spec: LayoutSpec = field(default=NANOGPT, repr=False, compare=False)
+
+    def _key(self, role: str) -> str | None:
+        return self.key_map.get(role)
 
     @property
     def weight_key(self) -> str:
-        return f"{self.name}.{self.spec.base_weight}"
+        return self.key_map.get("weight") or self.spec.key(self.name, "weight", self.kind)
 
     @property
     def bias_key(self) -> str:
-        return f"{self.name}.{self.spec.base_bias}"
+        return self.key_map.get("bias") or self.spec.key(self.name, "bias", self.kind)
 
     @property
     def a_key(self) -> str:
-        return f"{self.name}.{self.spec.factor_a}"
+        return self.key_map["a"]
 
     @property
     def b_key(self) -> str:
-        return f"{self.name}.{self.spec.factor_b}"
+        return self.key_map["b"]
+
+    @property
+    def magnitude_key(self) -> str | None:
+        return self.key_map.get("magnitude")
 
     @property
     def has_base(self) -> bool:
-        return self.kind != "lora_only_embedding"
+        """Whether this state dict holds the module's base weight."""
+        return "weight" in self.key_map
 
     @property
     def has_factors(self) -> bool:
         return self.rank > 0
 
     @property
+    def is_dora(self) -> bool:
+        return "magnitude" in self.key_map
+
+    @property
     def factor_keys(self) -> tuple[str, ...]:
-        return (self.a_key, self.b_key) if self.has_factors else ()
+        return tuple(k for r, k in self.key_map.items() if r in self.spec.factor_roles)
 
     @property
     def keys(self) -> tuple[str, ...]:
-        """The module's keys in this layout."""
-        base = (self.weight_key,) if self.has_base else ()
-        bias = (self.bias_key,) if self.has_bias else ()
-        return base + bias + self.factor_keys
+        """The module's keys in this state dict."""
+        return tuple(self.key_map.values())
 
     @property
-    def standard_keys(self) -> tuple[str, ...]:
-        """The keys the same module has in the standard layout."""
-        return (f"{self.name}.weight",) + ((f"{self.name}.bias",) if self.has_bias else ())
-
-    @property
-    def weight_shape(self) -> tuple[int, int]:
-        if self.kind == "linear" or self.kind == "base_only":
+    def delta_shape(self) -> tuple[int, int]:
+        """ΔW's shape in the standard orientation: (out, in) or (vocab, dim)."""
+        if self.kind in ("linear", "base_only"):
             return (self.out_features, self.in_features)
         return (self.in_features, self.out_features)
 
@@ -152,12 +241,13 @@ class Layout:
     merge must untie them to keep the model's exact function.
     """
 
-    kind: Literal["standard", "nanogpt_lora"]
+    kind: str
     prefix: str
     modules: tuple[LoraModule, ...]
     tied: tuple[tuple[str, ...], ...]
     shapes: Mapping[str, tuple[int, ...]] = field(repr=False)
     dtypes: Mapping[str, torch.dtype] = field(repr=False)
+    spec: LayoutSpec | None = field(default=None, repr=False)
 
     @property
     def is_lora(self) -> bool:
@@ -183,6 +273,11 @@ class Layout:
         return frozenset(k for m in self.modules for k in m.factor_keys)
 
     @property
+    def needs_base(self) -> bool:
+        """Whether some module's base weight must come from another state dict (adapter-only files)."""
+        return any(m.kind != "lora_only_embedding" and not m.has_base for m in self.modules)
+
+    @property
     def tied_updates(self) -> tuple[tuple[str, ...], ...]:
         updated = {m.weight_key for m in self.modules if m.has_factors and m.has_base}
         return tuple(g for g in self.tied if updated.intersection(g))
@@ -197,6 +292,7 @@ class Layout:
                 "in": m.in_features,
                 "out": m.out_features,
                 "bias": m.has_bias,
+                "dora": m.is_dora,
                 "dtype": str(self.dtypes.get(m.keys[0], "")).replace("torch.", ""),
             }
             for m in self.modules
@@ -257,81 +353,213 @@ def _tied_groups(tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[str, ...], 
     return tuple(tuple(g) for g in groups.values() if len(g) > 1)
 
 
-def _fits_linear(w: tuple[int, ...] | None, a: tuple[int, ...], b: tuple[int, ...]) -> bool:
-    return b[1] == a[0] and (w is None or w == (b[0], a[1]))
+def _evidence(key: str) -> str | None:
+    """The layout a key can only belong to, if it says."""
+    parts = key.split(".")
+    comps = set(parts)
+    if key.startswith(PEFT.key_prefix) or comps & {"base_layer", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}:
+        return PEFT.name
+    if "main_weight" in comps:
+        return NANOGPT.name
+    if comps & {"lora_a", "lora_b"}:
+        return TORCHTUNE.name
+    if "parametrizations" in comps and comps & {"lora_A", "lora_B"}:
+        return MINLORA.name
+    if _KOHYA_NAME.match(key) or comps & {"lora_down", "lora_up"}:
+        return KOHYA.name
+    if parts[-1] in ("lora_A", "lora_B"):
+        return LORALIB.name
+    return None
 
 
-def _fits_embedding(w: tuple[int, ...] | None, a: tuple[int, ...], b: tuple[int, ...]) -> bool:
-    return b[1] == a[1] and (w is None or w == (a[0], b[0]))
+def _choose_spec(keys: Iterable[str], layout: str | None) -> LayoutSpec | None:
+    if layout is not None:
+        if layout not in LAYOUTS:
+            raise LayoutError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+        return LAYOUTS[layout]
+    found: dict[str, str] = {}
+    plain_lora: list[str] = []
+    for key in keys:
+        comps = set(key.split("."))
+        for marker, message in _UNSUPPORTED.items():
+            if marker in comps:
+                raise LayoutError(f"{key}: {message}; lora_ckpt reads {', '.join(LAYOUTS)}")
+        name = _evidence(key)
+        if name is not None:
+            found.setdefault(name, key)
+        elif comps & {"lora_A", "lora_B"}:
+            plain_lora.append(key)
+    if len(found) > 1:
+        raise LayoutError(
+            "keys of several LoRA layouts are mixed: "
+            + "; ".join(f"{n} ({k!r})" for n, k in found.items())
+            + "; a state dict must be in one layout (or pass layout=...)"
+        )
+    if found:
+        return LAYOUTS[next(iter(found))]
+    # bare `x.lora_A.weight` with no base weight anywhere: the nanoGPT fork's lora-only embedding (PEFT
+    # files always carry `base_model.model.`; a prefix-less PEFT adapter needs layout="peft")
+    return NANOGPT if plain_lora else None
 
 
-def _describe_misfit(name: str, w: tuple[int, ...] | None, a: tuple[int, ...], b: tuple[int, ...]) -> str:
-    base = f"main_weight {w}" if w is not None else "a lora-only embedding (no main_weight)"
-    return (
-        f"{name}: lora_B {b} @ lora_A {a} does not fit {base}; expected lora_A (rank, in) and "
-        "lora_B (out, rank) for a linear module, or lora_A (vocab, rank) and lora_B (dim, rank) for an embedding"
+def _normalise_peft(key: str) -> tuple[str, str | None]:
+    """A live PEFT key without its adapter name (``lora_A.default.weight`` -> ``lora_A.weight``), and that name."""
+    m = _PEFT_ADAPTER_PART.search(key)
+    if not m:
+        return key, None
+    return key[: m.start()] + f".{m.group(1)}" + key[m.end() :], m.group(2)
+
+
+def _split_roles(
+    spec: LayoutSpec, keys: Iterable[str]
+) -> tuple[dict[str, dict[str, str]], list[str], dict[str, str]]:
+    """Group keys into modules: module -> role -> key; also the problems and each key's module."""
+    suffixes = sorted(
+        {s for s in (*spec.roles.values(), *spec.embedding_roles.values())}, key=lambda s: -len(s.split("."))
     )
+    factor_suffixes = [s for s in suffixes if spec.role_of(s) in spec.factor_roles]
+    base_suffixes = [s for s in suffixes if s not in factor_suffixes]
+    modules: dict[str, dict[str, str]] = defaultdict(dict)
+    problems: list[str] = []
+    adapters: set[str] = set()
+    normal: dict[str, str] = {}
+    for key in keys:
+        n, adapter = _normalise_peft(key) if spec is PEFT else (key, None)
+        if adapter:
+            adapters.add(adapter)
+        normal[key] = n
+    if len(adapters) > 1:
+        problems.append(f"the state dict holds several PEFT adapters {sorted(adapters)}; keep one")
+    owner: dict[str, str] = {}
+    for pass_suffixes in (factor_suffixes, base_suffixes):
+        for key, n in normal.items():
+            if key in owner:
+                continue
+            for suffix in pass_suffixes:
+                if n.endswith("." + suffix):
+                    name = n[: -len(suffix) - 1]
+                    if pass_suffixes is base_suffixes and name not in modules and suffix in ("weight", "bias"):
+                        break  # a plain weight belongs to a LoRA module only if the module has factors
+                    role = spec.role_of(suffix)
+                    assert role is not None
+                    if role in modules[name] and spec.embedding_roles.get(role) == suffix:
+                        problems.append(f"{key}: a module cannot have both linear and embedding factors")
+                    modules[name][role] = key
+                    if suffix in spec.embedding_roles.values():
+                        modules[name]["_embedding"] = key
+                    owner[key] = name
+                    break
+    markers = {s.split(".")[0] for s in suffixes if s not in ("weight", "bias")}
+    for key, n in normal.items():
+        if key not in owner and markers & set(n.split(".")):
+            problems.append(f"{key}: unrecognised {spec.name} key; expected <module>.{{{', '.join(suffixes)}}}")
+    return modules, problems, owner
 
 
 def _classify(
     name: str,
-    roles: Mapping[str, tuple[int, ...]],
+    roles: Mapping[str, str],
+    shapes: Mapping[str, tuple[int, ...]],
     hint: ModuleKind | None,
-    spec: LoraLayoutSpec,
+    spec: LayoutSpec,
 ) -> LoraModule | str:
-    """The module described by ``roles`` (role -> shape), or a message saying what is wrong."""
-    w = roles.get(spec.base_weight)
-    a = roles.get(spec.factor_a)
-    b = roles.get(spec.factor_b)
-    has_bias = spec.base_bias in roles
+    """The module described by ``roles`` (role -> key), or a message saying what is wrong."""
+    key_map = {r: k for r, k in roles.items() if not r.startswith("_")}
+    w = shapes[key_map["weight"]] if "weight" in key_map else None
+    a = shapes[key_map["a"]] if "a" in key_map else None
+    b = shapes[key_map["b"]] if "b" in key_map else None
+    has_bias = "bias" in key_map
     if (a is None) != (b is None):
-        present, absent = (spec.factor_a, spec.factor_b) if b is None else (spec.factor_b, spec.factor_a)
-        return f"{name}: has {present} but no {absent}; a LoRA module needs both factors"
-    if has_bias and w is None:
-        return f"{name}: has {spec.base_bias} but no {spec.base_weight}"
-    for role, shape in ((spec.base_weight, w), (spec.factor_a, a), (spec.factor_b, b)):
+        present, absent = ("a", "b") if b is None else ("b", "a")
+        return f"{name}: has {spec.roles[present]} but no {spec.roles[absent]}; a LoRA module needs both factors"
+    if has_bias and w is None and spec.base_in_file:
+        return f"{name}: has {spec.roles['bias']} but no {spec.roles['weight']}"
+    if w is not None and len(w) == 4 and w[2:] == (1, 1):
+        w = w[:2]  # a 1x1 convolution is a linear map
+    if a is not None and b is not None and len(a) == 4 and len(b) == 4:
+        if a[2:] != (1, 1) or b[2:] != (1, 1):
+            return f"{name}: convolution kernels of size {a[2:]} are not supported (only 1x1)"
+        a, b = a[:2], b[:2]
+    for role, shape in (("weight", w), ("a", a), ("b", b)):
         if shape is not None and len(shape) != 2:
-            return f"{name}.{role}: expected a 2-d tensor, got shape {shape}"
+            return f"{key_map[role]}: expected a 2-d tensor, got shape {shape}"
     if a is None or b is None:
-        assert w is not None  # roles is non-empty and a bias needs a weight
-        return LoraModule(name, "base_only", 0, w[1], w[0], has_bias, spec)
-    linear = _fits_linear(w, a, b) and w is not None
-    embedding = _fits_embedding(w, a, b)
+        if w is None:
+            return f"{name}: has no LoRA factors and no weight"
+        return LoraModule(name, "base_only", 0, w[1], w[0], has_bias, key_map, "B@A", spec)
+    kinds = ["embedding"] if "_embedding" in roles else list(spec.formulas)
     if hint is not None:
-        linear, embedding = linear and hint == "linear", embedding and hint != "linear"
-    if linear and embedding:
+        kinds = [k for k in kinds if k == ("linear" if hint == "linear" else "embedding")]
+    fits = []
+    for kind in kinds:
+        formula = spec.formulas[kind]
+        rank_of, rows_cols, _ = FORMULAS[formula]
+        r_a, r_b = rank_of(a, b)
+        rows, cols = rows_cols(a, b)
+        if r_a != r_b:
+            continue
+        if w is not None and w != (rows, cols) and not (spec is PEFT and w == (cols, rows)):
+            continue
+        if w is None and kind == "linear" and spec.base_in_file:
+            continue  # only embeddings may come without a base weight (nanoGPT lora-only)
+        fits.append((kind, formula, r_a, rows, cols))
+    if len(fits) > 1:
         return (
-            f"{name}: shapes lora_A {a}, lora_B {b}, main_weight {w} fit both a linear module and an "
-            f"embedding; pass kinds={{{name!r}: 'linear' or 'embedding'}}"
+            f"{name}: shapes A {a}, B {b}, weight {w} fit both a linear module and an embedding; "
+            f"pass kinds={{{name!r}: 'linear' or 'embedding'}}"
         )
-    if linear:
-        return LoraModule(name, "linear", a[0], a[1], b[0], has_bias, spec)
-    if embedding:
-        kind: ModuleKind = "embedding" if w is not None else "lora_only_embedding"
-        return LoraModule(name, kind, a[1], a[0], b[0], has_bias, spec)
-    return _describe_misfit(name, w, a, b)
+    if not fits:
+        role = {r: s.removesuffix(".weight") for r, s in spec.roles.items()}
+        base = (
+            f"{role['weight']} {w}"
+            if w is not None
+            else "a lora-only embedding (no base weight; for a PEFT adapter without its prefix pass layout='peft')"
+        )
+        formulas = ", ".join(f"{k} ΔW = {f}" for k, f in spec.formulas.items())
+        return f"{name}: {role['b']} {b} @ {role['a']} {a} does not fit {base} ({spec.name}: {formulas})"
+    kind, formula, rank, rows, cols = fits[0]
+    if kind == "linear":
+        return LoraModule(name, "linear", rank, cols, rows, has_bias, key_map, formula, spec)
+    only = w is None and spec.base_in_file
+    return LoraModule(name, "lora_only_embedding" if only else "embedding", rank, rows, cols, has_bias, key_map, formula, spec)
+
+
+def _check_extras(module: LoraModule, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    out_dim = module.delta_shape[0] if module.kind == "linear" else module.delta_shape[1]
+    mag = module.key_map.get("magnitude")
+    if mag is not None and shapes[mag] != (out_dim,):
+        return f"{mag}: DoRA magnitude of shape {shapes[mag]} does not fit {module.name} (expected ({out_dim},))"
+    alpha = module.key_map.get("alpha")
+    if alpha is not None and shapes[alpha] not in ((), (1,)):
+        return f"{alpha}: alpha must be a single number, got shape {shapes[alpha]}"
+    b_bias = module.key_map.get("b_bias")
+    if b_bias is not None and shapes[b_bias] != (module.out_features,):
+        return f"{b_bias}: shape {shapes[b_bias]} does not fit {module.name} (expected ({module.out_features},))"
+    return None
 
 
 def detect_layout(
     state_dict: Mapping[str, torch.Tensor],
     *,
     kinds: Mapping[str, ModuleKind] | None = None,
+    layout: str | None = None,
 ) -> Layout:
     """Return the :class:`Layout` of ``state_dict``; raise if it is mixed, ambiguous or unknown.
 
     Looks at keys and shapes only, never at values. The wrapper prefix must be the same on every key.
 
     Args:
-        state_dict: a model state dict (tensors may be on any device, ``meta`` included).
+        state_dict: a model state dict or adapter file's tensors (any device, ``meta`` included).
         kinds: module name -> ``"linear"`` or ``"embedding"``, only needed where the shapes are square
             enough to fit both (rank equal to the width).
+        layout: the layout's name (a key of :data:`LAYOUTS`), where the keys alone cannot tell.
 
     Returns:
-        The layout, with every LoRA module (kind, rank, features, bias) and every group of tied keys.
+        The layout, with every LoRA module (kind, rank, features, bias, DoRA) and every group of tied keys.
 
     Raises:
-        LayoutError: empty input, non-tensor values, mixed prefixes, a module in both layouts at once,
-            or keys of a layout lora_ckpt does not read.
+        LayoutError: empty input, non-tensor values, mixed prefixes or layouts, a module in both the
+            standard and a LoRA layout, or keys of a layout lora_ckpt does not read.
         ShapeError: factors whose shapes do not fit each other or the weight.
 
     Example:
@@ -349,67 +577,48 @@ def detect_layout(
     prefix, tensors = _strip_prefix(state_dict)
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     dtypes = {k: t.dtype for k, t in tensors.items()}
-    spec = NANOGPT
+    spec = _choose_spec(shapes, layout)
+    common = dict(prefix=prefix, tied=_tied_groups(tensors), shapes=shapes, dtypes=dtypes)
+    if spec is None:
+        return Layout(kind="standard", modules=(), spec=None, **common)  # type: ignore[arg-type]
 
-    foreign = [k for k in shapes if set(k.split(".")) & _FOREIGN_MARKERS.keys()]
-    if foreign:
-        names = sorted({_FOREIGN_MARKERS[c] for k in foreign for c in k.split(".") if c in _FOREIGN_MARKERS})
-        raise LayoutError(
-            f"keys such as {foreign[:3]} belong to the {', '.join(names)} LoRA layout, which this version "
-            "does not read; supported: standard and nanoGPT LoRA (main_weight / lora_A / lora_B)"
-        )
-
-    roles: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
-    problems: list[str] = []
-    for key, shape in shapes.items():
-        parts = key.split(".")
-        at = [i for i, p in enumerate(parts) if p in spec.markers]
-        if not at:
-            continue
-        name, role = ".".join(parts[: at[0]]), ".".join(parts[at[0] :])
-        if role not in spec.roles or not name:
-            problems.append(f"{key}: unrecognised LoRA key; expected <module>.{{{', '.join(spec.roles)}}}")
-            continue
-        roles[name][role] = shape
-    for name in roles:
-        both = [k for k in (f"{name}.weight", f"{name}.bias") if k in shapes]
-        if both:
+    roles, problems, _ = _split_roles(spec, shapes)
+    for name, module_roles in roles.items():
+        std = f"{spec.key_prefix}{name}"
+        both = [k for k in (f"{std}.weight", f"{std}.bias") if k in shapes and k not in module_roles.values()]
+        if both and spec.roles.get("weight") != "weight":
             problems.append(
                 f"{name}: mixed layout, has standard key(s) {both} and LoRA key(s) "
-                f"{[f'{name}.{r}' for r in roles[name]]}; a module is either standard or LoRA"
+                f"{list(module_roles.values())}; a module is either standard or LoRA"
             )
     if problems:
         raise LayoutError("; ".join(problems))
 
     modules: list[LoraModule] = []
     misfits: list[str] = []
-    for name, module_roles in roles.items():
-        found = _classify(name, module_roles, (kinds or {}).get(name), spec)
+    for full_name, module_roles in roles.items():
+        name = full_name.removeprefix(spec.key_prefix)
+        found = _classify(name, module_roles, shapes, (kinds or {}).get(name), spec)
+        if isinstance(found, LoraModule):
+            extra = _check_extras(found, shapes)
+            found = extra if extra is not None else found
         if isinstance(found, str):
             misfits.append(found)
         else:
             modules.append(found)
     if misfits:
-        error = ShapeError if all("does not fit" in m or "2-d" in m for m in misfits) else LayoutError
+        error = ShapeError if all("does not fit" in m or "2-d" in m or "DoRA" in m for m in misfits) else LayoutError
         raise error("; ".join(misfits))
-    unknown_hints = sorted(set(kinds or {}) - set(roles))
+    unknown_hints = sorted(set(kinds or {}) - {m.name for m in modules})
     if unknown_hints:
         raise LayoutError(f"kinds names modules that are not LoRA modules here: {unknown_hints}")
-
-    return Layout(
-        kind="nanogpt_lora" if modules else "standard",
-        prefix=prefix,
-        modules=tuple(modules),
-        tied=_tied_groups(tensors),
-        shapes=shapes,
-        dtypes=dtypes,
-    )
+    return Layout(kind=spec.name, modules=tuple(modules), spec=spec, **common)  # type: ignore[arg-type]
 
 
 def canonical_key(key: str) -> str:
     """A key without wrapper prefix and with ``.main_weight.`` folded, so both layouts compare equal."""
     _, rest = split_prefix(key)
-    parts = [p for p in rest.split(".") if p != NANOGPT.markers[0]]
+    parts = [p for p in rest.split(".") if p != "main_weight"]
     return ".".join(parts)
 
 

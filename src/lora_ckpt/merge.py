@@ -1,17 +1,18 @@
-"""Merging LoRA updates into weights: ``W' = W + (alpha / rank) · ΔW``, rounded once."""
+"""Merging LoRA updates into weights: ``W' = W + scale · ΔW`` (DoRA: rescaled per row), rounded once."""
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Literal
 
 import torch
 
-from lora_ckpt.errors import AlphaError, LayoutError
-from lora_ckpt.layout import Layout, LoraModule, detect_layout
+from lora_ckpt.errors import AlphaError, KeyMismatchError, LayoutError, ShapeError
+from lora_ckpt.layout import FORMULAS, KOHYA, Layout, LoraModule, detect_layout, split_prefix
 
-__all__ = ["Alpha", "merge_lora", "merge_module", "resolve_scales"]
+__all__ = ["Alpha", "merge_lora", "merge_module", "resolve_base_names", "resolve_scales"]
 
 #: One alpha for every module, or one per module name (without wrapper prefix).
 Alpha = float | Mapping[str, float]
@@ -20,11 +21,21 @@ Alpha = float | Mapping[str, float]
 _BLOCK_BYTES = 4 << 20
 
 
-def resolve_scales(layout: Layout, alpha: Alpha | None) -> dict[str, float]:
-    """Return ``alpha / rank`` for every module with factors; raise if an alpha is unknown or misnamed."""
+def resolve_scales(
+    layout: Layout,
+    alpha: Alpha | None,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Return ``alpha / rank`` for every module with factors; raise if an alpha is unknown or misnamed.
+
+    Layouts that store alpha as a tensor (kohya) use it (missing means alpha = rank) unless ``alpha``
+    is given.
+    """
     needing = [m for m in layout.modules if m.has_factors]
     if not needing:
         return {}
+    if alpha is None and layout.spec is KOHYA and tensors is not None:
+        return {m.name: _kohya_alpha(m, tensors) / m.rank for m in needing}
     if alpha is None:
         names = [m.name for m in needing]
         raise AlphaError(
@@ -48,8 +59,32 @@ def resolve_scales(layout: Layout, alpha: Alpha | None) -> dict[str, float]:
     return {m.name: float(values[m.name]) / m.rank for m in needing}
 
 
+def _kohya_alpha(m: LoraModule, tensors: Mapping[str, torch.Tensor]) -> float:
+    key = m.key_map.get("alpha")
+    return float(tensors[key].item()) if key is not None else float(m.rank)
+
+
 def _accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _orientation(module: LoraModule, base: torch.Tensor, fan_in_fan_out: bool | None) -> bool:
+    """Whether ``base`` stores the weight transposed (GPT-2's ``Conv1D``); raise if it fits neither way."""
+    rows, cols = module.delta_shape
+    shape = tuple(base.shape[:2]) if base.dim() == 4 else tuple(base.shape)
+    if fan_in_fan_out is not None and rows != cols:
+        expected = (cols, rows) if fan_in_fan_out else (rows, cols)
+        if shape != expected:
+            raise ShapeError(
+                f"{module.name}: base weight {shape} does not fit the adapter's update {(rows, cols)}"
+                f"{' with fan_in_fan_out=True' if fan_in_fan_out else ''}"
+            )
+        return fan_in_fan_out
+    if shape == (rows, cols):
+        return bool(fan_in_fan_out) if rows == cols else False
+    if shape == (cols, rows) and module.spec.name == "peft":
+        return True
+    raise ShapeError(f"{module.name}: base weight {shape} does not fit the adapter's update {(rows, cols)}")
 
 
 def merge_module(
@@ -57,33 +92,53 @@ def merge_module(
     tensors: Mapping[str, torch.Tensor],
     scale: float,
     *,
+    base: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    fan_in_fan_out: bool | None = None,
 ) -> torch.Tensor:
-    """Return the module's merged weight as a new tensor in the standard shape; inputs are not changed.
+    """Return the module's merged weight as a new tensor shaped like its base weight; inputs are not changed.
 
     The update is accumulated in float32 (float64 for float64 weights) block by block and rounded
-    once to ``dtype`` (default: the weight's dtype; a lora-only embedding defaults to the factors').
+    once to ``dtype`` (default: the base weight's dtype; a lora-only embedding takes the factors').
+    DoRA modules are rescaled to their magnitude vector, ``W' = m / ‖W + s·ΔW‖ · (W + s·ΔW)``,
+    computed on the whole weight in float32.
 
     Args:
         module: the module, as found by :func:`~lora_ckpt.detect_layout`.
         tensors: a state dict (without wrapper prefix) holding the module's keys.
-        scale: ``alpha / rank``.
+        scale: ``alpha / rank`` (or PEFT's ``alpha / sqrt(rank)`` with rsLoRA).
+        base: the base weight, where ``tensors`` does not hold it (adapter files).
         dtype: dtype of the result.
+        fan_in_fan_out: whether the base weight is stored (in, out), as GPT-2's ``Conv1D``; None:
+            decided from the shapes (square weights are then taken as (out, in)).
     """
+    if base is None and module.has_base:
+        base = tensors[module.weight_key]
     a, b = tensors[module.a_key], tensors[module.b_key]
-    base = tensors[module.weight_key] if module.has_base else None
+    a2, b2 = (a.flatten(1) if a.dim() == 4 else a), (b.flatten(1) if b.dim() == 4 else b)
     out_dtype = dtype or (base.dtype if base is not None else a.dtype)
     acc = _accumulation_dtype(out_dtype, a.dtype, *(() if base is None else (base.dtype,)))
     device = base.device if base is not None else a.device
-    if module.kind == "linear":  # ΔW (out, in) = B (out, r) @ A (r, in): rows follow B
-        left, right = b.to(device, acc), a.to(device, acc)
-    else:  # ΔW (vocab, dim) = A (vocab, r) @ B.T (r, dim): rows follow A
-        left, right = a.to(device, acc), b.to(device, acc).T
+    left, right = FORMULAS[module.formula][2](a2.to(device, acc), b2.to(device, acc))  # ΔW = left @ right
+    transposed = base is not None and _orientation(module, base, fan_in_fan_out)
+    if transposed:
+        left, right = right.T, left.T
+    base2 = None if base is None else (base.flatten(1) if base.dim() == 4 else base)
+    if module.is_dora:
+        merged = _merge_dora(module, tensors, base2, left, right, scale, acc, transposed).to(out_dtype)
+    else:
+        merged = _merge_blocked(base2, left, right, scale, acc, out_dtype)
+    return merged.view(base.shape) if base is not None and base.dim() == 4 else merged
+
+
+def _merge_blocked(
+    base: torch.Tensor | None, left: torch.Tensor, right: torch.Tensor, scale: float, acc: torch.dtype, out_dtype: torch.dtype
+) -> torch.Tensor:
     rows, cols = left.shape[0], right.shape[1]
-    out = torch.empty((rows, cols), dtype=out_dtype, device=device)
+    out = torch.empty((rows, cols), dtype=out_dtype, device=left.device)
     step = max(1, _BLOCK_BYTES // (4 * max(cols, 1)))
     direct = base is not None and base.dtype == acc and out_dtype == acc
-    scratch = None if direct else torch.empty((min(step, rows), cols), dtype=acc, device=device)
+    scratch = None if direct else torch.empty((min(step, rows), cols), dtype=acc, device=left.device)
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         if direct:
@@ -102,19 +157,77 @@ def merge_module(
     return out
 
 
+def _merge_dora(
+    module: LoraModule,
+    tensors: Mapping[str, torch.Tensor],
+    base: torch.Tensor | None,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    scale: float,
+    acc: torch.dtype,
+    transposed: bool,
+) -> torch.Tensor:
+    if base is None:
+        raise LayoutError(f"{module.name}: a DoRA module needs its base weight")
+    v = torch.addmm(base.to(acc), left, right, alpha=scale)
+    magnitude = tensors[module.magnitude_key].to(v.device, acc)  # type: ignore[index]
+    # norms run over the input features of each output feature: rows of (out, in), columns of (vocab, dim)
+    per_row = (module.kind == "linear") != transposed
+    norm = torch.linalg.vector_norm(v, dim=1 if per_row else 0)
+    factor = magnitude / norm
+    return v * (factor[:, None] if per_row else factor[None, :])
+
+
+def resolve_base_names(layout: Layout, base_keys: Mapping[str, object] | list[str]) -> dict[str, str]:
+    """Map each module of an adapter-only layout to its module name in the base state dict.
+
+    PEFT names are the base names; kohya names (``lora_unet_down_blocks_0_…``) are matched to the one
+    base module whose dotted name, with dots as underscores, they equal or end with.
+
+    Raises:
+        KeyMismatchError: a name that matches no base weight, or more than one.
+    """
+    base_modules = {k[: -len(".weight")] for k in base_keys if k.endswith(".weight")}
+    out: dict[str, str] = {}
+    problems: list[str] = []
+    for m in layout.modules:
+        if layout.spec is not KOHYA:
+            if f"{m.name}.weight" not in base_keys and not m.has_base:
+                problems.append(f"{m.name}: the base has no weight {m.name}.weight for this adapter module")
+            out[m.name] = m.name
+            continue
+        flat = re.sub(r"^(lora_unet|lora_te\d?|lora_transformer)_", "", m.name)
+        exact = [b for b in base_modules if b.replace(".", "_") == flat]
+        found = exact or [b for b in base_modules if b.replace(".", "_").endswith("_" + flat)]
+        if len(found) == 1:
+            out[m.name] = found[0]
+        elif not found:
+            problems.append(f"{m.name}: the kohya name matches no base weight (looked for '*{flat}' with dots as _)")
+        else:
+            problems.append(f"{m.name}: the kohya name matches several base weights {sorted(found)[:3]}")
+    if problems:
+        raise KeyMismatchError("; ".join(problems) + "; is this the adapter's base model?")
+    return out
+
+
 def merge_lora(
     state_dict: Mapping[str, torch.Tensor],
     *,
     alpha: Alpha | None = None,
+    base: Mapping[str, torch.Tensor] | None = None,
     tied: Literal["untie", "tie"] = "untie",
     dtype: torch.dtype | None = None,
-    layout: Layout | None = None,
+    layout: Layout | str | None = None,
+    scales: Mapping[str, float] | None = None,
+    fan_in_fan_out: bool | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Return the standard-layout state dict of a LoRA state dict; the input is never changed.
+    """Return the standard-layout state dict of a LoRA state dict; the inputs are never changed.
 
     Each LoRA module's weight becomes ``W + (alpha / rank) · ΔW`` (accumulated in float32, rounded
-    once), its bias moves from ``main_weight.bias`` to ``bias``, the factors disappear and the wrapper
-    prefix is removed. Every other entry passes through as the same tensor object (no copy).
+    once), its bias moves to ``<module>.bias``, the factors disappear and the prefixes are removed.
+    Every other entry passes through as the same tensor object (no copy). Adapter-only layouts (PEFT
+    adapter files, kohya) take their base weights from ``base``, a standard state dict; the result
+    then has the base's keys, with the adapter's own full tensors (PEFT ``modules_to_save``) in place.
 
     Sharp edge, tied weights: when an update lands on a weight tied to other keys (nanoGPT's ``wte``
     and ``lm_head``), ``tied="untie"`` (default) keeps the exact function: the updated key gets the
@@ -122,19 +235,25 @@ def merge_lora(
     gives every key of the group the merged tensor (keeps the tying, changes the other keys' function).
 
     Args:
-        state_dict: a nanoGPT LoRA state dict, with or without ``_orig_mod.`` / ``module.`` prefixes.
+        state_dict: a LoRA state dict in any layout of :data:`~lora_ckpt.layout.LAYOUTS`, with or
+            without ``_orig_mod.`` / ``module.`` prefixes.
         alpha: one alpha for all modules or a mapping module name -> alpha. Required whenever some
-            module has factors: it is never guessed.
+            module has factors and the layout does not record it: it is never guessed.
+        base: the base model's standard state dict, for adapter-only layouts.
         tied: ``"untie"`` or ``"tie"``, see above.
         dtype: cast every floating-point output to this dtype (merged weights are rounded once).
-        layout: the input's layout, if already detected.
+        layout: the input's :class:`~lora_ckpt.Layout` if already detected, or a layout name.
+        scales: module name -> scale, instead of ``alpha`` (as PEFT configs give them).
+        fan_in_fan_out: whether base weights are stored (in, out) (GPT-2 ``Conv1D``); None: from shapes.
 
     Returns:
-        A new dict in the standard layout, in the input's key order.
+        A new dict in the standard layout, in the input's (or the base's) key order.
 
     Raises:
-        LayoutError: the input is not a LoRA layout (see also :func:`~lora_ckpt.detect_layout`).
+        LayoutError: the input is not a LoRA layout, or an adapter-only layout without ``base``.
         AlphaError: the alpha is missing, or a mapping misses or misnames modules.
+        KeyMismatchError: adapter modules or entries that the base does not have.
+        ShapeError: a base weight that does not fit its update.
 
     Example:
         >>> from lora_ckpt.testing import make_lora_state_dict
@@ -142,19 +261,28 @@ def merge_lora(
         >>> "transformer.h.0.attn.c_attn.weight" in merged, any("lora_" in k for k in merged)
         (True, False)
     """
-    layout = layout or detect_layout(state_dict)
+    if not isinstance(layout, Layout):
+        layout = detect_layout(state_dict, layout=layout)
     if not layout.is_lora:
         raise LayoutError("the state dict is already in the standard layout: it has no LoRA modules to merge")
     if tied not in ("untie", "tie"):
         raise ValueError(f"tied must be 'untie' or 'tie', got {tied!r}")
-    scales = resolve_scales(layout, alpha)
     tensors = {k[len(layout.prefix) :]: v for k, v in state_dict.items()}
-    by_key = layout.module_by_key
+    scales = dict(scales) if scales is not None else resolve_scales(layout, alpha, tensors)
+    if layout.needs_base or base is not None:
+        if base is None:
+            raise LayoutError(
+                f"this {layout.kind} state dict holds adapters only; pass base=<the base model's state dict>"
+            )
+        return _merge_onto_base(layout, tensors, base, scales, dtype, fan_in_fan_out)
 
     merged: dict[str, torch.Tensor] = {}  # standard key -> merged weight
     for m in layout.modules:
         if m.has_factors:
-            merged[f"{m.name}.weight"] = merge_module(m, tensors, scales[m.name], dtype=dtype)
+            merged[f"{m.name}.weight"] = merge_module(m, tensors, scales[m.name], dtype=dtype, fan_in_fan_out=fan_in_fan_out)
+        if "b_bias" in m.key_map and m.has_bias:
+            merged[f"{m.name}.bias"] = _merged_bias(m, tensors, tensors[m.bias_key], scales[m.name], dtype)
+    by_key = layout.module_by_key
     source_of = {m.weight_key: f"{m.name}.weight" for m in layout.modules if m.has_factors and m.has_base}
     if tied == "tie":
         for group in layout.tied_updates:
@@ -164,17 +292,67 @@ def merge_lora(
                 if k not in source_of and std is not None:
                     merged[std] = merged[updated[0]]
 
+    prefix = layout.spec.key_prefix if layout.spec else ""
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         std = _standard_key(key, by_key)
         if std is None:
             continue
-        if std in merged:
-            out[std] = merged[std]
-        elif dtype is not None and value.is_floating_point():
-            out[std] = value.to(dtype)
-        else:
-            out[std] = value
+        out[std.removeprefix(prefix)] = merged[std] if std in merged else _cast(value, dtype)
+    return out
+
+
+def _cast(value: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return value.to(dtype) if dtype is not None and value.is_floating_point() else value
+
+
+def _merged_bias(
+    m: LoraModule, tensors: Mapping[str, torch.Tensor], bias: torch.Tensor, scale: float, dtype: torch.dtype | None
+) -> torch.Tensor:
+    acc = _accumulation_dtype(bias.dtype)
+    lora_bias = tensors[m.key_map["b_bias"]].to(bias.device, acc)
+    return (bias.to(acc) + scale * lora_bias).to(dtype or bias.dtype)
+
+
+def _merge_onto_base(
+    layout: Layout,
+    tensors: Mapping[str, torch.Tensor],
+    base: Mapping[str, torch.Tensor],
+    scales: Mapping[str, float],
+    dtype: torch.dtype | None,
+    fan_in_fan_out: bool | None,
+) -> dict[str, torch.Tensor]:
+    base_layout = detect_layout(base)
+    if base_layout.is_lora:
+        raise LayoutError(f"base must be a standard state dict, got a {base_layout.kind} one; merge it first")
+    plain = {k[len(base_layout.prefix) :]: v for k, v in base.items()}
+    names = resolve_base_names(layout, plain)
+    by_key = layout.module_by_key
+    prefix = layout.spec.key_prefix if layout.spec else ""
+    replaced: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for key, value in tensors.items():  # full tensors in the adapter file replace the base's
+        m = by_key.get(key)
+        if m is not None and key not in (m.weight_key, m.bias_key):
+            continue
+        std = _standard_key(key, by_key) or key
+        std = split_prefix(std.removeprefix(prefix))[1]
+        std = re.sub(r"\.modules_to_save\.[^.]+\.", ".", std)
+        if std not in plain:
+            unknown.append(key)
+        replaced[std] = value
+    if unknown:
+        raise KeyMismatchError(f"the adapter holds {unknown[:5]}, which the base does not have; is this its base model?")
+    out = {k: _cast(replaced.get(k, v), dtype) for k, v in plain.items()}
+    for m in layout.modules:
+        name = names[m.name]
+        if m.has_factors:
+            w = replaced.get(f"{name}.weight", plain[f"{name}.weight"])
+            out[f"{name}.weight"] = merge_module(m, tensors, scales[m.name], base=w, dtype=dtype, fan_in_fan_out=fan_in_fan_out)
+        if "b_bias" in m.key_map:
+            if f"{name}.bias" not in plain:
+                raise KeyMismatchError(f"{m.name}: the adapter has lora_B.bias but the base module has no bias")
+            out[f"{name}.bias"] = _merged_bias(m, tensors, replaced.get(f"{name}.bias", plain[f"{name}.bias"]), scales[m.name], dtype)
     return out
 
 
@@ -187,6 +365,6 @@ def _standard_key(key: str, by_key: Mapping[str, LoraModule]) -> str | None:
         return f"{m.name}.weight"
     if key == m.bias_key:
         return f"{m.name}.bias"
-    if key == m.a_key and not m.has_base:  # a lora-only embedding's weight takes lora_A's place
+    if m.kind == "lora_only_embedding" and key == m.a_key:  # its weight takes lora_A's place
         return f"{m.name}.weight"
     return None
