@@ -156,7 +156,8 @@ _UNSUPPORTED = {
 }
 _KOHYA_NAME = re.compile(r"^(lora_unet|lora_te\d?|lora_transformer)_")
 _PEFT_ADAPTER_PART = re.compile(
-    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.([^.]+)(?=\.weight$|\.bias$|$)"
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.(?!(?:weight|bias)$)([^.]+)"
+    r"(?=\.weight$|\.bias$|$)"
 )
 
 
@@ -487,7 +488,10 @@ def _classify(
         if w is None:
             return f"{name}: has no LoRA factors and no weight"
         return LoraModule(name, "base_only", 0, w[1], w[0], has_bias, key_map, "B@A", spec)
-    kinds = ["embedding"] if "_embedding" in roles else list(spec.formulas)
+    if "_embedding" in roles:
+        kinds = ["embedding"]
+    else:  # a layout that names embedding factors apart has only linear modules under the plain names
+        kinds = ["linear"] if spec.embedding_roles else list(spec.formulas)
     if hint is not None:
         kinds = [k for k in kinds if k == ("linear" if hint == "linear" else "embedding")]
     fits = []
