@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import logits
 
+import lora_ckpt
 from lora_ckpt import LoraCkptError, load_checkpoint, load_into, save_checkpoint
 from lora_ckpt.cli import main
 from lora_ckpt.testing import make_gpt
@@ -105,8 +106,11 @@ def test_usage_errors_exit_2(lora_file, tmp_path, capsys):
     _, path = lora_file
     assert main(["frobnicate"]) == 2
     assert main(["merge", str(path)]) == 2
-    assert main(["convert", str(path), str(tmp_path / "o.pt"), "--to", "nanogpt"]) == 2
-    assert "--to nanogpt needs --like TEMPLATE" in capsys.readouterr().err
+    assert main(["merge", "a", "b", "c", "d"]) == 2
+    assert "give SRC DST, or BASE ADAPTER DST" in capsys.readouterr().err
+    assert main(["convert", str(path), str(tmp_path / "o"), "--to", "peft", "--gpt2"]) == 2
+    assert "--to peft --gpt2 needs --base-out DIR" in capsys.readouterr().err
+    assert main(["convert", str(path), str(tmp_path / "o.pt"), "--to", "nowhere"]) == 2
     assert main([]) == 2
 
 
@@ -120,3 +124,36 @@ def test_demo(tmp_path, capsys):
 def test_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("lora-ckpt 0.1.0")
+
+
+def test_convert_standard_without_template_says_how(tmp_path, capsys):
+    std = save_checkpoint(tmp_path / "std.safetensors", make_gpt().state_dict())
+    assert main(["convert", str(std), str(tmp_path / "o.pt"), "--to", "nanogpt"]) == 1
+    assert "use remap_standard_to_lora (CLI: convert --to nanogpt --like TEMPLATE)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("to", ["torchtune", "loralib", "minlora", "nanogpt"])
+def test_convert_between_layouts_keeps_the_function(lora_file, tmp_path, to):
+    model, path = lora_file
+    nowte = make_gpt(attn_rank=4, alpha=8.0, randomize=True)
+    src = save_checkpoint(tmp_path / "nowte.pt", nowte.state_dict(), alpha=8.0)
+    dst = tmp_path / f"{to}.safetensors"
+    assert main(["convert", str(src), str(dst), "--to", to]) == 0
+    ckpt = load_checkpoint(dst)
+    plain = make_gpt(seed=5)
+    merged = lora_ckpt.merge_lora(ckpt.state_dict, alpha=ckpt.alpha)
+    plain.load_state_dict(merged)
+    torch.testing.assert_close(logits(plain), logits(nowte))
+
+
+def test_convert_to_peft_needs_base_out_for_base_weights(lora_file, tmp_path, capsys):
+    _, path = lora_file
+    assert main(["convert", str(path), str(tmp_path / "adapter"), "--to", "peft"]) == 1
+    assert "holds base weights, which peft keeps apart; pass --base-out PATH" in capsys.readouterr().err
+    assert not (tmp_path / "adapter").exists()
+    assert main(["convert", str(path), str(tmp_path / "adapter"), "--to", "peft", "--base-out",
+                 str(tmp_path / "base.safetensors")]) == 0
+    merged = lora_ckpt.merge_adapter(tmp_path / "base.safetensors", tmp_path / "adapter")
+    ref = lora_ckpt.merge_lora(load_checkpoint(path).state_dict, alpha=8.0)
+    for k, v in ref.items():
+        torch.testing.assert_close(merged[k], v)

@@ -18,8 +18,10 @@ from lora_ckpt.errors import (
 from lora_ckpt.io import Checkpoint, load_checkpoint, save_checkpoint
 from lora_ckpt.layout import Layout, LoraModule, detect_layout
 from lora_ckpt.merge import merge_lora
+from lora_ckpt.adapter import merge_adapter
 from lora_ckpt.model import LoadReport, load_into, merged_state_dict, module_alphas
 from lora_ckpt.optim import OptimizerReport, named_optimizer_state, transfer_optimizer_state
+from lora_ckpt.relayout import Relayout, convert_layout
 from lora_ckpt.remap import remap_standard_to_lora
 
 __version__ = "0.1.0"
@@ -35,13 +37,16 @@ __all__ = [
     "LoraCkptError",
     "LoraModule",
     "OptimizerReport",
+    "Relayout",
     "ShapeError",
     "TiedWeightError",
     "UnsafeCheckpointError",
     "__version__",
+    "convert_layout",
     "detect_layout",
     "load_checkpoint",
     "load_into",
+    "merge_adapter",
     "merge_lora",
     "merged_state_dict",
     "module_alphas",

@@ -16,11 +16,18 @@ from pathlib import Path
 import torch
 
 from lora_ckpt import __version__
+from lora_ckpt.adapter import merge_adapter
 from lora_ckpt.convert import convert_state_dict, fresh_factors
 from lora_ckpt.errors import CheckpointFileError, LoraCkptError
+from lora_ckpt.formats.gpt2 import hf_to_nanogpt, nanogpt_lora_to_peft
+from lora_ckpt.formats.hf import load_model_weights, save_model_folder
+from lora_ckpt.formats.peft import is_peft_dir, load_peft_adapter, save_peft_adapter
 from lora_ckpt.io import Checkpoint, load_checkpoint, save_checkpoint
-from lora_ckpt.layout import detect_layout
+from lora_ckpt.layout import LAYOUTS, detect_layout
 from lora_ckpt.merge import merge_lora
+from lora_ckpt.relayout import convert_layout
+
+_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
@@ -36,20 +43,29 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
-    s = sub.add_parser("merge", help="merge a LoRA checkpoint into a standard one")
-    s.add_argument("src")
-    s.add_argument("dst")
+    s = sub.add_parser(
+        "merge",
+        help="merge a LoRA checkpoint (SRC DST) or an adapter into its base (BASE ADAPTER DST) into a standard one",
+        description="SRC DST: merge a LoRA checkpoint. BASE ADAPTER DST: merge an adapter (PEFT folder, kohya or "
+        "any LoRA file) into a base model (file or Hugging Face folder); DST is a file (.safetensors/.pt) "
+        "or a model folder.",
+    )
+    s.add_argument("paths", nargs="+", metavar="PATH", help="SRC DST, or BASE ADAPTER DST")
     _add_common(s)
     s.add_argument("--dtype", choices=sorted(_DTYPES), help="dtype of the output's floating-point tensors")
     s.add_argument("--tied", choices=("untie", "tie"), default="untie",
                    help="when an update lands on a tied weight: keep exact function (untie) or tie to merged")
 
-    s = sub.add_parser("convert", help="convert a checkpoint to another layout")
-    s.add_argument("src")
-    s.add_argument("dst")
-    s.add_argument("--to", required=True, choices=("standard", "nanogpt"))
-    s.add_argument("--like", metavar="TEMPLATE", help="a checkpoint in the target layout (required for --to nanogpt)")
-    s.add_argument("--seed", type=int, default=0, help="seed for the fresh LoRA factors")
+    s = sub.add_parser("convert", help="convert a checkpoint or adapter to another layout")
+    s.add_argument("src", help="a checkpoint file or a PEFT adapter folder")
+    s.add_argument("dst", help="a file, or a folder for --to peft")
+    s.add_argument("--to", required=True, choices=("standard", "nanogpt", *sorted(LAYOUTS)))
+    s.add_argument("--like", metavar="TEMPLATE", help="give a standard SRC the LoRA layout of this checkpoint")
+    s.add_argument("--base", metavar="BASE", help="base weights for an adapter-only SRC (file or HF folder)")
+    s.add_argument("--base-out", metavar="PATH", help="where base weights go when the target keeps them apart")
+    s.add_argument("--gpt2", action="store_true", help="nanoGPT <-> Hugging Face GPT-2 (Conv1D weights transposed)")
+    s.add_argument("--n-head", type=int, help="attention heads, for the GPT-2 config.json (default: model_args)")
+    s.add_argument("--seed", type=int, default=0, help="seed for fresh LoRA factors (--like)")
     _add_common(s)
 
     s = sub.add_parser("demo", help="train a tiny nanoGPT LoRA model, convert it both ways, check outputs match")
@@ -133,6 +149,33 @@ def _standard_extra(ckpt: Checkpoint, dst: Path) -> tuple[dict[str, object], lis
 
 
 def _merge(args: argparse.Namespace) -> int:
+    if len(args.paths) == 3:
+        return _merge_adapter(args, *args.paths)
+    if len(args.paths) != 2:
+        print("lora-ckpt merge: error: give SRC DST, or BASE ADAPTER DST", file=sys.stderr)
+        return 2
+    args.src, args.dst = args.paths
+    return _merge_file(args)
+
+
+def _merge_adapter(args: argparse.Namespace, base: str, adapter: str, dst_name: str) -> int:
+    dst = Path(dst_name)
+    _refuse_existing(dst, args.force)
+    dtype = _DTYPES[args.dtype] if args.dtype else None
+    merged = merge_adapter(base, adapter, alpha=args.alpha, dtype=dtype)
+    _write_standard(dst, merged, like=base, force=args.force)
+    print(f"merged {adapter} into {base}: {dst}")
+    return 0
+
+
+def _write_standard(dst: Path, sd: dict[str, torch.Tensor], *, like: str | None, force: bool) -> None:
+    if dst.suffix in _FILE_SUFFIXES:
+        save_checkpoint(dst, sd, overwrite=force)
+    else:
+        save_model_folder(dst, sd, like=like if like and Path(like).is_dir() else None, overwrite=force)
+
+
+def _merge_file(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.src)
     dst = Path(args.dst)
     _refuse_existing(dst, args.force)
@@ -153,12 +196,52 @@ def _merge(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     _refuse_existing(dst, args.force)
+    to = "nanogpt_lora" if args.to == "nanogpt" else args.to
     if args.to == "standard":
-        return _merge(argparse.Namespace(**vars(args), dtype=None, tied="untie"))
-    if args.like is None:
-        print("lora-ckpt: error: --to nanogpt needs --like TEMPLATE, a checkpoint in the target LoRA layout "
-              "(e.g. one saved from the LoRA model)", file=sys.stderr)
+        if args.base:
+            return _merge_adapter(argparse.Namespace(**vars(args), dtype=None), args.base, args.src, args.dst)
+        return _merge_file(argparse.Namespace(**vars(args), dtype=None, tied="untie"))
+    if args.like is not None:
+        return _convert_like(args, dst)
+    if is_peft_dir(args.src):
+        adapter = load_peft_adapter(args.src)
+        sd, scales, alpha, extra = adapter.state_dict, adapter.scales, None, {}
+    else:
+        ckpt = load_checkpoint(args.src)
+        if to == "peft" and args.gpt2:
+            return _nanogpt_to_gpt2_peft(args, ckpt, dst)
+        sd, scales, alpha = ckpt.state_dict, None, ckpt.resolve_alpha(args.alpha)
+        extra = {k: v for k, v in ckpt.extra.items() if k != "optimizer"}
+    base = load_model_weights(args.base) if args.base else None
+    if base is not None and args.gpt2:
+        base = hf_to_nanogpt(base)
+    rel = convert_layout(sd, to, alpha=alpha, scales=scales, base=base, fan_in_fan_out=False if args.gpt2 else None)
+    if rel.base and not args.base:
+        if not args.base_out:
+            raise LoraCkptError(f"{args.src} holds base weights, which {to} keeps apart; pass --base-out PATH")
+        _write_standard(Path(args.base_out), rel.base, like=None, force=args.force)
+    if to == "peft":
+        save_peft_adapter(dst, rel.state_dict, alpha=rel.alpha, overwrite=args.force)
+    else:
+        keep = extra if dst.suffix != ".safetensors" else {k: v for k, v in extra.items() if k == "model_args"}
+        save_checkpoint(dst, rel.state_dict, alpha=rel.alpha, extra=keep, overwrite=args.force)
+    print(f"converted {args.src} to the {to} layout: {dst} ({len(rel.alpha)} LoRA modules, factors unchanged)")
+    return 0
+
+
+def _nanogpt_to_gpt2_peft(args: argparse.Namespace, ckpt: Checkpoint, dst: Path) -> int:
+    n_head = args.n_head or (ckpt.extra.get("model_args") or {}).get("n_head")
+    if not args.base_out or not n_head:
+        print("lora-ckpt: error: --to peft --gpt2 needs --base-out DIR (the GPT-2 model folder) and --n-head "
+              "(or model_args['n_head'] in the checkpoint)", file=sys.stderr)
         return 2
+    nanogpt_lora_to_peft(ckpt.state_dict, args.base_out, dst, alpha=ckpt.resolve_alpha(args.alpha),
+                         n_head=int(n_head), overwrite=args.force)
+    print(f"wrote the GPT-2 base to {args.base_out} and the PEFT adapter to {dst}")
+    return 0
+
+
+def _convert_like(args: argparse.Namespace, dst: Path) -> int:
     ckpt = load_checkpoint(args.src)
     template = load_checkpoint(args.like)
     layout = detect_layout(template.state_dict)

@@ -72,6 +72,8 @@ def _orientation(module: LoraModule, base: torch.Tensor, fan_in_fan_out: bool | 
     """Whether ``base`` stores the weight transposed (GPT-2's ``Conv1D``); raise if it fits neither way."""
     rows, cols = module.delta_shape
     shape = tuple(base.shape[:2]) if base.dim() == 4 else tuple(base.shape)
+    if module.kind != "linear":
+        fan_in_fan_out = False  # PEFT applies fan_in_fan_out to Conv1D-style linear layers only
     if fan_in_fan_out is not None and rows != cols:
         expected = (cols, rows) if fan_in_fan_out else (rows, cols)
         if shape != expected:
@@ -114,6 +116,11 @@ def merge_module(
     """
     if base is None and module.has_base:
         base = tensors[module.weight_key]
+    if base is not None and not base.is_floating_point():
+        raise LayoutError(
+            f"{module.name}: the base weight is {base.dtype}, a quantized base; dequantize it first "
+            "(lora_ckpt merges into floating-point weights only)"
+        )
     a, b = tensors[module.a_key], tensors[module.b_key]
     a2, b2 = (a.flatten(1) if a.dim() == 4 else a), (b.flatten(1) if b.dim() == 4 else b)
     out_dtype = dtype or (base.dtype if base is not None else a.dtype)

@@ -84,7 +84,10 @@ def convert_layout(
     if not isinstance(layout, Layout):
         layout = detect_layout(state_dict, layout=layout)
     if not layout.is_lora or layout.spec is None:
-        raise LayoutError("the input is in the standard layout; there are no LoRA modules to convert")
+        raise LayoutError(
+            "the input is in the standard layout, with no LoRA modules to convert; to give it a LoRA layout use "
+            "remap_standard_to_lora (CLI: convert --to nanogpt --like TEMPLATE)"
+        )
     tensors = {k[len(layout.prefix) :]: v for k, v in state_dict.items()}
     scales = dict(scales) if scales is not None else resolve_scales(layout, alpha, tensors)
     plain_base = None if base is None else {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in base.items()}

@@ -57,9 +57,11 @@ def save_model_folder(
     state_dict: Mapping[str, torch.Tensor],
     *,
     like: PathLike | None = None,
+    files: Mapping[str, str] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a Hugging Face model folder: ``model.safetensors`` plus the non-weight files of the folder ``like``.
+    """Write a Hugging Face model folder: ``model.safetensors``, the non-weight files of the folder ``like``
+    and the text ``files`` (name -> content, e.g. ``config.json``).
 
     The folder is assembled beside the target and renamed into place, so a failure leaves nothing.
     """
@@ -75,6 +77,8 @@ def save_model_folder(
             for f in Path(like).iterdir():
                 if f.is_file() and f.name not in skip and not f.name.startswith("."):
                     shutil.copy2(f, tmp / f.name)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         save_checkpoint(tmp / "model.safetensors", dict(state_dict))
         if target.exists():
             old = target.with_name(f".{target.name}.old")

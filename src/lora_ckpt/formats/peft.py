@@ -122,22 +122,25 @@ def save_peft_adapter(
     path: PathLike,
     state_dict: Mapping[str, torch.Tensor],
     *,
-    rank: int,
-    alpha: float,
-    target_modules: list[str],
+    alpha: Mapping[str, float],
     fan_in_fan_out: bool = False,
-    rank_pattern: Mapping[str, int] | None = None,
-    alpha_pattern: Mapping[str, float] | None = None,
     extra_config: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a PEFT adapter folder (config + ``adapter_model.safetensors``); returns the folder.
 
-    ``state_dict`` holds PEFT's saved keys (``base_model.model.<module>.lora_A.weight`` …). Each file is
-    written atomically; an existing adapter is replaced only with ``overwrite=True``.
+    ``state_dict`` holds PEFT's saved keys (``base_model.model.<module>.lora_A.weight`` …) and
+    ``alpha`` the alpha per module. ``r`` and ``lora_alpha`` are the most common values; other
+    modules get exact ``rank_pattern`` / ``alpha_pattern`` entries. Each file is written atomically;
+    an existing adapter is replaced only with ``overwrite=True``.
     """
     from lora_ckpt.io import save_checkpoint
 
+    layout = detect_layout(state_dict, layout=PEFT.name)
+    ranks = {m.name: m.rank for m in layout.modules if m.has_factors}
+    rank = max(sorted(set(ranks.values())), key=list(ranks.values()).count)
+    alpha0 = max(sorted(set(alpha.values())), key=list(alpha.values()).count)
+    use_dora = any(m.is_dora for m in layout.modules)
     folder = Path(path)
     if (folder / CONFIG_NAME).exists() and not overwrite:
         raise CheckpointFileError(f"{folder}: already holds a PEFT adapter; pass overwrite=True (CLI: --force)")
@@ -147,13 +150,13 @@ def save_peft_adapter(
         "task_type": None,
         "base_model_name_or_path": None,
         "r": rank,
-        "lora_alpha": alpha,
-        "target_modules": sorted(set(target_modules)),
+        "lora_alpha": alpha0,
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in ranks}),
         "fan_in_fan_out": fan_in_fan_out,
-        "rank_pattern": dict(rank_pattern or {}),
-        "alpha_pattern": dict(alpha_pattern or {}),
+        "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != rank},
+        "alpha_pattern": {re.escape(n): a for n, a in alpha.items() if a != alpha0},
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": use_dora,
         "lora_dropout": 0.0,
         "bias": "none",
         "inference_mode": True,

@@ -1,0 +1,48 @@
+"""Merging an adapter file or folder into a base model's weights (PEFT folders, kohya, any LoRA file)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from lora_ckpt.errors import AlphaError
+from lora_ckpt.formats.hf import load_model_weights
+from lora_ckpt.formats.peft import is_peft_dir, load_peft_adapter
+from lora_ckpt.io import Checkpoint, PathLike, as_checkpoint
+from lora_ckpt.merge import Alpha, merge_lora
+
+__all__ = ["merge_adapter"]
+
+
+def merge_adapter(
+    base: Mapping[str, torch.Tensor] | PathLike,
+    adapter: Checkpoint | Mapping[str, Any] | PathLike,
+    *,
+    alpha: Alpha | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Return the base model's state dict with the adapter merged in; neither input is changed.
+
+    ``base`` is a standard state dict, a weights file, or a Hugging Face model folder (sharded too).
+    ``adapter`` is a PEFT adapter folder (scales from its ``adapter_config.json``: ``r``,
+    ``lora_alpha``, rsLoRA, ``rank_pattern``/``alpha_pattern``, ``fan_in_fan_out``, DoRA,
+    ``modules_to_save``), a kohya file (alphas from its tensors) or any LoRA file or state dict.
+
+    Raises:
+        CheckpointFileError, LayoutError, ShapeError, AlphaError, KeyMismatchError: as the inputs are
+            read and checked; nothing is computed before every module has been matched to the base.
+    """
+    base_sd = dict(base) if isinstance(base, Mapping) else load_model_weights(base)
+    if isinstance(adapter, (str, os.PathLike)) and is_peft_dir(adapter):
+        peft = load_peft_adapter(adapter)
+        if alpha is not None:
+            raise AlphaError(f"{adapter}: the alpha comes from adapter_config.json; do not pass alpha")
+        return merge_lora(
+            peft.state_dict, base=base_sd, scales=peft.scales, layout=peft.layout, dtype=dtype,
+            fan_in_fan_out=peft.fan_in_fan_out,
+        )
+    ckpt = as_checkpoint(adapter)
+    return merge_lora(ckpt.state_dict, base=base_sd, alpha=ckpt.resolve_alpha(alpha), dtype=dtype)

@@ -1,0 +1,134 @@
+"""Agreement with PEFT and transformers themselves, on tiny GPT-2 and Llama models built from configs."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from lora_ckpt import merge_adapter  # noqa: E402
+from lora_ckpt.cli import main  # noqa: E402
+from lora_ckpt.formats.gpt2 import nanogpt_lora_to_peft, peft_to_nanogpt_lora  # noqa: E402
+from lora_ckpt.formats.hf import save_model_folder  # noqa: E402
+from lora_ckpt.testing import make_gpt, make_tokens  # noqa: E402
+from lora_ckpt import load_into  # noqa: E402
+
+TOKENS = make_tokens(seed=4, batch=2, length=10)
+
+
+def _gpt2(dtype=torch.float32):
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0, activation_function="gelu")
+    return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def _llama(dtype=torch.float32):
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=64, bos_token_id=0, eos_token_id=0,
+                                   pad_token_id=0, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def _perturb(model, seed):
+    """Random non-zero adapters, magnitudes and modules_to_save copies (PEFT starts B at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(s in name for s in ("lora_", "modules_to_save")):
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.05)
+
+
+CASES = {
+    "gpt2-conv1d-embedding": (_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "wte"], fan_in_fan_out=True)),
+    "gpt2-rslora-patterns": (_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                                         use_rslora=True, rank_pattern={"c_proj": 2}, alpha_pattern={"h.1.attn.c_attn": 3})),
+    "gpt2-dora": (_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, use_dora=True)),
+    "llama-dora-embedding-modules_to_save": (_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                                                          use_dora=True, rank_pattern={"v_proj": 2}, modules_to_save=["lm_head"])),
+    "llama-lora-bias": (_llama, dict(r=4, lora_alpha=16, target_modules=["q_proj", "o_proj", "down_proj"], lora_bias=True)),
+}
+
+
+def _build(tmp_path, case, dtype=torch.float32):
+    make, kwargs = CASES[case]
+    torch.manual_seed(0)
+    base = make(dtype)
+    if case == "llama-lora-bias":  # lora_bias needs biases on the base layers
+        for layer in base.model.layers:
+            for mod in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
+                mod.bias = torch.nn.Parameter(torch.randn(mod.out_features, dtype=dtype) * 0.1)
+        base.config.attention_bias = True
+        base.config.mlp_bias = True
+    base.save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(base, peft.LoraConfig(**kwargs))
+        _perturb(model, seed=1)
+        model.save_pretrained(tmp_path / "adapter")
+    return model
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_merge_matches_peft_merge_and_unload(tmp_path, case):
+    model = _build(tmp_path, case)
+    ours = merge_adapter(tmp_path / "base", tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = model.merge_and_unload()
+    theirs = merged.state_dict()
+    assert set(ours) <= set(theirs)
+    for k, v in ours.items():
+        torch.testing.assert_close(v, theirs[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    save_model_folder(tmp_path / "out", ours, like=tmp_path / "base")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(_logits(reloaded), _logits(merged), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_merge_matches_peft(tmp_path):
+    model = _build(tmp_path, "llama-dora-embedding-modules_to_save", dtype=torch.bfloat16)
+    ours = merge_adapter(tmp_path / "base", tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = model.merge_and_unload().state_dict()
+    for k, v in ours.items():
+        assert v.dtype == torch.bfloat16
+        # PEFT rounds its DoRA norm and update to bf16 before the final rounding; we round once
+        torch.testing.assert_close(v.float(), theirs[k].float(), rtol=2e-2, atol=2e-2, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_cli_merge_base_adapter_out(tmp_path, capsys):
+    model = _build(tmp_path, "gpt2-conv1d-embedding")
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")]) == 0
+    assert "merged" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = model.merge_and_unload()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(_logits(reloaded), _logits(merged), rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_nanogpt_lora_to_hf_gpt2_and_peft_and_back(tmp_path):
+    lora = make_gpt(attn_rank=4, wte_rank=2, alpha=8.0, randomize=True)
+    nanogpt_lora_to_peft(lora.state_dict(), tmp_path / "base", tmp_path / "adapter", alpha=8.0, n_head=2)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True and config["rank_pattern"] == {r"transformer\.wte": 2}
+    base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(TOKENS).logits, lora(TOKENS), rtol=1e-5, atol=1e-5)
+
+    back = peft_to_nanogpt_lora(tmp_path / "base", tmp_path / "adapter")
+    again = make_gpt(seed=9, attn_rank=4, wte_rank=2, alpha=8.0)
+    load_into(again, back.state_dict, alpha=back.alpha)
+    torch.testing.assert_close(again(TOKENS), lora(TOKENS), rtol=1e-5, atol=1e-5)
