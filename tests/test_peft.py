@@ -132,3 +132,21 @@ def test_nanogpt_lora_to_hf_gpt2_and_peft_and_back(tmp_path):
     again = make_gpt(seed=9, attn_rank=4, wte_rank=2, alpha=8.0)
     load_into(again, back.state_dict, alpha=back.alpha)
     torch.testing.assert_close(again(TOKENS), lora(TOKENS), rtol=1e-5, atol=1e-5)
+
+
+def test_live_peft_model_state_dict_merges_like_merge_and_unload(tmp_path):
+    model = _build(tmp_path, "gpt2-conv1d-embedding")
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    from lora_ckpt import detect_layout, merge_lora
+    from lora_ckpt.formats.peft import load_peft_adapter
+
+    layout = detect_layout(live)
+    assert layout.kind == "peft" and not layout.needs_base
+    scales = load_peft_adapter(tmp_path / "adapter").scales
+    ours = merge_lora(live, scales=scales, fan_in_fan_out=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = model.merge_and_unload().state_dict()
+    for k, v in ours.items():
+        if k != "lm_head.weight":  # PEFT's merge also changes the tied head; ours keeps the exact function
+            torch.testing.assert_close(v, theirs[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
