@@ -150,3 +150,32 @@ def test_live_peft_model_state_dict_merges_like_merge_and_unload(tmp_path):
     for k, v in ours.items():
         if k != "lm_head.weight":  # PEFT's merge also changes the tied head; ours keeps the exact function
             torch.testing.assert_close(v, theirs[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_sharded_base_folder_and_cli_gpt2_conversions(tmp_path, capsys):
+    model = _build(tmp_path, "gpt2-conv1d-embedding")
+    expected = _logits(model)  # the unmerged adapter's function
+    torch.manual_seed(0)
+    base = _gpt2()  # the same weights as the adapter's base (seed 0)
+    base.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    ours = merge_adapter(tmp_path / "sharded", tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = model.merge_and_unload().state_dict()
+    for k, v in ours.items():
+        torch.testing.assert_close(v, theirs[k], rtol=1e-5, atol=1e-6)
+
+    # PEFT adapter on GPT-2 -> nanoGPT LoRA file, from the command line
+    nano = tmp_path / "nano.pt"
+    assert main(["convert", str(tmp_path / "adapter"), str(nano), "--to", "nanogpt", "--base",
+                 str(tmp_path / "sharded"), "--gpt2"]) == 0
+    # and back to a GPT-2 folder + PEFT adapter
+    assert main(["convert", str(nano), str(tmp_path / "adapter2"), "--to", "peft", "--gpt2",
+                 "--base-out", str(tmp_path / "base2"), "--n-head", "2"]) == 0
+    capsys.readouterr()
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base2").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = peft.PeftModel.from_pretrained(again, tmp_path / "adapter2").eval()
+    torch.testing.assert_close(_logits(again), expected, rtol=1e-5, atol=1e-5)
