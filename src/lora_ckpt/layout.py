@@ -513,14 +513,14 @@ def _classify(
             f"pass kinds={{{name!r}: 'linear' or 'embedding'}}"
         )
     if not fits:
-        role = {r: s.removesuffix(".weight") for r, s in spec.roles.items()}
+        label = {r: s.removesuffix(".weight") for r, s in spec.roles.items()}
         base = (
-            f"{role['weight']} {w}"
+            f"{label['weight']} {w}"
             if w is not None
             else "a lora-only embedding (no base weight; for a PEFT adapter without its prefix pass layout='peft')"
         )
         formulas = ", ".join(f"{k} ΔW = {f}" for k, f in spec.formulas.items())
-        return f"{name}: {role['b']} {b} @ {role['a']} {a} does not fit {base} ({spec.name}: {formulas})"
+        return f"{name}: {label['b']} {b} @ {label['a']} {a} does not fit {base} ({spec.name}: {formulas})"
     kind, formula, rank, rows, cols = fits[0]
     if kind == "linear":
         return LoraModule(name, "linear", rank, cols, rows, has_bias, key_map, formula, spec)

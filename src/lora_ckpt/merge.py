@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from lora_ckpt.errors import AlphaError, KeyMismatchError, LayoutError, ShapeError
 from lora_ckpt.layout import FORMULAS, KOHYA, Layout, LoraModule, detect_layout, split_prefix
 
-__all__ = ["Alpha", "merge_lora", "merge_module", "resolve_base_names", "resolve_scales"]
+__all__ = ["Alpha", "MergePlan", "Step", "merge_lora", "merge_module", "plan_merge", "resolve_base_names", "resolve_scales"]
 
 #: One alpha for every module, or one per module name (without wrapper prefix).
 Alpha = float | Mapping[str, float]
@@ -268,6 +269,88 @@ def merge_lora(
         >>> "transformer.h.0.attn.c_attn.weight" in merged, any("lora_" in k for k in merged)
         (True, False)
     """
+    plan = plan_merge(
+        state_dict, alpha=alpha, base=base, tied=tied, dtype=dtype, layout=layout, scales=scales,
+        fan_in_fan_out=fan_in_fan_out,
+    )
+    return plan.execute(plan.big)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One output tensor of a merge: copied, merged, a merged bias, or the same tensor as another key."""
+
+    key: str
+    op: Literal["copy", "merge", "bias", "alias"]
+    source: str | None = None
+    from_adapter: bool = False
+    module: LoraModule | None = None
+    scale: float = 0.0
+
+
+@dataclass
+class MergePlan:
+    """Every output tensor of a merge, in order, checked before any arithmetic.
+
+    ``big`` holds the large tensors (the base weights; for a LoRA file that holds its base, the file
+    itself), ``adapter`` the small ones (factors, magnitudes, replacements). Either may hold ``meta``
+    tensors while planning; :meth:`execute` runs the plan in memory, and the streaming writer runs
+    the same plan tensor by tensor.
+    """
+
+    steps: list[Step]
+    big: Mapping[str, torch.Tensor]
+    adapter: Mapping[str, torch.Tensor]
+    dtype: torch.dtype | None
+    fan_in_fan_out: bool | None
+
+    def source(self, step: Step, big: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        if step.source is None:
+            return None
+        return (self.adapter if step.from_adapter else big)[step.source]
+
+    def out_dtype(self, step: Step) -> torch.dtype:
+        src = self.source(step, self.big)
+        if src is None:  # a lora-only embedding
+            assert step.module is not None
+            return self.dtype or self.adapter[step.module.a_key].dtype
+        return self.dtype if self.dtype is not None and src.is_floating_point() else src.dtype
+
+    def compute(self, step: Step, big: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The tensor of one (non-alias) step, from ``big``'s real tensors."""
+        src = self.source(step, big)
+        if step.op == "copy":
+            assert src is not None
+            return _cast(src, self.dtype)
+        assert step.module is not None
+        if step.op == "merge":
+            return merge_module(
+                step.module, self.adapter, step.scale, base=src, dtype=self.dtype, fan_in_fan_out=self.fan_in_fan_out
+            )
+        assert src is not None
+        return _merged_bias(step.module, self.adapter, src, step.scale, self.dtype)
+
+    def execute(self, big: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run the plan in memory: a new dict in the plan's key order."""
+        done = {s.key: self.compute(s, big) for s in self.steps if s.op != "alias"}
+        return {s.key: done[s.source if s.op == "alias" else s.key] for s in self.steps}  # type: ignore[index]
+
+
+def plan_merge(
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    alpha: Alpha | None = None,
+    base: Mapping[str, torch.Tensor] | None = None,
+    tied: Literal["untie", "tie"] = "untie",
+    dtype: torch.dtype | None = None,
+    layout: Layout | str | None = None,
+    scales: Mapping[str, float] | None = None,
+    fan_in_fan_out: bool | None = None,
+) -> MergePlan:
+    """Check everything a merge needs and return its plan (see :func:`merge_lora` for the arguments).
+
+    Works on ``meta`` tensors for the large side, so a merge of any size is checked in seconds.
+    """
     if not isinstance(layout, Layout):
         layout = detect_layout(state_dict, layout=layout)
     if not layout.is_lora:
@@ -281,32 +364,50 @@ def merge_lora(
             raise LayoutError(
                 f"this {layout.kind} state dict holds adapters only; pass base=<the base model's state dict>"
             )
-        return _merge_onto_base(layout, tensors, base, scales, dtype, fan_in_fan_out)
+        return _plan_onto_base(layout, tensors, base, scales, dtype, fan_in_fan_out)
 
-    merged: dict[str, torch.Tensor] = {}  # standard key -> merged weight
+    by_key = layout.module_by_key
+    merged: dict[str, Step] = {}
     for m in layout.modules:
         if m.has_factors:
-            merged[f"{m.name}.weight"] = merge_module(m, tensors, scales[m.name], dtype=dtype, fan_in_fan_out=fan_in_fan_out)
+            src = m.weight_key if m.has_base else None
+            if src is not None:
+                _check_base(m, tensors[src], fan_in_fan_out)
+            merged[f"{m.name}.weight"] = Step(f"{m.name}.weight", "merge", src, False, m, scales[m.name])
         if "b_bias" in m.key_map and m.has_bias:
-            merged[f"{m.name}.bias"] = _merged_bias(m, tensors, tensors[m.bias_key], scales[m.name], dtype)
-    by_key = layout.module_by_key
+            merged[f"{m.name}.bias"] = Step(f"{m.name}.bias", "bias", m.bias_key, False, m, scales[m.name])
     source_of = {m.weight_key: f"{m.name}.weight" for m in layout.modules if m.has_factors and m.has_base}
+    aliases: dict[str, str] = {}
     if tied == "tie":
         for group in layout.tied_updates:
             updated = [source_of[k] for k in group if k in source_of]
             for k in group:
                 std = _standard_key(k, by_key)
                 if k not in source_of and std is not None:
-                    merged[std] = merged[updated[0]]
-
+                    aliases[std] = updated[0]
     prefix = layout.spec.key_prefix if layout.spec else ""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
+    steps: list[Step] = []
+    for key in tensors:
         std = _standard_key(key, by_key)
         if std is None:
             continue
-        out[std.removeprefix(prefix)] = merged[std] if std in merged else _cast(value, dtype)
-    return out
+        out_key = std.removeprefix(prefix)
+        if std in aliases:
+            steps.append(Step(out_key, "alias", aliases[std].removeprefix(prefix)))
+        elif std in merged:
+            steps.append(replace(merged[std], key=out_key))
+        else:
+            steps.append(Step(out_key, "copy", key))
+    return MergePlan(steps, tensors, tensors, dtype, fan_in_fan_out)
+
+
+def _check_base(m: LoraModule, base: torch.Tensor, fan_in_fan_out: bool | None) -> None:
+    if not base.is_floating_point():
+        raise LayoutError(
+            f"{m.name}: the base weight is {base.dtype}, a quantized base; dequantize it first "
+            "(lora_ckpt merges into floating-point weights only)"
+        )
+    _orientation(m, base, fan_in_fan_out)
 
 
 def _cast(value: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -321,14 +422,14 @@ def _merged_bias(
     return (bias.to(acc) + scale * lora_bias).to(dtype or bias.dtype)
 
 
-def _merge_onto_base(
+def _plan_onto_base(
     layout: Layout,
     tensors: Mapping[str, torch.Tensor],
     base: Mapping[str, torch.Tensor],
     scales: Mapping[str, float],
     dtype: torch.dtype | None,
     fan_in_fan_out: bool | None,
-) -> dict[str, torch.Tensor]:
+) -> MergePlan:
     base_layout = detect_layout(base)
     if base_layout.is_lora:
         raise LayoutError(f"base must be a standard state dict, got a {base_layout.kind} one; merge it first")
@@ -336,9 +437,9 @@ def _merge_onto_base(
     names = resolve_base_names(layout, plain)
     by_key = layout.module_by_key
     prefix = layout.spec.key_prefix if layout.spec else ""
-    replaced: dict[str, torch.Tensor] = {}
+    replaced: dict[str, str] = {}  # base key -> adapter key of a full tensor that replaces it
     unknown: list[str] = []
-    for key, value in tensors.items():  # full tensors in the adapter file replace the base's
+    for key in tensors:
         m = by_key.get(key)
         if m is not None and key not in (m.weight_key, m.bias_key):
             continue
@@ -347,20 +448,28 @@ def _merge_onto_base(
         std = re.sub(r"\.modules_to_save\.[^.]+\.", ".", std)
         if std not in plain:
             unknown.append(key)
-        replaced[std] = value
+        replaced[std] = key
     if unknown:
         raise KeyMismatchError(f"the adapter holds {unknown[:5]}, which the base does not have; is this its base model?")
-    out = {k: _cast(replaced.get(k, v), dtype) for k, v in plain.items()}
+    special: dict[str, Step] = {}
     for m in layout.modules:
         name = names[m.name]
         if m.has_factors:
-            w = replaced.get(f"{name}.weight", plain[f"{name}.weight"])
-            out[f"{name}.weight"] = merge_module(m, tensors, scales[m.name], base=w, dtype=dtype, fan_in_fan_out=fan_in_fan_out)
+            w = f"{name}.weight"
+            src, from_adapter = (replaced[w], True) if w in replaced else (w, False)
+            _check_base(m, (tensors if from_adapter else plain)[src], fan_in_fan_out)
+            special[w] = Step(w, "merge", src, from_adapter, m, scales[m.name])
         if "b_bias" in m.key_map:
-            if f"{name}.bias" not in plain:
+            b = f"{name}.bias"
+            if b not in plain:
                 raise KeyMismatchError(f"{m.name}: the adapter has lora_B.bias but the base module has no bias")
-            out[f"{name}.bias"] = _merged_bias(m, tensors, replaced.get(f"{name}.bias", plain[f"{name}.bias"]), scales[m.name], dtype)
-    return out
+            src, from_adapter = (replaced[b], True) if b in replaced else (b, False)
+            special[b] = Step(b, "bias", src, from_adapter, m, scales[m.name])
+    steps = [
+        special.get(k) or (Step(k, "copy", replaced[k], True) if k in replaced else Step(k, "copy", k))
+        for k in plain
+    ]
+    return MergePlan(steps, plain, tensors, dtype, fan_in_fan_out)
 
 
 def _standard_key(key: str, by_key: Mapping[str, LoraModule]) -> str | None:

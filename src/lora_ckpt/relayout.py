@@ -101,7 +101,7 @@ def convert_layout(
     out: dict[str, torch.Tensor] = {}
     apart: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
-    owned = set()
+    owned: set[str] = set()
     src_prefix = layout.spec.key_prefix
     names = resolve_base_names(layout, plain_base) if layout.spec is KOHYA and plain_base is not None else {}
     for m in layout.modules:
