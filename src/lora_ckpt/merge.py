@@ -90,6 +90,40 @@ def _orientation(module: LoraModule, base: torch.Tensor, fan_in_fan_out: bool | 
     raise ShapeError(f"{module.name}: base weight {shape} does not fit the adapter's update {(rows, cols)}")
 
 
+@dataclass(frozen=True)
+class Factors:
+    """A module's update as ``ΔW = left @ right`` in the base weight's stored orientation, ready to merge."""
+
+    left: torch.Tensor  # (rows, r)
+    right: torch.Tensor  # (r, cols)
+    acc: torch.dtype
+    out_dtype: torch.dtype
+    transposed: bool
+
+
+def module_factors(
+    module: LoraModule,
+    tensors: Mapping[str, torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    dtype: torch.dtype | None = None,
+    fan_in_fan_out: bool | None = None,
+    device: torch.device | str | None = None,
+) -> Factors:
+    """The module's factors in the accumulation dtype, oriented like ``base`` (which may be ``meta``)."""
+    a, b = tensors[module.a_key], tensors[module.b_key]
+    a2, b2 = (a.flatten(1) if a.dim() == 4 else a), (b.flatten(1) if b.dim() == 4 else b)
+    out_dtype = dtype or (base.dtype if base is not None else a.dtype)
+    acc = _accumulation_dtype(out_dtype, a.dtype, *(() if base is None else (base.dtype,)))
+    if device is None:
+        device = base.device if base is not None else a.device
+    left, right = FORMULAS[module.formula][2](a2.to(device, acc), b2.to(device, acc))  # ΔW = left @ right
+    transposed = base is not None and _orientation(module, base, fan_in_fan_out)
+    if transposed:
+        left, right = right.T, left.T
+    return Factors(left, right, acc, out_dtype, transposed)
+
+
 def merge_module(
     module: LoraModule,
     tensors: Mapping[str, torch.Tensor],
@@ -122,15 +156,8 @@ def merge_module(
             f"{module.name}: the base weight is {base.dtype}, a quantized base; dequantize it first "
             "(lora_ckpt merges into floating-point weights only)"
         )
-    a, b = tensors[module.a_key], tensors[module.b_key]
-    a2, b2 = (a.flatten(1) if a.dim() == 4 else a), (b.flatten(1) if b.dim() == 4 else b)
-    out_dtype = dtype or (base.dtype if base is not None else a.dtype)
-    acc = _accumulation_dtype(out_dtype, a.dtype, *(() if base is None else (base.dtype,)))
-    device = base.device if base is not None else a.device
-    left, right = FORMULAS[module.formula][2](a2.to(device, acc), b2.to(device, acc))  # ΔW = left @ right
-    transposed = base is not None and _orientation(module, base, fan_in_fan_out)
-    if transposed:
-        left, right = right.T, left.T
+    f = module_factors(module, tensors, base, dtype=dtype, fan_in_fan_out=fan_in_fan_out)
+    left, right, acc, out_dtype, transposed = f.left, f.right, f.acc, f.out_dtype, f.transposed
     base2 = None if base is None else (base.flatten(1) if base.dim() == 4 else base)
     if module.is_dora:
         merged = _merge_dora(module, tensors, base2, left, right, scale, acc, transposed).to(out_dtype)

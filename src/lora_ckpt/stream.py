@@ -1,0 +1,393 @@
+"""Streaming merges, file to file, with memory bounded by the largest tensor whatever the model's size.
+
+Everything is checked first on ``meta`` tensors (keys, shapes, dtypes, alphas, free disk space).
+Merging changes no shape, so each output shard's safetensors header is written before any tensor is
+computed, and every tensor is then read, merged and written in row blocks. safetensors has no
+streaming writer, so the header is written here by the format's specification (an 8-byte
+little-endian length, a JSON header padded to 8 bytes, the tensors' bytes in order); the output is
+read back with safetensors itself in the tests. Files are written under temporary names and renamed
+into place at the end; a failure leaves no output and the inputs untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from lora_ckpt.errors import CheckpointFileError, LayoutError
+from lora_ckpt.formats.hf import weight_files
+from lora_ckpt.formats.peft import is_peft_dir, load_peft_adapter
+from lora_ckpt.io import _FORMAT_VERSION, _META_KEY, Checkpoint, PathLike, as_checkpoint, load_checkpoint
+from lora_ckpt.layout import detect_layout
+from lora_ckpt.merge import Alpha, MergePlan, Step, _merge_blocked, _merged_bias, module_factors, plan_merge
+
+__all__ = ["LazySource", "StreamReport", "parse_size", "stream_merge"]
+
+log = logging.getLogger(__name__)
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+# Rows read, merged and written at a time: about 64 MiB of the source.
+_IO_BLOCK_BYTES = 64 << 20
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``"5GB"``, ``"500MB"``, ``"2GiB"`` or an int (decimal units as Hugging Face reads them)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", size, flags=re.I)
+    if not m:
+        raise ValueError(f"cannot read the size {size!r}; write e.g. 5GB, 500MB or 2GiB")
+    unit = m.group(2).upper().rstrip("B")
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
+    return int(float(m.group(1)) * (1024 if unit.endswith("I") else 1000) ** power)
+
+
+class LazySource:
+    """The tensors of a weights file or Hugging Face folder, read on demand.
+
+    Shapes and dtypes come from the safetensors headers; tensors are read by row ranges, each through
+    its own short-lived ``safe_open`` so nothing stays mapped. Torch pickles are memory-mapped
+    (``torch.load(mmap=True, weights_only=True)``).
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        self.files = weight_files(path)
+        self.where: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.loaded: dict[str, torch.Tensor] = {}
+        self.checkpoint: Checkpoint | None = None
+        self.metadata: dict[str, Any] = {}
+        for f in self.files:
+            if f.suffix == ".safetensors":
+                self._read_header(f)
+            else:
+                ckpt = load_checkpoint(f)
+                self.checkpoint = ckpt
+                for k, t in ckpt.state_dict.items():
+                    self.loaded[k], self.shapes[k], self.dtypes[k] = t, tuple(t.shape), t.dtype
+
+    def _read_header(self, f: Path) -> None:
+        try:
+            with safe_open(f, framework="pt") as st:
+                meta = st.metadata() or {}
+                for k in st.keys():  # noqa: SIM118
+                    sl = st.get_slice(k)
+                    self.where[k], self.shapes[k] = f, tuple(sl.get_shape())
+                    self.dtypes[k] = _ST_DTYPES[sl.get_dtype()]
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointFileError(f"{f}: corrupt or truncated safetensors file ({e})") from None
+        if _META_KEY in meta:
+            self.metadata = json.loads(meta[_META_KEY])
+            for alias, key in self.metadata.get("aliases", {}).items():
+                self.where[alias], self.shapes[alias], self.dtypes[alias] = f, self.shapes[key], self.dtypes[key]
+                self.metadata.setdefault("_alias_of", {})[alias] = key
+
+    def keys(self) -> list[str]:
+        order = self.metadata.get("order")
+        return list(order) if order and set(order) == set(self.shapes) else list(self.shapes)
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        """``meta`` tensors of every shape and dtype, for planning."""
+        return {k: torch.empty(self.shapes[k], dtype=self.dtypes[k], device="meta") for k in self.keys()}
+
+    def nbytes(self, key: str) -> int:
+        return math.prod(self.shapes[key]) * self.dtypes[key].itemsize
+
+    def read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """The tensor ``key``, or its rows ``start:stop`` (first dimension)."""
+        if key in self.loaded:
+            t = self.loaded[key]
+            return t if start is None else t[start:stop]
+        real = self.metadata.get("_alias_of", {}).get(key, key)
+        with safe_open(self.where[key], framework="pt") as st:
+            if start is None:
+                return st.get_tensor(real)
+            return st.get_slice(real)[start:stop]
+
+
+@dataclass
+class StreamReport:
+    """What :func:`stream_merge` wrote: the files, tensor and byte counts, the merged keys, seconds taken."""
+
+    files: list[Path]
+    tensors: int
+    bytes: int
+    merged: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _plan(
+    source: LazySource, adapter: object, alpha: Alpha | None, dtype: torch.dtype | None, tied: str
+) -> tuple[MergePlan, dict[str, Any]]:
+    meta = source.meta()
+    extra: dict[str, Any] = {}
+    if adapter is None:  # a LoRA file that holds its base: factors are small, read them now
+        layout = detect_layout(meta)
+        small = {layout.prefix + k: source.read(layout.prefix + k) for m in layout.modules for k in m.factor_keys}
+        recorded = source.checkpoint.alpha if source.checkpoint else source.metadata.get("alpha")
+        ckpt = Checkpoint({}, alpha=recorded, alpha_source="the file", path=source.path)
+        if source.checkpoint is not None:
+            extra = dict(source.checkpoint.extra)
+        elif source.metadata.get("model_args"):
+            extra = {"model_args": source.metadata["model_args"]}
+        plan = plan_merge({**meta, **small}, alpha=ckpt.resolve_alpha(alpha), dtype=dtype, tied=tied)  # type: ignore[arg-type]
+        return plan, extra
+    if isinstance(adapter, (str, os.PathLike)) and is_peft_dir(adapter):
+        peft = load_peft_adapter(adapter)
+        if alpha is not None:
+            raise LayoutError(f"{adapter}: the alpha comes from adapter_config.json; do not pass alpha")
+        plan = plan_merge(peft.state_dict, base=meta, scales=peft.scales, layout=peft.layout, dtype=dtype,
+                          fan_in_fan_out=peft.fan_in_fan_out)
+        return plan, extra
+    ck = as_checkpoint(adapter)  # type: ignore[arg-type]
+    return plan_merge(ck.state_dict, base=meta, alpha=ck.resolve_alpha(alpha), dtype=dtype), extra
+
+
+def _shards(sizes: list[tuple[str, int]], max_bytes: int | None) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, n in sizes:
+        if max_bytes is not None and shards[-1] and used + n > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += n
+    return shards
+
+
+def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for key, dtype, shape in entries:
+        n = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _write(f: Any, t: torch.Tensor) -> int:
+    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    f.write(memoryview(data))
+    return data.nbytes
+
+
+def _blocks(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
+    step = max(1, _IO_BLOCK_BYTES // max(row_bytes, 1))
+    for start in range(0, rows, step):
+        yield start, min(start + step, rows)
+
+
+class _Writer:
+    """Produces each planned tensor block by block into an open file."""
+
+    def __init__(self, plan: MergePlan, source: LazySource, prefix: str, device: torch.device | None) -> None:
+        self.plan, self.source, self.prefix, self.device = plan, source, prefix, device
+
+    def _read(self, step: Step, start: int | None = None, stop: int | None = None) -> torch.Tensor | None:
+        if step.source is None:
+            return None
+        if step.from_adapter:
+            t = self.plan.adapter[step.source]
+            return t if start is None else t[start:stop]
+        return self.source.read(self.prefix + step.source, start, stop)
+
+    def write(self, f: Any, step: Step, meta_out: torch.Tensor) -> int:
+        rows = meta_out.shape[0] if meta_out.dim() else 1
+        row_bytes = meta_out[0].numel() * meta_out.dtype.itemsize if meta_out.dim() else meta_out.dtype.itemsize
+        if step.op == "copy":
+            if meta_out.dim() == 0:
+                return _write(f, self._cast(self._read(step)))
+            return sum(_write(f, self._cast(self._read(step, a, b))) for a, b in _blocks(rows, row_bytes))
+        m = step.module
+        assert m is not None
+        if step.op == "bias":
+            src = self._read(step)
+            assert src is not None
+            return _write(f, _merged_bias(m, self.plan.adapter, src, step.scale, self.plan.dtype))
+        base_meta = self.plan.source(step, self.plan.big)
+        if m.is_dora:  # norms need whole rows or columns: merge the tensor at once
+            return _write(f, self.plan.compute(step, {step.source: self._read(step)} if step.source else {}))
+        fac = module_factors(m, self.plan.adapter, base_meta, dtype=self.plan.dtype,
+                             fan_in_fan_out=self.plan.fan_in_fan_out, device=self.device or "cpu")
+        written = 0
+        for a, b in _blocks(rows, row_bytes):
+            base = self._read(step, a, b)
+            if base is not None:
+                base = base.flatten(1) if base.dim() == 4 else base
+                base = base.to(fac.left.device, non_blocking=True)
+            out = _merge_blocked(base, fac.left[a:b], fac.right, step.scale, fac.acc, fac.out_dtype)
+            written += _write(f, out)
+        return written
+
+    def _cast(self, t: torch.Tensor | None) -> torch.Tensor:
+        assert t is not None
+        dtype = self.plan.dtype
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def stream_merge(
+    source: PathLike,
+    out: PathLike,
+    *,
+    adapter: PathLike | Mapping[str, torch.Tensor] | Checkpoint | None = None,
+    alpha: Alpha | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> StreamReport:
+    """Merge file to file with bounded memory; return what was written.
+
+    ``source`` is a LoRA checkpoint holding its base (``adapter=None``) or, with ``adapter`` (a PEFT
+    folder, kohya or any LoRA file), the base: a ``.safetensors``/``.pt`` file or a Hugging Face folder
+    (sharded too). ``out`` is a ``.safetensors`` file, or a folder (``model.safetensors``, or shards
+    ``model-00001-of-0000N.safetensors`` and ``model.safetensors.index.json`` with ``max_shard_size``;
+    other files of a source folder, such as ``config.json``, are copied). The result is bit-identical
+    to :func:`~lora_ckpt.merge_lora` in memory. With ``device="cuda"`` the blocks are merged on the GPU.
+
+    Raises:
+        CheckpointFileError: unreadable inputs, an existing output without ``overwrite``, too little disk.
+        LayoutError, ShapeError, AlphaError, KeyMismatchError: found before any tensor is computed.
+    """
+    started = time.perf_counter()
+    target = Path(out)
+    if target.exists() and not overwrite:
+        raise CheckpointFileError(f"{target}: already exists; pass overwrite=True (CLI: --force) to replace it")
+    as_file = target.suffix == ".safetensors"
+    max_bytes = None if max_shard_size is None else parse_size(max_shard_size)
+    if as_file and max_bytes is not None:
+        raise CheckpointFileError(f"{target}: a sharded output is a folder; give a folder name, not a .safetensors file")
+    if not target.parent.is_dir():
+        raise CheckpointFileError(f"{target}: the folder {target.parent} does not exist")
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointFileError("device cuda was asked for, but torch sees no CUDA device")
+
+    src = LazySource(source)
+    plan, extra = _plan(src, adapter, alpha, dtype, "untie")
+    base_prefix = detect_layout(src.meta()).prefix if adapter is None else _base_prefix(src)
+    meta_out = {s.key: plan.compute(s, plan.big) for s in plan.steps if s.op != "alias"}
+    order = [s.key for s in plan.steps if s.op != "alias"]
+    total = sum(meta_out[k].numel() * meta_out[k].dtype.itemsize for k in order)
+    free = shutil.disk_usage(target.parent).free
+    if total + (64 << 20) > free:
+        raise CheckpointFileError(f"{target.parent}: {free / 1e9:.2f} GB free, the output needs {total / 1e9:.2f} GB")
+
+    shards = _shards([(k, meta_out[k].numel() * meta_out[k].dtype.itemsize) for k in order], max_bytes)
+    n = len(shards)
+    names = [target.name] if as_file else (
+        ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
+    by_key = {s.key: s for s in plan.steps}
+    metadata = {"format_version": _FORMAT_VERSION, "layout": "standard", "order": [s.key for s in plan.steps],
+                "aliases": {s.key: s.source for s in plan.steps if s.op == "alias"}}
+    if extra.get("model_args"):
+        metadata["model_args"] = {k: v for k, v in dict(extra["model_args"]).items() if not str(k).startswith("lora_")}
+    writer = _Writer(plan, src, base_prefix, dev)
+    bar = _progress(total, len(order)) if progress else None
+    workdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    written = 0
+    try:
+        with ExitStack() as stack:
+            for name, keys in zip(names, shards):
+                f = stack.enter_context(open(workdir / name, "wb"))
+                entries = [(k, meta_out[k].dtype, tuple(meta_out[k].shape)) for k in keys]
+                from lora_ckpt import __version__
+
+                st_meta = {"format": "pt", _META_KEY: json.dumps({**metadata, "lora_ckpt_version": __version__})}
+                f.write(_header(entries, st_meta))
+                for k in keys:
+                    n_bytes = writer.write(f, by_key[k], meta_out[k])
+                    expected = meta_out[k].numel() * meta_out[k].dtype.itemsize
+                    if n_bytes != expected:  # a broken plan must never produce a file with wrong offsets
+                        raise CheckpointFileError(f"{k}: wrote {n_bytes} bytes, expected {expected}")
+                    written += n_bytes
+                    if bar is not None:
+                        bar.update(n_bytes)
+                        bar.set_postfix(tensors=f"{order.index(k) + 1}/{len(order)}", refresh=False)
+                f.flush()
+                os.fsync(f.fileno())
+                stack.pop_all().close()
+        files = _install(workdir, target, names, shards, meta_out, as_file, source, overwrite)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    merged = [s.key for s in plan.steps if s.op == "merge"]
+    return StreamReport(files, len(order), written, merged, time.perf_counter() - started)
+
+
+def _base_prefix(src: LazySource) -> str:
+    return detect_layout(src.meta()).prefix
+
+
+def _install(
+    workdir: Path,
+    target: Path,
+    names: list[str],
+    shards: list[list[str]],
+    meta_out: Mapping[str, torch.Tensor],
+    as_file: bool,
+    source: PathLike,
+    overwrite: bool,
+) -> list[Path]:
+    """Move the finished files into place: a file by rename, a folder (index, copied extras) as a whole."""
+    if as_file:
+        os.replace(workdir / names[0], target)
+        workdir.rmdir()
+        return [target]
+    if len(names) > 1:
+        weight_map = {k: name for name, keys in zip(names, shards) for k in keys}
+        size = sum(t.numel() * t.dtype.itemsize for t in meta_out.values())
+        index = {"metadata": {"total_size": size}, "weight_map": weight_map}
+        (workdir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    src = Path(source)
+    if src.is_dir():
+        skip = {p.name for p in weight_files(src)} | {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
+        for f in src.iterdir():
+            if f.is_file() and f.name not in skip and not f.name.startswith("."):
+                shutil.copy2(f, workdir / f.name)
+    if target.exists() and overwrite:
+        old = target.with_name(f".{target.name}.old")
+        os.replace(target, old)
+        os.replace(workdir, target)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.replace(workdir, target)
+    return [target / n for n in names]
+
+
+def _progress(total: int, tensors: int) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the progress extra is not installed
+        log.info("install lora-ckpt[progress] (tqdm) for a progress bar")
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", dynamic_ncols=True)
