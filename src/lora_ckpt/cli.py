@@ -26,6 +26,7 @@ from lora_ckpt.io import Checkpoint, load_checkpoint, save_checkpoint
 from lora_ckpt.layout import LAYOUTS, detect_layout
 from lora_ckpt.merge import merge_lora
 from lora_ckpt.relayout import convert_layout
+from lora_ckpt.stream import LazySource, StreamReport, parse_size, stream_merge
 
 _FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
@@ -52,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("paths", nargs="+", metavar="PATH", help="SRC DST, or BASE ADAPTER DST")
     _add_common(s)
+    s.add_argument("--max-shard-size", metavar="SIZE", type=_size, help="shard a folder output, e.g. 5GB")
+    s.add_argument("--device", help="merge on this device, e.g. cuda (default: cpu)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--dtype", choices=sorted(_DTYPES), help="dtype of the output's floating-point tensors")
     s.add_argument("--tied", choices=("untie", "tie"), default="untie",
                    help="when an update lands on a tied weight: keep exact function (untie) or tie to merged")
@@ -72,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="DIR", help="keep the files in DIR (default: a temporary folder)")
     s.add_argument("--steps", type=int, default=20, help="training steps")
     return p
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_common(s: argparse.ArgumentParser) -> None:
@@ -158,9 +169,27 @@ def _merge(args: argparse.Namespace) -> int:
     return _merge_file(args)
 
 
+def _streams(dst: Path, args: argparse.Namespace) -> bool:
+    """Whether to merge file to file with bounded memory (safetensors or folder output, exact function)."""
+    return dst.suffix not in _FILE_SUFFIXES[1:] and getattr(args, "tied", "untie") == "untie"
+
+
+def _stream(args: argparse.Namespace, src: str, dst: Path, adapter: str | None) -> StreamReport:
+    return stream_merge(
+        src, dst, adapter=adapter, alpha=args.alpha, dtype=_DTYPES[args.dtype] if args.dtype else None,
+        max_shard_size=getattr(args, "max_shard_size", None), device=getattr(args, "device", None),
+        progress=not getattr(args, "quiet", False), overwrite=args.force,
+    )
+
+
 def _merge_adapter(args: argparse.Namespace, base: str, adapter: str, dst_name: str) -> int:
     dst = Path(dst_name)
     _refuse_existing(dst, args.force)
+    if _streams(dst, args):
+        report = _stream(args, base, dst, adapter)
+        print(f"merged {adapter} into {base}: {dst} ({len(report.merged)} weights merged, "
+              f"{report.bytes / 1e9:.2f} GB in {len(report.files)} file(s), {report.seconds:.1f} s)")
+        return 0
     dtype = _DTYPES[args.dtype] if args.dtype else None
     merged = merge_adapter(base, adapter, alpha=args.alpha, dtype=dtype)
     _write_standard(dst, merged, like=base, force=args.force)
@@ -176,16 +205,27 @@ def _write_standard(dst: Path, sd: dict[str, torch.Tensor], *, like: str | None,
 
 
 def _merge_file(args: argparse.Namespace) -> int:
-    ckpt = load_checkpoint(args.src)
     dst = Path(args.dst)
     _refuse_existing(dst, args.force)
-    merged = merge_lora(ckpt.state_dict, alpha=ckpt.resolve_alpha(args.alpha), tied=args.tied,
-                        dtype=_DTYPES[args.dtype] if args.dtype else None)
+    source = LazySource(args.src)
+    if source.checkpoint is not None:  # a torch pickle, memory-mapped: its ties and extra entries are known
+        ckpt, tied_groups = source.checkpoint, detect_layout(source.checkpoint.state_dict).tied_updates
+    else:
+        extra = {"model_args": source.metadata["model_args"]} if source.metadata.get("model_args") else {}
+        ckpt = Checkpoint({}, extra=extra)
+        tied_groups = tuple(tuple(g) for g in source.metadata.get("tied", []) if any(".main_weight." in k for k in g))
     extra, dropped = _standard_extra(ckpt, dst)
-    save_checkpoint(dst, merged, extra=extra, overwrite=args.force)
-    layout = detect_layout(ckpt.state_dict)
-    print(f"merged {sum(m.has_factors for m in layout.modules)} LoRA module(s) of {args.src} into {dst}")
-    for group in layout.tied_updates:
+    if _streams(dst, args):
+        report = _stream(args, args.src, dst, None)
+        merged_count = len(report.merged)
+    else:
+        full = load_checkpoint(args.src)
+        merged = merge_lora(full.state_dict, alpha=full.resolve_alpha(args.alpha), tied=args.tied,
+                            dtype=_DTYPES[args.dtype] if args.dtype else None)
+        save_checkpoint(dst, merged, extra=extra, overwrite=args.force)
+        merged_count = sum(m.has_factors for m in detect_layout(full.state_dict).modules)
+    print(f"merged {merged_count} LoRA module(s) of {args.src} into {dst}")
+    for group in tied_groups:
         how = "untied: each key keeps its own value" if args.tied == "untie" else "tied to the merged weight"
         print(f"tied group {' = '.join(group)}: {how}")
     if dropped:

@@ -1,0 +1,195 @@
+"""Streaming merges: bit-identical to in-memory merges, sharded, atomic, and bounded in memory."""
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import lora_ckpt.stream as stream
+from lora_ckpt import (
+    CheckpointFileError,
+    convert_layout,
+    load_checkpoint,
+    merge_adapter,
+    merge_lora,
+    save_checkpoint,
+)
+from lora_ckpt.cli import main
+from lora_ckpt.formats.hf import load_model_weights
+from lora_ckpt.formats.peft import save_peft_adapter
+from lora_ckpt.stream import parse_size, stream_merge
+from lora_ckpt.testing import assert_state_dict_close, make_gpt
+from lora_ckpt.testing.llama import LlamaShape, write_llama_adapter, write_llama_checkpoint
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_nanogpt_file_streams_bit_identical(tmp_path, suffix, dtype):
+    lora = make_gpt(attn_rank=4, wte_rank=2, randomize=True)
+    src = save_checkpoint(tmp_path / f"lora{suffix}", {f"_orig_mod.{k}": v for k, v in lora.state_dict().items()}, alpha=16.0)
+    report = stream_merge(src, tmp_path / "out.safetensors", dtype=dtype)
+    expected = merge_lora(load_checkpoint(src).state_dict, alpha=16.0, dtype=dtype)
+    got = load_checkpoint(report.files[0]).state_dict
+    assert list(got) == list(expected)
+    assert_state_dict_close(got, expected, rtol=0, atol=0)
+    assert report.merged == ["transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"]
+
+
+@pytest.fixture
+def llama(tmp_path):
+    shape = LlamaShape(hidden=64, intermediate=172, layers=3, vocab=128)
+    write_llama_checkpoint(tmp_path / "base", shape, dtype=torch.float32, shard_bytes=200_000)
+    write_llama_adapter(tmp_path / "adapter", shape, rank=8, alpha=16.0, dtype=torch.float32)
+    return tmp_path / "base", tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_peft_onto_sharded_base_streams_bit_identical_and_shards(llama, tmp_path, dtype):
+    base, adapter = llama
+    before = _digest(base) | _digest(adapter)
+    report = stream_merge(base, tmp_path / "out", adapter=adapter, dtype=dtype, max_shard_size="150KB")
+    assert len(report.files) > 1 and report.files[0].name == f"model-00001-of-{len(report.files):05d}.safetensors"
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {f.name for f in report.files}
+    assert (tmp_path / "out" / "config.json").read_text() == (base / "config.json").read_text()
+    assert_state_dict_close(load_model_weights(tmp_path / "out"), merge_adapter(base, adapter, dtype=dtype), rtol=0, atol=0)
+    assert _digest(base) | _digest(adapter) == before
+
+
+def test_sharded_output_loads_in_transformers_like_peft_merge(llama, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    base, adapter = llama
+    stream_merge(base, tmp_path / "out", adapter=adapter, max_shard_size="100KB")
+    tokens = torch.tensor([[1, 5, 9, 3, 7]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), adapter)
+        expected = model.merge_and_unload().eval()(tokens).logits
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(ours(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_interrupted_write_leaves_nothing_and_inputs_intact(llama, tmp_path, monkeypatch, existing):
+    base, adapter = llama
+    out = tmp_path / "out"
+    if existing:
+        stream_merge(base, out, adapter=adapter)
+    before = _digest(base) | _digest(adapter) | _digest(out)
+    calls = {"n": 0}
+    real = stream._write
+
+    def failing(f, t):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise OSError("disk went away")
+        return real(f, t)
+
+    monkeypatch.setattr(stream, "_write", failing)
+    with pytest.raises(OSError, match="disk went away"):
+        stream_merge(base, out, adapter=adapter, max_shard_size="100KB", overwrite=True)
+    assert calls["n"] == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"] + (["out"] if existing else [])
+    assert _digest(base) | _digest(adapter) | _digest(out) == before
+
+
+def test_checks_fail_fast_before_any_write(llama, tmp_path, monkeypatch):
+    base, adapter = llama
+    (tmp_path / "out").mkdir()
+    with pytest.raises(CheckpointFileError, match="out: already exists; pass overwrite=True"):
+        stream_merge(base, tmp_path / "out", adapter=adapter)
+    with pytest.raises(CheckpointFileError, match="a sharded output is a folder; give a folder name"):
+        stream_merge(base, tmp_path / "x.safetensors", adapter=adapter, max_shard_size="1MB")
+    monkeypatch.setattr(stream.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    with pytest.raises(CheckpointFileError, match=r"0.00 GB free, the output needs 0.00 GB"):
+        stream_merge(base, tmp_path / "y", adapter=adapter)
+    assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_cuda_without_a_gpu(llama, tmp_path):
+    base, adapter = llama
+    with pytest.raises(CheckpointFileError, match="device cuda was asked for, but torch sees no CUDA device"):
+        stream_merge(base, tmp_path / "o", adapter=adapter, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_stream_matches_cpu(llama, tmp_path):
+    base, adapter = llama
+    stream_merge(base, tmp_path / "gpu", adapter=adapter, device="cuda")
+    stream_merge(base, tmp_path / "cpu", adapter=adapter)
+    assert_state_dict_close(load_model_weights(tmp_path / "gpu"), load_model_weights(tmp_path / "cpu"), rtol=1e-6, atol=1e-6)
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5_000_000_000 and parse_size("2GiB") == 2 << 30 and parse_size("100KB") == 100_000
+    assert parse_size(123) == 123
+    with pytest.raises(ValueError, match="cannot read the size 'lots'"):
+        parse_size("lots")
+
+
+def test_cli_streams_with_shards_and_a_progress_bar(llama, tmp_path, capsys):
+    base, adapter = llama
+    assert main(["merge", str(base), str(adapter), str(tmp_path / "out"), "--max-shard-size", "100KB"]) == 0
+    captured = capsys.readouterr()
+    assert "merging" in captured.err  # tqdm's bar
+    assert "weights merged" in captured.out and "file(s)" in captured.out
+    assert main(["merge", str(base), str(adapter), str(tmp_path / "out2"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["merge", str(base), str(adapter), str(tmp_path / "o3"), "--max-shard-size", "lots"]) == 2
+
+
+def test_kohya_and_dora_stream_like_memory(tmp_path):
+    sd = make_gpt(attn_rank=4, randomize=True).state_dict()
+    rel = convert_layout(sd, "kohya", alpha=8.0)
+    save_checkpoint(tmp_path / "base.safetensors", rel.base)
+    save_checkpoint(tmp_path / "k.safetensors", rel.state_dict)
+    stream_merge(tmp_path / "base.safetensors", tmp_path / "o.safetensors", adapter=tmp_path / "k.safetensors")
+    assert_state_dict_close(load_checkpoint(tmp_path / "o.safetensors").state_dict, merge_lora(sd, alpha=8.0), rtol=0, atol=0)
+    peft_sd = convert_layout(sd, "peft", alpha=8.0)
+    dora = dict(peft_sd.state_dict)
+    for name in ("transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"):
+        dora[f"base_model.model.{name}.lora_magnitude_vector"] = torch.rand(96) + 0.5
+    save_peft_adapter(tmp_path / "dora", dora, alpha=peft_sd.alpha)
+    stream_merge(tmp_path / "base.safetensors", tmp_path / "d.safetensors", adapter=tmp_path / "dora")
+    assert_state_dict_close(load_checkpoint(tmp_path / "d.safetensors").state_dict,
+                            merge_adapter(tmp_path / "base.safetensors", tmp_path / "dora"), rtol=0, atol=0)
+
+
+_CHILD = textwrap.dedent("""
+    import resource, sys, tempfile, torch
+    from pathlib import Path
+    from lora_ckpt.stream import stream_merge
+    from lora_ckpt.testing.llama import LlamaShape, write_llama_adapter, write_llama_checkpoint
+    layers, out = int(sys.argv[1]), Path(sys.argv[2])
+    shape = LlamaShape(hidden=512, intermediate=1376, layers=layers, vocab=2048)
+    write_llama_checkpoint(out / "base", shape, dtype=torch.bfloat16, shard_bytes=20_000_000)
+    write_llama_adapter(out / "adapter", shape, rank=16)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    stream_merge(out / "base", out / "merged", adapter=out / "adapter", max_shard_size="20MB")
+    print(before * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, shape.nbytes(torch.bfloat16))
+""")
+
+
+def test_peak_memory_stays_bounded_as_the_checkpoint_grows(tmp_path):
+    def run(layers):
+        out = tmp_path / str(layers)
+        out.mkdir()
+        res = subprocess.run([sys.executable, "-c", _CHILD, str(layers), str(out)], capture_output=True, text=True, check=True)
+        before, peak, size = map(int, res.stdout.split())
+        return peak, size
+
+    small_peak, small_size = run(2)
+    big_peak, big_size = run(16)
+    grown = big_size - small_size  # about 90 MB more weights
+    assert big_peak - small_peak < 0.25 * grown, (small_peak, big_peak, grown)
