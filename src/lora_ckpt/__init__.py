@@ -23,6 +23,7 @@ from lora_ckpt.model import LoadReport, load_into, merged_state_dict, module_alp
 from lora_ckpt.optim import OptimizerReport, named_optimizer_state, transfer_optimizer_state
 from lora_ckpt.relayout import Relayout, convert_layout
 from lora_ckpt.remap import remap_standard_to_lora
+from lora_ckpt.stream import StreamReport, stream_merge
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "OptimizerReport",
     "Relayout",
     "ShapeError",
+    "StreamReport",
     "TiedWeightError",
     "UnsafeCheckpointError",
     "__version__",
@@ -53,5 +55,6 @@ __all__ = [
     "named_optimizer_state",
     "remap_standard_to_lora",
     "save_checkpoint",
+    "stream_merge",
     "transfer_optimizer_state",
 ]

@@ -18,8 +18,8 @@ __all__ = ["Alpha", "MergePlan", "Step", "merge_lora", "merge_module", "plan_mer
 #: One alpha for every module, or one per module name (without wrapper prefix).
 Alpha = float | Mapping[str, float]
 
-# Rows per block: a float32 block of about 4 MiB (1024 rows of a 1024-wide weight) was fastest on 2 cores.
-_BLOCK_BYTES = 4 << 20
+# Rows per block: a float32 block of about 8 MiB (2048 rows of a 1024-wide weight) was fastest on 2 cores.
+_BLOCK_BYTES = 8 << 20
 
 
 def resolve_scales(
@@ -167,10 +167,17 @@ def merge_module(
 
 
 def _merge_blocked(
-    base: torch.Tensor | None, left: torch.Tensor, right: torch.Tensor, scale: float, acc: torch.dtype, out_dtype: torch.dtype
+    base: torch.Tensor | None,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    scale: float,
+    acc: torch.dtype,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     rows, cols = left.shape[0], right.shape[1]
-    out = torch.empty((rows, cols), dtype=out_dtype, device=left.device)
+    if out is None:
+        out = torch.empty((rows, cols), dtype=out_dtype, device=left.device)
     step = max(1, _BLOCK_BYTES // (4 * max(cols, 1)))
     direct = base is not None and base.dtype == acc and out_dtype == acc
     scratch = None if direct else torch.empty((min(step, rows), cols), dtype=acc, device=left.device)

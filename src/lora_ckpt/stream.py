@@ -15,10 +15,12 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import shutil
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
@@ -46,8 +48,8 @@ _ST_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-# Rows read, merged and written at a time: about 64 MiB of the source.
-_IO_BLOCK_BYTES = 64 << 20
+# Rows read, merged and written at a time: about 32 MiB of the source (two blocks wait for the writer).
+_IO_BLOCK_BYTES = 32 << 20
 
 
 def parse_size(size: int | str) -> int:
@@ -79,6 +81,8 @@ class LazySource:
         self.loaded: dict[str, torch.Tensor] = {}
         self.checkpoint: Checkpoint | None = None
         self.metadata: dict[str, Any] = {}
+        self.offsets: dict[str, int] = {}  # key -> absolute file offset of its data (safetensors)
+        self._fds: dict[Path, int] = {}
         for f in self.files:
             if f.suffix == ".safetensors":
                 self._read_header(f)
@@ -89,6 +93,7 @@ class LazySource:
                     self.loaded[k], self.shapes[k], self.dtypes[k] = t, tuple(t.shape), t.dtype
 
     def _read_header(self, f: Path) -> None:
+        self.offsets.update(_data_offsets(f))
         try:
             with safe_open(f, framework="pt") as st:
                 meta = st.metadata() or {}
@@ -115,6 +120,36 @@ class LazySource:
     def nbytes(self, key: str) -> int:
         return math.prod(self.shapes[key]) * self.dtypes[key].itemsize
 
+    def read_into(self, key: str, start: int, stop: int, buf: torch.Tensor) -> torch.Tensor:
+        """Rows ``start:stop`` of ``key`` read into the uint8 buffer ``buf``; returns the typed view.
+
+        Plain positioned reads, no memory map: resident memory does not grow with the file.
+        """
+        shape, dtype = self.shapes[key], self.dtypes[key]
+        row = math.prod(shape[1:]) * dtype.itemsize
+        n = (stop - start) * row
+        real = self.metadata.get("_alias_of", {}).get(key, key)
+        view = buf[:n]
+        if real not in self.offsets:  # a memory-mapped torch pickle
+            view.copy_(self.read(key, start, stop).contiguous().reshape(-1).view(torch.uint8))
+        else:
+            path = self.where[key]
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            mv, offset, done = memoryview(view.numpy()), self.offsets[real] + start * row, 0
+            while done < n:
+                got = os.preadv(fd, [mv[done:]], offset + done)
+                if got <= 0:
+                    raise CheckpointFileError(f"{path}: truncated while reading {key}")
+                done += got
+        return view.view(dtype).view((stop - start, *shape[1:]))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
     def read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """The tensor ``key``, or its rows ``start:stop`` (first dimension)."""
         if key in self.loaded:
@@ -125,6 +160,39 @@ class LazySource:
             if start is None:
                 return st.get_tensor(real)
             return st.get_slice(real)[start:stop]
+
+
+def _data_offsets(path: Path) -> dict[str, int]:
+    """Each tensor's absolute data offset in a safetensors file (the header as the format defines it)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointFileError(f"{path}: truncated safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointFileError(f"{path}: corrupt safetensors header ({e})") from None
+    return {k: 8 + n + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+class _Pool:
+    """A few reusable byte buffers: fresh allocations would page-fault on every block."""
+
+    def __init__(self, count: int, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.free: queue.Queue[torch.Tensor] = queue.Queue()
+        for _ in range(count):
+            self.free.put(torch.empty(nbytes, dtype=torch.uint8))
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        if nbytes > self.nbytes:  # one row larger than a block: a one-off buffer
+            return torch.empty(nbytes, dtype=torch.uint8)
+        return self.free.get()
+
+    def put(self, buf: torch.Tensor) -> None:
+        if buf.numel() == self.nbytes:
+            self.free.put(buf)
 
 
 @dataclass
@@ -191,12 +259,18 @@ def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: d
 
 def _write(f: Any, t: torch.Tensor) -> int:
     data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    start = f.tell()
     f.write(memoryview(data))
+    if hasattr(os, "posix_fadvise") and data.nbytes >= 1 << 20:
+        # start writing this block back now (and drop it from the page cache): the final fsync then
+        # has little left to wait for, and a big merge does not crowd the page cache
+        f.flush()
+        os.posix_fadvise(f.fileno(), start, data.nbytes, os.POSIX_FADV_DONTNEED)
     return data.nbytes
 
 
-def _blocks(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
-    step = max(1, _IO_BLOCK_BYTES // max(row_bytes, 1))
+def _blocks(rows: int, row_bytes: int, block_bytes: int = _IO_BLOCK_BYTES) -> Iterator[tuple[int, int]]:
+    step = max(1, block_bytes // max(row_bytes, 1))
     for start in range(0, rows, step):
         yield start, min(start + step, rows)
 
@@ -206,6 +280,8 @@ class _Writer:
 
     def __init__(self, plan: MergePlan, source: LazySource, prefix: str, device: torch.device | None) -> None:
         self.plan, self.source, self.prefix, self.device = plan, source, prefix, device
+        # two blocks wait for the writer, one is written, one is being merged (and its input read)
+        self.pool = _Pool(6, _IO_BLOCK_BYTES)
 
     def _read(self, step: Step, start: int | None = None, stop: int | None = None) -> torch.Tensor | None:
         if step.source is None:
@@ -215,38 +291,111 @@ class _Writer:
             return t if start is None else t[start:stop]
         return self.source.read(self.prefix + step.source, start, stop)
 
-    def write(self, f: Any, step: Step, meta_out: torch.Tensor) -> int:
-        rows = meta_out.shape[0] if meta_out.dim() else 1
-        row_bytes = meta_out[0].numel() * meta_out.dtype.itemsize if meta_out.dim() else meta_out.dtype.itemsize
-        if step.op == "copy":
-            if meta_out.dim() == 0:
-                return _write(f, self._cast(self._read(step)))
-            return sum(_write(f, self._cast(self._read(step, a, b))) for a, b in _blocks(rows, row_bytes))
-        m = step.module
-        assert m is not None
-        if step.op == "bias":
-            src = self._read(step)
-            assert src is not None
-            return _write(f, _merged_bias(m, self.plan.adapter, src, step.scale, self.plan.dtype))
-        base_meta = self.plan.source(step, self.plan.big)
-        if m.is_dora:  # norms need whole rows or columns: merge the tensor at once
-            return _write(f, self.plan.compute(step, {step.source: self._read(step)} if step.source else {}))
-        fac = module_factors(m, self.plan.adapter, base_meta, dtype=self.plan.dtype,
-                             fan_in_fan_out=self.plan.fan_in_fan_out, device=self.device or "cpu")
-        written = 0
-        for a, b in _blocks(rows, row_bytes):
-            base = self._read(step, a, b)
-            if base is not None:
-                base = base.flatten(1) if base.dim() == 4 else base
-                base = base.to(fac.left.device, non_blocking=True)
-            out = _merge_blocked(base, fac.left[a:b], fac.right, step.scale, fac.acc, fac.out_dtype)
-            written += _write(f, out)
-        return written
+    def blocks(self, step: Step, meta_out: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The output tensor of ``step`` in row blocks, in file order, each with the pool buffer it occupies."""
+        if meta_out.dim() == 0 or step.op == "bias" or (step.module is not None and step.module.is_dora):
+            yield self._whole(step), None
+            return
+        rows, shape = meta_out.shape[0], tuple(meta_out.shape)
+        src_meta = self.plan.source(step, self.plan.big)
+        in_size = src_meta.dtype.itemsize if src_meta is not None else 0
+        row_elems = math.prod(shape[1:])
+        row_bytes = row_elems * max(in_size, meta_out.dtype.itemsize)
+        fac = None
+        if step.op == "merge":
+            assert step.module is not None
+            fac = module_factors(step.module, self.plan.adapter, src_meta, dtype=self.plan.dtype,
+                                 fan_in_fan_out=self.plan.fan_in_fan_out, device=self.device or "cpu")
+        same = fac is None and src_meta is not None and src_meta.dtype == meta_out.dtype
+        for a, b in _blocks(rows, row_bytes, self.pool.nbytes):
+            src = self._rows(step, a, b, row_elems * in_size)
+            if same and src is not None:  # a plain copy: write the bytes as read
+                yield src
+                continue
+            out_buf = self.pool.get((b - a) * row_bytes)
+            out = out_buf[: (b - a) * row_elems * meta_out.dtype.itemsize].view(meta_out.dtype).view((b - a, *shape[1:]))
+            if fac is None:  # a copy, cast where asked
+                assert src is not None
+                out.copy_(src[0])
+            else:
+                base = None if src is None else src[0]
+                if base is not None:
+                    base = base.flatten(1) if base.dim() == 4 else base
+                    base = base.to(fac.left.device, non_blocking=True)
+                flat = out.flatten(1) if out.dim() == 4 else out
+                if fac.left.device.type == "cpu":
+                    _merge_blocked(base, fac.left[a:b], fac.right, step.scale, fac.acc, fac.out_dtype, out=flat)
+                else:
+                    flat.copy_(_merge_blocked(base, fac.left[a:b], fac.right, step.scale, fac.acc, fac.out_dtype))
+            if src is not None and src[1] is not None:
+                self.pool.put(src[1])
+            yield out, out_buf
+
+    def _rows(self, step: Step, a: int, b: int, nbytes: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Source rows ``a:b`` and the pool buffer holding them (None when they live in the adapter)."""
+        if step.source is None:
+            return None
+        if step.from_adapter:
+            return self.plan.adapter[step.source][a:b], None
+        buf = self.pool.get(nbytes)
+        return self.source.read_into(self.prefix + step.source, a, b, buf), buf
+
+    def _whole(self, step: Step) -> torch.Tensor:
+        src = None
+        if step.source is not None:
+            src = self.plan.adapter[step.source] if step.from_adapter else self.source.read(self.prefix + step.source)
+        return self.plan.compute(step, {step.source: src} if step.source is not None else {})  # type: ignore[dict-item]
 
     def _cast(self, t: torch.Tensor | None) -> torch.Tensor:
         assert t is not None
         dtype = self.plan.dtype
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+class _Sink:
+    """Writes blocks on a background thread, so reading and merging the next block overlaps the write."""
+
+    def __init__(self, pool: _Pool, depth: int = 2) -> None:
+        self.pool = pool
+        self.queue: queue.Queue[tuple[Any, torch.Tensor, torch.Tensor | None] | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="lora-ckpt-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                f, t, buf = item
+                try:
+                    if self.error is None:
+                        _write(f, t)
+                finally:
+                    if buf is not None:
+                        self.pool.put(buf)
+            except BaseException as e:  # handed to the main thread by _check
+                self.error = e
+            finally:
+                self.queue.task_done()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, f: Any, block: tuple[torch.Tensor, torch.Tensor | None]) -> int:
+        self._check()
+        self.queue.put((f, *block))
+        return block[0].numel() * block[0].element_size()
+
+    def drain(self) -> None:
+        self.queue.join()
+        self._check()
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
 
 
 def stream_merge(
@@ -291,7 +440,7 @@ def stream_merge(
     src = LazySource(source)
     plan, extra = _plan(src, adapter, alpha, dtype, "untie")
     base_prefix = detect_layout(src.meta()).prefix if adapter is None else _base_prefix(src)
-    meta_out = {s.key: plan.compute(s, plan.big) for s in plan.steps if s.op != "alias"}
+    meta_out = {s.key: _meta_result(plan, s) for s in plan.steps if s.op != "alias"}
     order = [s.key for s in plan.steps if s.op != "alias"]
     total = sum(meta_out[k].numel() * meta_out[k].dtype.itemsize for k in order)
     free = shutil.disk_usage(target.parent).free
@@ -312,6 +461,7 @@ def stream_merge(
     bar = _progress(total, len(order)) if progress else None
     workdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     written = 0
+    sink = _Sink(writer.pool)
     try:
         with ExitStack() as stack:
             for name, keys in zip(names, shards):
@@ -322,7 +472,7 @@ def stream_merge(
                 st_meta = {"format": "pt", _META_KEY: json.dumps({**metadata, "lora_ckpt_version": __version__})}
                 f.write(_header(entries, st_meta))
                 for k in keys:
-                    n_bytes = writer.write(f, by_key[k], meta_out[k])
+                    n_bytes = sum(sink.put(f, block) for block in writer.blocks(by_key[k], meta_out[k]))
                     expected = meta_out[k].numel() * meta_out[k].dtype.itemsize
                     if n_bytes != expected:  # a broken plan must never produce a file with wrong offsets
                         raise CheckpointFileError(f"{k}: wrote {n_bytes} bytes, expected {expected}")
@@ -330,11 +480,16 @@ def stream_merge(
                     if bar is not None:
                         bar.update(n_bytes)
                         bar.set_postfix(tensors=f"{order.index(k) + 1}/{len(order)}", refresh=False)
+                sink.drain()
                 f.flush()
                 os.fsync(f.fileno())
                 stack.pop_all().close()
+        sink.close()
+        src.close()
         files = _install(workdir, target, names, shards, meta_out, as_file, source, overwrite)
     except BaseException:
+        sink.close()
+        src.close()
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     finally:
@@ -342,6 +497,17 @@ def stream_merge(
             bar.close()
     merged = [s.key for s in plan.steps if s.op == "merge"]
     return StreamReport(files, len(order), written, merged, time.perf_counter() - started)
+
+
+def _meta_result(plan: MergePlan, step: Step) -> torch.Tensor:
+    """The shape and dtype of a step's output (a merge keeps the base's shape)."""
+    src = plan.source(step, plan.big)
+    if src is None:  # a lora-only embedding
+        assert step.module is not None
+        shape: tuple[int, ...] = step.module.delta_shape
+    else:
+        shape = tuple(src.shape)
+    return torch.empty(shape, dtype=plan.out_dtype(step), device="meta")
 
 
 def _base_prefix(src: LazySource) -> str:

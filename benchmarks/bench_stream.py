@@ -1,0 +1,141 @@
+"""Streaming merge of big checkpoints: time against a plain file copy, peak RSS, and the Hugging Face route.
+
+1. Generates a synthetic Llama-style sharded safetensors checkpoint (bf16, at least ``--gb`` GB) and a PEFT
+   adapter (rank 16 on q/k/v/o and the MLP projections), deterministic, no downloads.
+2. Times a plain copy of the same bytes (read + write + fsync of every shard) and ``lora-ckpt merge BASE
+   ADAPTER OUT`` (which also fsyncs), each in a fresh process, alternately ``--repeat`` times, and prints the
+   ratio of the medians (target <= 1.5x) and the merge's peak RSS against 1.5 x the largest tensor + 300 MB.
+3. On a GPT-2-medium-sized checkpoint (fp32, about 1.4 GB) runs the Hugging Face route (``from_pretrained``,
+   ``PeftModel.from_pretrained``, ``merge_and_unload``, ``save_pretrained``) and lora-ckpt side by side, each in
+   a fresh process, and prints time and peak RSS ratios.
+
+Run: ``python benchmarks/bench_stream.py --workdir /some/disk/with/15GB`` (a few minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+
+from lora_ckpt.testing.llama import LlamaShape, write_llama_adapter, write_llama_checkpoint
+
+
+def run_child(code: str, *args: str) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of ``python -c code args`` in a fresh process."""
+    wrapper = textwrap.dedent(
+        """
+        import resource, subprocess, sys, time
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", sys.argv[1], *sys.argv[2:]], check=True)
+        print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", wrapper, code, *args], capture_output=True, text=True, check=True)
+    seconds, rss = out.stdout.split()[-2:]
+    return float(seconds), int(rss)
+
+
+COPY = """
+import os, shutil, sys
+from pathlib import Path
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+dst.mkdir()
+for f in sorted(src.iterdir()):
+    shutil.copyfile(f, dst / f.name)
+    with open(dst / f.name, "rb+") as h:
+        os.fsync(h.fileno())
+"""
+
+LORA_CKPT = """
+import sys
+from lora_ckpt.cli import main
+sys.exit(main(["merge", sys.argv[1], sys.argv[2], sys.argv[3], "--quiet", "--max-shard-size", "2GB"]))
+"""
+
+HF_ROUTE = """
+import sys, warnings
+import torch, transformers, peft
+warnings.simplefilter("ignore")
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32)
+model = peft.PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload()
+model.save_pretrained(sys.argv[3], max_shard_size="2GB")
+"""
+
+
+def largest_tensor(shape: LlamaShape, dtype: torch.dtype) -> int:
+    return max(torch.Size(s).numel() for _, s in shape.tensors()) * dtype.itemsize
+
+
+def big(work: Path, gb: float, repeat: int) -> None:
+    layers = 1
+    while LlamaShape(4096, 11008, layers, 32000).nbytes(torch.bfloat16) < gb * 1e9:
+        layers += 1
+    shape = LlamaShape(4096, 11008, layers, 32000)
+    t = time.perf_counter()
+    write_llama_checkpoint(work / "base", shape, dtype=torch.bfloat16, shard_bytes=2 * 10**9)
+    write_llama_adapter(work / "adapter", shape, rank=16, dtype=torch.bfloat16)
+    size = shape.nbytes(torch.bfloat16)
+    print(f"generated {size / 1e9:.2f} GB ({layers} layers, hidden 4096, bf16) in {time.perf_counter() - t:.0f} s")
+    os.sync()
+    copies, merges, rss = [], [], []
+    for _ in range(repeat):  # alternate, so both see the same disk and page cache conditions
+        copies.append(run_child(COPY, str(work / "base"), str(work / "copy"))[0])
+        shutil.rmtree(work / "copy")
+        seconds, peak = run_child(LORA_CKPT, str(work / "base"), str(work / "adapter"), str(work / "merged"))
+        merges.append(seconds)
+        rss.append(peak)
+        shutil.rmtree(work / "merged")
+        os.sync()
+    print("copy runs (s):", " ".join(f"{s:.1f}" for s in copies), "| merge runs (s):", " ".join(f"{s:.1f}" for s in merges))
+    copy_s, merge_s, merge_rss = statistics.median(copies), statistics.median(merges), max(rss)
+    bound = 1.5 * largest_tensor(shape, torch.bfloat16) + 300e6
+    print(f"plain copy (read+write+fsync) {copy_s:.1f} s; lora-ckpt merge {merge_s:.1f} s -> time ratio "
+          f"{merge_s / copy_s:.2f}x (target <= 1.5x)")
+    print(f"lora-ckpt merge peak RSS {merge_rss / 1e6:.0f} MB; bound 1.5 x largest tensor "
+          f"({largest_tensor(shape, torch.bfloat16) / 1e6:.0f} MB) + 300 MB = {bound / 1e6:.0f} MB -> "
+          f"{merge_rss / bound:.2f}x of the bound (target <= 1.0x)")
+
+
+def medium(work: Path) -> None:
+    shape = LlamaShape(hidden=1024, intermediate=2816, layers=20, vocab=50304)
+    write_llama_checkpoint(work / "mbase", shape, dtype=torch.float32, shard_bytes=2 * 10**9)
+    write_llama_adapter(work / "madapter", shape, rank=16, dtype=torch.float32)
+    print(f"GPT-2-medium-sized checkpoint: {shape.nbytes(torch.float32) / 1e9:.2f} GB fp32")
+    hf_s, hf_rss = run_child(HF_ROUTE, str(work / "mbase"), str(work / "madapter"), str(work / "hf_out"))
+    ours_s, ours_rss = run_child(LORA_CKPT, str(work / "mbase"), str(work / "madapter"), str(work / "ours_out"))
+    print(f"Hugging Face route {hf_s:.1f} s, peak RSS {hf_rss / 1e6:.0f} MB; lora-ckpt {ours_s:.1f} s, peak RSS "
+          f"{ours_rss / 1e6:.0f} MB -> lora-ckpt takes {ours_s / hf_s:.2f}x the time and {ours_rss / hf_rss:.2f}x "
+          "the memory of the Hugging Face route")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", help="a folder with about 15 GB free (default: a temporary folder)")
+    parser.add_argument("--gb", type=float, default=4.0, help="size of the big checkpoint")
+    parser.add_argument("--repeat", type=int, default=3, help="alternating copy/merge runs (medians are reported)")
+    parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument("--skip-medium", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="lora-ckpt-bench-", dir=args.workdir))
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; working in {work}")
+    try:
+        if not args.skip_big:
+            big(work, args.gb, args.repeat)
+        if not args.skip_medium:
+            medium(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
