@@ -51,9 +51,23 @@ from pathlib import Path
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
 dst.mkdir()
 for f in sorted(src.iterdir()):
-    shutil.copyfile(f, dst / f.name)
+    shutil.copyfile(f, dst / f.name)  # sendfile: the kernel copies page to page
     with open(dst / f.name, "rb+") as h:
         os.fsync(h.fileno())
+"""
+
+READ_WRITE = """
+import os, sys
+from pathlib import Path
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+dst.mkdir()
+buf = bytearray(32 << 20)
+view = memoryview(buf)
+for f in sorted(src.iterdir()):
+    with open(f, "rb", buffering=0) as s, open(dst / f.name, "wb", buffering=0) as d:
+        while n := s.readinto(buf):
+            d.write(view[:n])
+        os.fsync(d.fileno())
 """
 
 LORA_CKPT = """
@@ -87,17 +101,24 @@ def big(work: Path, gb: float, repeat: int) -> None:
     size = shape.nbytes(torch.bfloat16)
     print(f"generated {size / 1e9:.2f} GB ({layers} layers, hidden 4096, bf16) in {time.perf_counter() - t:.0f} s")
     os.sync()
-    copies, merges, rss = [], [], []
-    for _ in range(repeat):  # alternate, so both see the same disk and page cache conditions
+    copies, loops, merges, rss = [], [], [], []
+    for _ in range(repeat):  # alternate, so all see the same disk and page cache conditions
         copies.append(run_child(COPY, str(work / "base"), str(work / "copy"))[0])
         shutil.rmtree(work / "copy")
+        os.sync()
+        loops.append(run_child(READ_WRITE, str(work / "base"), str(work / "copy"))[0])
+        shutil.rmtree(work / "copy")
+        os.sync()
         seconds, peak = run_child(LORA_CKPT, str(work / "base"), str(work / "adapter"), str(work / "merged"))
         merges.append(seconds)
         rss.append(peak)
         shutil.rmtree(work / "merged")
         os.sync()
-    print("copy runs (s):", " ".join(f"{s:.1f}" for s in copies), "| merge runs (s):", " ".join(f"{s:.1f}" for s in merges))
-    copy_s, merge_s, merge_rss = statistics.median(copies), statistics.median(merges), max(rss)
+    runs = {"copyfile": copies, "read/write loop": loops, "merge": merges}
+    print("runs (s):", "; ".join(f"{k} " + " ".join(f"{s:.1f}" for s in v) for k, v in runs.items()))
+    copy_s, loop_s, merge_s, merge_rss = (statistics.median(copies), statistics.median(loops),
+                                          statistics.median(merges), max(rss))
+    print(f"python read/write loop (32 MiB buffer, fsync) {loop_s:.1f} s -> merge / loop {merge_s / loop_s:.2f}x")
     bound = 1.5 * largest_tensor(shape, torch.bfloat16) + 300e6
     print(f"plain copy (read+write+fsync) {copy_s:.1f} s; lora-ckpt merge {merge_s:.1f} s -> time ratio "
           f"{merge_s / copy_s:.2f}x (target <= 1.5x)")

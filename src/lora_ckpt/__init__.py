@@ -25,7 +25,7 @@ from lora_ckpt.relayout import Relayout, convert_layout
 from lora_ckpt.remap import remap_standard_to_lora
 from lora_ckpt.stream import StreamReport, stream_merge
 
-__version__ = "0.1.0"
+from lora_ckpt._version import __version__
 
 __all__ = [
     "AlphaError",

@@ -23,6 +23,7 @@ from packaging.version import InvalidVersion, Version
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from lora_ckpt._version import __version__
 from lora_ckpt.errors import AlphaError, CheckpointFileError, LayoutError, UnsafeCheckpointError
 from lora_ckpt.layout import _tied_groups, detect_layout
 
@@ -123,8 +124,6 @@ def _from_dict(obj: object, path: Path | None) -> Checkpoint:
 
 def _check_version(meta: Mapping[str, Any], path: Path | None) -> None:
     """Refuse metadata written by a newer lora_ckpt in a format this version does not know."""
-    from lora_ckpt import __version__
-
     written = str(meta.get("lora_ckpt_version", "0"))
     try:
         newer = Version(written) > Version(__version__)
@@ -218,8 +217,6 @@ def _metadata(
     state_dict: Mapping[str, torch.Tensor], alpha: float | Mapping[str, float] | None
 ) -> dict[str, Any]:
     layout = detect_layout(state_dict)
-    from lora_ckpt import __version__
-
     meta: dict[str, Any] = {"format_version": _FORMAT_VERSION, "lora_ckpt_version": __version__, "layout": layout.kind}
     if alpha is not None:
         names = [m.name for m in layout.modules if m.has_factors]

@@ -23,7 +23,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from lora_ckpt._version import __version__
 from lora_ckpt.errors import CheckpointFileError, LayoutError
 from lora_ckpt.formats.hf import weight_files
 from lora_ckpt.formats.peft import is_peft_dir, load_peft_adapter
@@ -257,16 +257,17 @@ def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: d
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _write(f: Any, t: torch.Tensor) -> int:
-    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-    start = f.tell()
-    f.write(memoryview(data))
-    if hasattr(os, "posix_fadvise") and data.nbytes >= 1 << 20:
+def _write(fd: int, offset: int, t: torch.Tensor) -> int:
+    """Write ``t``'s bytes at ``offset`` of the file ``fd``; returns the byte count."""
+    data = memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+    if hasattr(os, "posix_fadvise") and done >= 1 << 20:
         # start writing this block back now (and drop it from the page cache): the final fsync then
         # has little left to wait for, and a big merge does not crowd the page cache
-        f.flush()
-        os.posix_fadvise(f.fileno(), start, data.nbytes, os.POSIX_FADV_DONTNEED)
-    return data.nbytes
+        os.posix_fadvise(fd, offset, done, os.POSIX_FADV_DONTNEED)
+    return done
 
 
 def _blocks(rows: int, row_bytes: int, block_bytes: int = _IO_BLOCK_BYTES) -> Iterator[tuple[int, int]]:
@@ -353,14 +354,15 @@ class _Writer:
 
 
 class _Sink:
-    """Writes blocks on a background thread, so reading and merging the next block overlaps the write."""
+    """Writes blocks at their offsets on background threads, so reading and merging overlap the writes."""
 
-    def __init__(self, pool: _Pool, depth: int = 2) -> None:
+    def __init__(self, pool: _Pool, depth: int = 3, workers: int = 2) -> None:
         self.pool = pool
-        self.queue: queue.Queue[tuple[Any, torch.Tensor, torch.Tensor | None] | None] = queue.Queue(maxsize=depth)
+        self.queue: queue.Queue[tuple[int, int, torch.Tensor, torch.Tensor | None] | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="lora-ckpt-writer", daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._run, name="lora-ckpt-writer", daemon=True) for _ in range(workers)]
+        for thread in self.threads:
+            thread.start()
 
     def _run(self) -> None:
         while True:
@@ -368,10 +370,10 @@ class _Sink:
             try:
                 if item is None:
                     return
-                f, t, buf = item
+                fd, offset, t, buf = item
                 try:
                     if self.error is None:
-                        _write(f, t)
+                        _write(fd, offset, t)
                 finally:
                     if buf is not None:
                         self.pool.put(buf)
@@ -384,18 +386,24 @@ class _Sink:
         if self.error is not None:
             raise self.error
 
-    def put(self, f: Any, block: tuple[torch.Tensor, torch.Tensor | None]) -> int:
+    def put(self, fd: int, offset: int, block: tuple[torch.Tensor, torch.Tensor | None]) -> int:
         self._check()
-        self.queue.put((f, *block))
+        self.queue.put((fd, offset, *block))
         return block[0].numel() * block[0].element_size()
 
     def drain(self) -> None:
         self.queue.join()
         self._check()
 
+    def drain_quietly(self) -> None:
+        """Wait for queued writes (after a failure too), so no thread writes to a closed file."""
+        self.queue.join()
+
     def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join()
 
 
 def stream_merge(
@@ -463,27 +471,30 @@ def stream_merge(
     written = 0
     sink = _Sink(writer.pool)
     try:
-        with ExitStack() as stack:
-            for name, keys in zip(names, shards):
-                f = stack.enter_context(open(workdir / name, "wb"))
+        for name, keys in zip(names, shards):
+            fd = os.open(workdir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
                 entries = [(k, meta_out[k].dtype, tuple(meta_out[k].shape)) for k in keys]
-                from lora_ckpt import __version__
-
                 st_meta = {"format": "pt", _META_KEY: json.dumps({**metadata, "lora_ckpt_version": __version__})}
-                f.write(_header(entries, st_meta))
+                header = _header(entries, st_meta)
+                offset = _write(fd, 0, torch.frombuffer(bytearray(header), dtype=torch.uint8))
                 for k in keys:
-                    n_bytes = sum(sink.put(f, block) for block in writer.blocks(by_key[k], meta_out[k]))
+                    n_bytes = 0
+                    for block in writer.blocks(by_key[k], meta_out[k]):
+                        n_bytes += sink.put(fd, offset + n_bytes, block)
                     expected = meta_out[k].numel() * meta_out[k].dtype.itemsize
                     if n_bytes != expected:  # a broken plan must never produce a file with wrong offsets
                         raise CheckpointFileError(f"{k}: wrote {n_bytes} bytes, expected {expected}")
+                    offset += n_bytes
                     written += n_bytes
                     if bar is not None:
                         bar.update(n_bytes)
                         bar.set_postfix(tensors=f"{order.index(k) + 1}/{len(order)}", refresh=False)
                 sink.drain()
-                f.flush()
-                os.fsync(f.fileno())
-                stack.pop_all().close()
+                os.fsync(fd)
+            finally:
+                sink.drain_quietly()
+                os.close(fd)
         sink.close()
         src.close()
         files = _install(workdir, target, names, shards, meta_out, as_file, source, overwrite)
