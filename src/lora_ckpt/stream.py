@@ -32,7 +32,7 @@ from safetensors import safe_open
 
 from lora_ckpt._version import __version__
 from lora_ckpt.errors import CheckpointFileError, LayoutError
-from lora_ckpt.formats.hf import weight_files
+from lora_ckpt.formats.hf import copy_model_extras, install_folder, weight_files
 from lora_ckpt.formats.peft import is_peft_dir, load_peft_adapter
 from lora_ckpt.io import _FORMAT_VERSION, _META_KEY, Checkpoint, PathLike, as_checkpoint, load_checkpoint
 from lora_ckpt.layout import detect_layout
@@ -497,7 +497,7 @@ def stream_merge(
                 os.close(fd)
         sink.close()
         src.close()
-        files = _install(workdir, target, names, shards, meta_out, as_file, source, overwrite)
+        files = _install(workdir, target, names, shards, meta_out, as_file, source)
     except BaseException:
         sink.close()
         src.close()
@@ -533,7 +533,6 @@ def _install(
     meta_out: Mapping[str, torch.Tensor],
     as_file: bool,
     source: PathLike,
-    overwrite: bool,
 ) -> list[Path]:
     """Move the finished files into place: a file by rename, a folder (index, copied extras) as a whole."""
     if as_file:
@@ -545,19 +544,9 @@ def _install(
         size = sum(t.numel() * t.dtype.itemsize for t in meta_out.values())
         index = {"metadata": {"total_size": size}, "weight_map": weight_map}
         (workdir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    src = Path(source)
-    if src.is_dir():
-        skip = {p.name for p in weight_files(src)} | {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
-        for f in src.iterdir():
-            if f.is_file() and f.name not in skip and not f.name.startswith("."):
-                shutil.copy2(f, workdir / f.name)
-    if target.exists() and overwrite:
-        old = target.with_name(f".{target.name}.old")
-        os.replace(target, old)
-        os.replace(workdir, target)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        os.replace(workdir, target)
+    if Path(source).is_dir():
+        copy_model_extras(source, workdir)
+    install_folder(workdir, target)
     return [target / n for n in names]
 
 

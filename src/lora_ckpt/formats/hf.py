@@ -14,7 +14,7 @@ import torch
 from lora_ckpt.errors import CheckpointFileError
 from lora_ckpt.io import PathLike, load_checkpoint, save_checkpoint
 
-__all__ = ["load_model_weights", "save_model_folder", "weight_files"]
+__all__ = ["copy_model_extras", "install_folder", "load_model_weights", "save_model_folder", "weight_files"]
 
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE = ("model.safetensors", "pytorch_model.bin")
@@ -52,6 +52,25 @@ def load_model_weights(path: PathLike) -> dict[str, torch.Tensor]:
     return out
 
 
+def copy_model_extras(source: PathLike, folder: Path) -> None:
+    """Copy a model folder's files other than its weights (``config.json``, tokenizer files …) into ``folder``."""
+    skip = set(_INDEXES + _SINGLE) | {f.name for f in weight_files(source)}
+    for f in Path(source).iterdir():
+        if f.is_file() and f.name not in skip and not f.name.startswith("."):
+            shutil.copy2(f, folder / f.name)
+
+
+def install_folder(tmp: Path, target: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``target``, replacing an existing one only once ``tmp`` is complete."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.replace(tmp, target)
+
+
 def save_model_folder(
     path: PathLike,
     state_dict: Mapping[str, torch.Tensor],
@@ -73,20 +92,11 @@ def save_model_folder(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         if like is not None and Path(like).is_dir():
-            skip = set(_INDEXES + _SINGLE) | {f.name for f in weight_files(like)}
-            for f in Path(like).iterdir():
-                if f.is_file() and f.name not in skip and not f.name.startswith("."):
-                    shutil.copy2(f, tmp / f.name)
+            copy_model_extras(like, tmp)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
         save_checkpoint(tmp / "model.safetensors", dict(state_dict))
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, target)
+        install_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
