@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from lora_ckpt.errors import KeyMismatchError
 from lora_ckpt.layout import canonical_key
@@ -38,6 +37,9 @@ def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     Save this rather than ``optimizer.state_dict()``, whose integer keys mean nothing once the
     parameter set changes.
     """
+    # imported here: torch.distributed.checkpoint takes half a second to import
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     return get_optimizer_state_dict(unwrap(model), optimizer)
 
 
