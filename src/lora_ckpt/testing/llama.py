@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lora_ckpt.stream import _shards
+
 __all__ = ["LlamaShape", "write_llama_adapter", "write_llama_checkpoint"]
 
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -56,16 +58,7 @@ def write_llama_checkpoint(
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    plan: list[list[str]] = [[]]
-    for name, s in shape.tensors():
-        n = torch.Size(s).numel() * dtype.itemsize
-        if plan[-1] and size + n > shard_bytes:
-            plan.append([])
-            size = 0
-        plan[-1].append(name)
-        size += n
+    plan = _shards([(name, torch.Size(s).numel() * dtype.itemsize) for name, s in shape.tensors()], shard_bytes)
     total = len(plan)
     weight_map = {}
     dims = dict(shape.tensors())
@@ -83,7 +76,6 @@ def write_llama_checkpoint(
     index = {"metadata": {"total_size": shape.nbytes(dtype)}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps({**shape.config(), "torch_dtype": str(dtype).removeprefix("torch.")}, indent=2))
-    del shards
     return out
 
 
