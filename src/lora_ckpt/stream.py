@@ -137,7 +137,7 @@ class LazySource:
             fd = self._fds.get(path)
             if fd is None:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            mv, offset, done = memoryview(view.numpy()), self.offsets[real] + start * row, 0
+            mv, offset, done = view.numpy().data, self.offsets[real] + start * row, 0
             while done < n:
                 got = os.preadv(fd, [mv[done:]], offset + done)
                 if got <= 0:
@@ -259,7 +259,7 @@ def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: d
 
 def _write(fd: int, offset: int, t: torch.Tensor) -> int:
     """Write ``t``'s bytes at ``offset`` of the file ``fd``; returns the byte count."""
-    data = memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
     done = 0
     while done < len(data):
         done += os.pwrite(fd, data[done:], offset + done)
@@ -552,7 +552,7 @@ def _install(
 
 def _progress(total: int, tensors: int) -> Any:
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
     except ImportError:  # the progress extra is not installed
         log.info("install lora-ckpt[progress] (tqdm) for a progress bar")
         return None
