@@ -138,3 +138,9 @@ def test_bias_without_weight():
     del sd[f"{C_ATTN}.main_weight.weight"]
     with pytest.raises(LayoutError, match=f"{C_ATTN}: has main_weight.bias but no main_weight.weight"):
         detect_layout(sd)
+
+
+def test_peft_prefix_without_lora_modules_is_standard():
+    sd = {f"base_model.model.{k}": v for k, v in make_state_dict().items()}
+    layout = detect_layout(sd)
+    assert layout.kind == "standard" and not layout.modules

@@ -616,6 +616,8 @@ def detect_layout(
     unknown_hints = sorted(set(kinds or {}) - {m.name for m in modules})
     if unknown_hints:
         raise LayoutError(f"kinds names modules that are not LoRA modules here: {unknown_hints}")
+    if not modules:  # keys in a LoRA layout's naming (a PEFT prefix, say) but no LoRA module in them
+        return Layout(kind="standard", modules=(), spec=None, **common)  # type: ignore[arg-type]
     return Layout(kind=spec.name, modules=tuple(modules), spec=spec, **common)  # type: ignore[arg-type]
 
 
