@@ -110,3 +110,22 @@ def test_stream_errors(tmp_path):
     with pytest.raises(LayoutError, match="ad: the alpha comes from adapter_config.json; do not pass alpha"):
         stream_merge(tmp_path / "base.safetensors", tmp_path / "o2.safetensors", adapter=tmp_path / "ad", alpha=3.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "base.safetensors", "broken.safetensors", "l.safetensors"]
+
+
+def test_pair_outputs_are_both_written_or_neither(tmp_path, monkeypatch):
+    from lora_ckpt.formats.gpt2 import nanogpt_lora_to_peft
+
+    lora = make_gpt(attn_rank=2, randomize=True)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(CheckpointFileError, match="adapter: already exists; pass overwrite=True"):
+        nanogpt_lora_to_peft(lora.state_dict(), tmp_path / "base", tmp_path / "adapter", alpha=4.0, n_head=2)
+    assert not (tmp_path / "base").exists()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lora_ckpt.io.save_checkpoint", broken)
+    with pytest.raises(OSError, match="disk full"):
+        nanogpt_lora_to_peft(lora.state_dict(), tmp_path / "base2", tmp_path / "adapter2", alpha=4.0, n_head=2)
+    assert not (tmp_path / "base2").exists() and not (tmp_path / "adapter2").exists()

@@ -10,6 +10,7 @@ import json
 import sys
 import tempfile
 from collections import Counter
+from contextlib import nullcontext
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from lora_ckpt.errors import CheckpointFileError, LoraCkptError
 from lora_ckpt.formats.gpt2 import hf_to_nanogpt, nanogpt_lora_to_peft
 from lora_ckpt.formats.hf import load_model_weights, save_model_folder
 from lora_ckpt.formats.peft import is_peft_dir, load_peft_adapter, save_peft_adapter
-from lora_ckpt.io import Checkpoint, load_checkpoint, save_checkpoint
+from lora_ckpt.io import Checkpoint, load_checkpoint, removed_on_failure, save_checkpoint
 from lora_ckpt.layout import LAYOUTS, detect_layout
 from lora_ckpt.merge import merge_lora
 from lora_ckpt.relayout import convert_layout
@@ -256,15 +257,19 @@ def _convert(args: argparse.Namespace) -> int:
     if base is not None and args.gpt2:
         base = hf_to_nanogpt(base)
     rel = convert_layout(sd, to, alpha=alpha, scales=scales, base=base, fan_in_fan_out=False if args.gpt2 else None)
+    base_out = Path(args.base_out) if args.base_out else None
     if rel.base and not args.base:
-        if not args.base_out:
+        if base_out is None:
             raise LoraCkptError(f"{args.src} holds base weights, which {to} keeps apart; pass --base-out PATH")
-        _write_standard(Path(args.base_out), rel.base, like=None, force=args.force)
-    if to == "peft":
-        save_peft_adapter(dst, rel.state_dict, alpha=rel.alpha, overwrite=args.force)
-    else:
-        keep = extra if dst.suffix != ".safetensors" else {k: v for k, v in extra.items() if k == "model_args"}
-        save_checkpoint(dst, rel.state_dict, alpha=rel.alpha, extra=keep, overwrite=args.force)
+        _refuse_existing(base_out, args.force)
+    with removed_on_failure(base_out) if base_out is not None and rel.base and not args.base else nullcontext():
+        if base_out is not None and rel.base and not args.base:
+            _write_standard(base_out, rel.base, like=None, force=args.force)
+        if to == "peft":
+            save_peft_adapter(dst, rel.state_dict, alpha=rel.alpha, overwrite=args.force)
+        else:
+            keep = extra if dst.suffix != ".safetensors" else {k: v for k, v in extra.items() if k == "model_args"}
+            save_checkpoint(dst, rel.state_dict, alpha=rel.alpha, extra=keep, overwrite=args.force)
     print(f"converted {args.src} to the {to} layout: {dst} ({len(rel.alpha)} LoRA modules, factors unchanged)")
     return 0
 

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -284,6 +285,19 @@ def _write_safetensors(tmp: Path, state_dict: Mapping[str, torch.Tensor], meta: 
         save_file(tensors, str(tmp), metadata={"format": "pt", _META_KEY: json.dumps(meta)})
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointFileError(f"cannot write safetensors: {e}; is model_args JSON-serialisable?") from None
+
+
+@contextlib.contextmanager
+def removed_on_failure(path: PathLike) -> Iterator[None]:
+    """Remove ``path`` (file or folder) if the block fails and it did not exist before: for outputs written in pairs."""
+    p = Path(path)
+    existed = p.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and p.exists():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        raise
 
 
 @contextlib.contextmanager

@@ -91,6 +91,10 @@ def nanogpt_lora_to_peft(
     LoRA model computes.
     """
     import json
+    from pathlib import Path
+
+    from lora_ckpt.errors import CheckpointFileError
+    from lora_ckpt.io import removed_on_failure
 
     from lora_ckpt.formats.hf import save_model_folder
     from lora_ckpt.formats.peft import save_peft_adapter
@@ -101,8 +105,12 @@ def nanogpt_lora_to_peft(
     hf = nanogpt_to_hf(rel.base)
     tied = "lm_head.weight" not in hf
     config = json.dumps(hf_gpt2_config(rel.base, n_head=n_head, tied=tied), indent=2)
-    save_model_folder(base_dir, hf, files={"config.json": config}, overwrite=overwrite)
-    save_peft_adapter(adapter_dir, rel.state_dict, alpha=rel.alpha, fan_in_fan_out=True, overwrite=overwrite)
+    for target in (base_dir, adapter_dir):
+        if Path(target).exists() and not overwrite:
+            raise CheckpointFileError(f"{target}: already exists; pass overwrite=True (CLI: --force) to replace it")
+    with removed_on_failure(base_dir):
+        save_model_folder(base_dir, hf, files={"config.json": config}, overwrite=overwrite)
+        save_peft_adapter(adapter_dir, rel.state_dict, alpha=rel.alpha, fan_in_fan_out=True, overwrite=overwrite)
 
 
 def peft_to_nanogpt_lora(base: "PathLike | Mapping[str, torch.Tensor]", adapter_dir: "PathLike") -> "Relayout":

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lora_ckpt.errors import AlphaError, CheckpointFileError, LayoutError, ShapeError
-from lora_ckpt.io import PathLike, _atomic_target, load_checkpoint
+from lora_ckpt.io import PathLike, _atomic_target, load_checkpoint, removed_on_failure
 from lora_ckpt.layout import PEFT, Layout, detect_layout
 
 __all__ = ["PeftAdapter", "is_peft_dir", "load_peft_adapter", "pattern_key", "save_peft_adapter"]
@@ -144,7 +144,6 @@ def save_peft_adapter(
     folder = Path(path)
     if (folder / CONFIG_NAME).exists() and not overwrite:
         raise CheckpointFileError(f"{folder}: already holds a PEFT adapter; pass overwrite=True (CLI: --force)")
-    folder.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": None,
@@ -164,7 +163,9 @@ def save_peft_adapter(
         "modules_to_save": None,
         **dict(extra_config or {}),
     }
-    save_checkpoint(folder / WEIGHT_NAMES[0], dict(state_dict), overwrite=True)
-    with _atomic_target(folder / CONFIG_NAME) as tmp:
-        tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    with removed_on_failure(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(folder / WEIGHT_NAMES[0], dict(state_dict), overwrite=True)
+        with _atomic_target(folder / CONFIG_NAME) as tmp:
+            tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
     return folder
