@@ -426,6 +426,7 @@ def stream_merge(
     ``model-00001-of-0000N.safetensors`` and ``model.safetensors.index.json`` with ``max_shard_size``;
     other files of a source folder, such as ``config.json``, are copied). The result is bit-identical
     to :func:`~lora_ckpt.merge_lora` in memory. With ``device="cuda"`` the blocks are merged on the GPU.
+    While it runs, torch uses one intra-op thread (restored afterwards), leaving the other cores to the writers.
 
     Raises:
         CheckpointFileError: unreadable inputs, an existing output without ``overwrite``, too little disk.
@@ -470,6 +471,10 @@ def stream_merge(
     workdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     written = 0
     sink = _Sink(writer.pool)
+    # One torch thread: with more, OpenMP workers spinning between the small block operations took the
+    # cores from the writer threads (a 4 GB merge ran in 3.5 s with 2 threads, 1.8 s with 1, on 2 cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         for name, keys in zip(names, shards):
             fd = os.open(workdir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -504,6 +509,7 @@ def stream_merge(
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     finally:
+        torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
     merged = [s.key for s in plan.steps if s.op == "merge"]
