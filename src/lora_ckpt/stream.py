@@ -36,7 +36,7 @@ from lora_ckpt.formats.hf import copy_model_extras, install_folder, weight_files
 from lora_ckpt.formats.peft import is_peft_dir, load_peft_adapter
 from lora_ckpt.io import _FORMAT_VERSION, _META_KEY, Checkpoint, PathLike, as_checkpoint, load_checkpoint
 from lora_ckpt.layout import detect_layout
-from lora_ckpt.merge import Alpha, MergePlan, Step, _merge_blocked, _merged_bias, module_factors, plan_merge
+from lora_ckpt.merge import Alpha, Factors, MergePlan, Step, _merge_blocked, _merged_bias, module_factors, plan_merge
 
 __all__ = ["LazySource", "StreamReport", "parse_size", "stream_merge"]
 
@@ -179,15 +179,15 @@ def _data_offsets(path: Path) -> dict[str, int]:
 class _Pool:
     """A few reusable byte buffers: fresh allocations would page-fault on every block."""
 
-    def __init__(self, count: int, nbytes: int) -> None:
-        self.nbytes = nbytes
+    def __init__(self, count: int, nbytes: int, *, pinned: bool = False) -> None:
+        self.nbytes, self.pinned = nbytes, pinned
         self.free: queue.Queue[torch.Tensor] = queue.Queue()
         for _ in range(count):
-            self.free.put(torch.empty(nbytes, dtype=torch.uint8))
+            self.free.put(torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned))
 
     def get(self, nbytes: int) -> torch.Tensor:
         if nbytes > self.nbytes:  # one row larger than a block: a one-off buffer
-            return torch.empty(nbytes, dtype=torch.uint8)
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
         return self.free.get()
 
     def put(self, buf: torch.Tensor) -> None:
@@ -276,13 +276,20 @@ def _blocks(rows: int, row_bytes: int, block_bytes: int = _IO_BLOCK_BYTES) -> It
         yield start, min(start + step, rows)
 
 
+#: A block to write: its bytes, the pool buffer holding them, and (on a GPU) the event that makes them ready.
+_Block = tuple[torch.Tensor, "torch.Tensor | None", Any]
+
+
 class _Writer:
     """Produces each planned tensor block by block into an open file."""
 
     def __init__(self, plan: MergePlan, source: LazySource, prefix: str, device: torch.device | None) -> None:
         self.plan, self.source, self.prefix, self.device = plan, source, prefix, device
-        # two blocks wait for the writer, one is written, one is being merged (and its input read)
-        self.pool = _Pool(6, _IO_BLOCK_BYTES)
+        cuda = device is not None and device.type == "cuda"
+        # blocks waiting for the writers, being written, being merged (and their inputs being read)
+        self.pool = _Pool(8, _IO_BLOCK_BYTES, pinned=cuda)  # pinned: host<->device copies run asynchronously
+        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        self.compute_stream = torch.cuda.Stream(device) if cuda else None
 
     def _read(self, step: Step, start: int | None = None, stop: int | None = None) -> torch.Tensor | None:
         if step.source is None:
@@ -292,10 +299,11 @@ class _Writer:
             return t if start is None else t[start:stop]
         return self.source.read(self.prefix + step.source, start, stop)
 
-    def blocks(self, step: Step, meta_out: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """The output tensor of ``step`` in row blocks, in file order, each with the pool buffer it occupies."""
+    def blocks(self, step: Step, meta_out: torch.Tensor) -> Iterator[_Block]:
+        """The output tensor of ``step`` in row blocks, in file order, each with the pool buffer it occupies
+        and, on a GPU, the event after which its bytes are on the host."""
         if meta_out.dim() == 0 or step.op == "bias" or (step.module is not None and step.module.is_dora):
-            yield self._whole(step), None
+            yield self._whole(step), None, None
             return
         rows, shape = meta_out.shape[0], tuple(meta_out.shape)
         src_meta = self.plan.source(step, self.plan.big)
@@ -307,14 +315,17 @@ class _Writer:
             assert step.module is not None
             fac = module_factors(step.module, self.plan.adapter, src_meta, dtype=self.plan.dtype,
                                  fan_in_fan_out=self.plan.fan_in_fan_out, device=self.device or "cpu")
+            if self.compute_stream is not None:  # the factors were made on the default stream
+                self.compute_stream.wait_stream(torch.cuda.current_stream(self.device))
         same = fac is None and src_meta is not None and src_meta.dtype == meta_out.dtype
         for a, b in _blocks(rows, row_bytes, self.pool.nbytes):
             src = self._rows(step, a, b, row_elems * in_size)
             if same and src is not None:  # a plain copy: write the bytes as read
-                yield src
+                yield src[0], src[1], None
                 continue
             out_buf = self.pool.get((b - a) * row_bytes)
             out = out_buf[: (b - a) * row_elems * meta_out.dtype.itemsize].view(meta_out.dtype).view((b - a, *shape[1:]))
+            ready = None
             if fac is None:  # a copy, cast where asked
                 assert src is not None
                 out.copy_(src[0])
@@ -322,15 +333,43 @@ class _Writer:
                 base = None if src is None else src[0]
                 if base is not None:
                     base = base.flatten(1) if base.dim() == 4 else base
-                    base = base.to(fac.left.device, non_blocking=True)
                 flat = out.flatten(1) if out.dim() == 4 else out
                 if fac.left.device.type == "cpu":
                     _merge_blocked(base, fac.left[a:b], fac.right, step.scale, fac.acc, fac.out_dtype, out=flat)
                 else:
-                    flat.copy_(_merge_blocked(base, fac.left[a:b], fac.right, step.scale, fac.acc, fac.out_dtype))
+                    ready = self._merge_on_gpu(base, fac, a, b, step.scale, flat)
             if src is not None and src[1] is not None:
                 self.pool.put(src[1])
-            yield out, out_buf
+            yield out, out_buf, ready
+
+    def _merge_on_gpu(
+        self, base: torch.Tensor | None, fac: Factors, a: int, b: int, scale: float, out: torch.Tensor
+    ) -> Any:
+        """Copy in on the copy stream, merge on the compute stream, copy out; return the copy-out's event.
+
+        The next block's read from disk and copy-in overlap this block's merge. The input buffer is
+        free once the copy-in is done (waited for here, before the caller returns it to the pool).
+        """
+        assert self.copy_stream is not None and self.compute_stream is not None
+        copied_in = torch.cuda.Event()
+        with torch.cuda.stream(self.copy_stream):
+            base_gpu = None if base is None else base.to(fac.left.device, non_blocking=True)
+            copied_in.record(self.copy_stream)
+        with torch.cuda.stream(self.compute_stream):
+            self.compute_stream.wait_event(copied_in)
+            merged = _merge_blocked(base_gpu, fac.left[a:b], fac.right, scale, fac.acc, fac.out_dtype)
+            if base_gpu is not None:
+                base_gpu.record_stream(self.compute_stream)
+            computed = torch.cuda.Event()
+            computed.record(self.compute_stream)
+        copied_out = torch.cuda.Event()
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(computed)
+            out.copy_(merged, non_blocking=True)
+            merged.record_stream(self.copy_stream)
+            copied_out.record(self.copy_stream)
+        copied_in.synchronize()
+        return copied_out
 
     def _rows(self, step: Step, a: int, b: int, nbytes: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Source rows ``a:b`` and the pool buffer holding them (None when they live in the adapter)."""
@@ -358,7 +397,7 @@ class _Sink:
 
     def __init__(self, pool: _Pool, depth: int = 3, workers: int = 2) -> None:
         self.pool = pool
-        self.queue: queue.Queue[tuple[int, int, torch.Tensor, torch.Tensor | None] | None] = queue.Queue(maxsize=depth)
+        self.queue: queue.Queue[tuple[int, int, torch.Tensor, torch.Tensor | None, Any] | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.threads = [threading.Thread(target=self._run, name="lora-ckpt-writer", daemon=True) for _ in range(workers)]
         for thread in self.threads:
@@ -370,8 +409,10 @@ class _Sink:
             try:
                 if item is None:
                     return
-                fd, offset, t, buf = item
+                fd, offset, t, buf, ready = item
                 try:
+                    if ready is not None:  # a GPU block: wait until its bytes are on the host
+                        ready.synchronize()
                     if self.error is None:
                         _write(fd, offset, t)
                 finally:
@@ -386,7 +427,7 @@ class _Sink:
         if self.error is not None:
             raise self.error
 
-    def put(self, fd: int, offset: int, block: tuple[torch.Tensor, torch.Tensor | None]) -> int:
+    def put(self, fd: int, offset: int, block: _Block) -> int:
         self._check()
         self.queue.put((fd, offset, *block))
         return block[0].numel() * block[0].element_size()
