@@ -151,11 +151,8 @@ def merge_module(
     """
     if base is None and module.has_base:
         base = tensors[module.weight_key]
-    if base is not None and not base.is_floating_point():
-        raise LayoutError(
-            f"{module.name}: the base weight is {base.dtype}, a quantized base; dequantize it first "
-            "(lora_ckpt merges into floating-point weights only)"
-        )
+    if base is not None:
+        _require_float(module, base)
     f = module_factors(module, tensors, base, dtype=dtype, fan_in_fan_out=fan_in_fan_out)
     left, right, acc, out_dtype, transposed = f.left, f.right, f.acc, f.out_dtype, f.transposed
     base2 = None if base is None else (base.flatten(1) if base.dim() == 4 else base)
@@ -435,12 +432,16 @@ def plan_merge(
     return MergePlan(steps, tensors, tensors, dtype, fan_in_fan_out)
 
 
-def _check_base(m: LoraModule, base: torch.Tensor, fan_in_fan_out: bool | None) -> None:
+def _require_float(m: LoraModule, base: torch.Tensor) -> None:
     if not base.is_floating_point():
         raise LayoutError(
             f"{m.name}: the base weight is {base.dtype}, a quantized base; dequantize it first "
             "(lora_ckpt merges into floating-point weights only)"
         )
+
+
+def _check_base(m: LoraModule, base: torch.Tensor, fan_in_fan_out: bool | None) -> None:
+    _require_float(m, base)
     _orientation(m, base, fan_in_fan_out)
 
 

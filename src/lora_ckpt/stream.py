@@ -35,7 +35,7 @@ from lora_ckpt.errors import CheckpointFileError, LayoutError
 from lora_ckpt.formats.hf import copy_model_extras, install_folder, weight_files
 from lora_ckpt.formats.peft import is_peft_dir, load_peft_adapter
 from lora_ckpt.io import _FORMAT_VERSION, _META_KEY, Checkpoint, PathLike, as_checkpoint, load_checkpoint
-from lora_ckpt.layout import detect_layout
+from lora_ckpt.layout import detect_layout, split_prefix
 from lora_ckpt.merge import Alpha, Factors, MergePlan, Step, _merge_blocked, _merged_bias, module_factors, plan_merge
 
 __all__ = ["LazySource", "StreamReport", "parse_size", "stream_merge"]
@@ -116,9 +116,6 @@ class LazySource:
     def meta(self) -> dict[str, torch.Tensor]:
         """``meta`` tensors of every shape and dtype, for planning."""
         return {k: torch.empty(self.shapes[k], dtype=self.dtypes[k], device="meta") for k in self.keys()}
-
-    def nbytes(self, key: str) -> int:
-        return math.prod(self.shapes[key]) * self.dtypes[key].itemsize
 
     def read_into(self, key: str, start: int, stop: int, buf: torch.Tensor) -> torch.Tensor:
         """Rows ``start:stop`` of ``key`` read into the uint8 buffer ``buf``; returns the typed view.
@@ -489,7 +486,7 @@ def stream_merge(
 
     src = LazySource(source)
     plan, extra = _plan(src, adapter, alpha, dtype, "untie")
-    base_prefix = detect_layout(src.meta()).prefix if adapter is None else _base_prefix(src)
+    base_prefix = split_prefix(src.keys()[0])[0]  # planning checked that every key carries the same one
     meta_out = {s.key: _meta_result(plan, s) for s in plan.steps if s.op != "alias"}
     order = [s.key for s in plan.steps if s.op != "alias"]
     total = sum(meta_out[k].numel() * meta_out[k].dtype.itemsize for k in order)
@@ -508,7 +505,7 @@ def stream_merge(
     if extra.get("model_args"):
         metadata["model_args"] = {k: v for k, v in dict(extra["model_args"]).items() if not str(k).startswith("lora_")}
     writer = _Writer(plan, src, base_prefix, dev)
-    bar = _progress(total, len(order)) if progress else None
+    bar = _progress(total) if progress else None
     workdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     written = 0
     sink = _Sink(writer.pool)
@@ -568,10 +565,6 @@ def _meta_result(plan: MergePlan, step: Step) -> torch.Tensor:
     return torch.empty(shape, dtype=plan.out_dtype(step), device="meta")
 
 
-def _base_prefix(src: LazySource) -> str:
-    return detect_layout(src.meta()).prefix
-
-
 def _install(
     workdir: Path,
     target: Path,
@@ -597,7 +590,7 @@ def _install(
     return [target / n for n in names]
 
 
-def _progress(total: int, tensors: int) -> Any:
+def _progress(total: int) -> Any:
     try:
         from tqdm.auto import tqdm  # type: ignore[import-untyped]
     except ImportError:  # the progress extra is not installed
