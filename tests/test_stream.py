@@ -1,7 +1,9 @@
 """Streaming merges: bit-identical to in-memory merges, sharded, atomic, and bounded in memory."""
 
+import errno
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -86,21 +88,60 @@ def test_interrupted_write_leaves_nothing_and_inputs_intact(llama, tmp_path, mon
     if existing:
         stream_merge(base, out, adapter=adapter)
     before = _digest(base) | _digest(adapter) | _digest(out)
+    monkeypatch.setattr(stream, "_CHUNK_BYTES", 16384)  # many chunk writes per shard
     calls = {"n": 0}
     real = stream._write
 
     def failing(*args):
         calls["n"] += 1
-        if calls["n"] == 7:
+        if calls["n"] == 5:
             raise OSError("disk went away")
         return real(*args)
 
     monkeypatch.setattr(stream, "_write", failing)
     with pytest.raises(OSError, match="disk went away"):
         stream_merge(base, out, adapter=adapter, max_shard_size="100KB", overwrite=True)
-    assert calls["n"] >= 7  # the header and some blocks were written before the failure
+    assert calls["n"] == 5  # four chunks were written, the fifth failed, and nothing was written after it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"] + (["out"] if existing else [])
     assert _digest(base) | _digest(adapter) | _digest(out) == before
+
+
+@pytest.mark.parametrize(("block", "chunk", "dtype"), [(3000, 8192, torch.bfloat16), (6000, 8192, torch.bfloat16),
+                                                    (3000, 8192, None), (40_000, 65536, None)])
+def test_blocks_straddling_chunks_and_rows_too_long_for_a_chunk(llama, tmp_path, monkeypatch, block, chunk, dtype):
+    """Blocks that end mid-page carry the page over to the next chunk; blocks longer than a chunk are copied in."""
+    base, adapter = llama
+    expected = merge_adapter(base, adapter, dtype=dtype)
+    monkeypatch.setattr(stream, "_IO_BLOCK_BYTES", block)
+    monkeypatch.setattr(stream, "_CHUNK_BYTES", chunk)
+    report = stream_merge(base, tmp_path / "out.safetensors", adapter=adapter, dtype=dtype)
+    with open(report.files[0], "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    assert report.files[0].stat().st_size == 8 + header + report.bytes  # the padding of the last chunk is cut off
+    assert_state_dict_close(load_model_weights(report.files[0]), expected, rtol=0, atol=0)
+
+
+def test_without_direct_io_and_when_the_file_system_refuses_it(llama, tmp_path, monkeypatch):
+    base, adapter = llama
+    expected = merge_adapter(base, adapter)
+    monkeypatch.setattr(stream, "_DIRECT_IO", False)  # a platform without O_DIRECT: buffered writes
+    buffered = stream_merge(base, tmp_path / "buffered.safetensors", adapter=adapter).files[0]
+    assert_state_dict_close(load_model_weights(buffered), expected, rtol=0, atol=0)
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    monkeypatch.setattr(stream, "_DIRECT_IO", True)
+    real, refused = os.pwrite, []
+
+    def refuse_direct(fd, data, offset):  # as some network and FUSE file systems do
+        if stream._is_direct(fd):
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(stream.os, "pwrite", refuse_direct)
+    fallback = stream_merge(base, tmp_path / "fallback.safetensors", adapter=adapter).files[0]
+    assert len(refused) == 1  # refused once, then written through the page cache
+    assert fallback.read_bytes() == buffered.read_bytes()
 
 
 def test_checks_fail_fast_before_any_write(llama, tmp_path, monkeypatch):

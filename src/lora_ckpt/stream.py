@@ -11,6 +11,7 @@ into place at the end; a failure leaves no output and the inputs untouched.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from lora_ckpt.formats.hf import copy_model_extras, install_folder, weight_files
 from lora_ckpt.formats.peft import is_peft_dir, load_peft_adapter
 from lora_ckpt.io import _FORMAT_VERSION, _META_KEY, Checkpoint, PathLike, as_checkpoint, load_checkpoint
 from lora_ckpt.layout import detect_layout, split_prefix
-from lora_ckpt.merge import Alpha, Factors, MergePlan, Step, _merge_blocked, _merged_bias, module_factors, plan_merge
+from lora_ckpt.merge import Alpha, Factors, MergePlan, Step, _merge_blocked, module_factors, plan_merge
 
 __all__ = ["LazySource", "StreamReport", "parse_size", "stream_merge"]
 
@@ -48,8 +49,14 @@ _ST_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-# Rows read, merged and written at a time: about 32 MiB of the source (two blocks wait for the writer).
+# Rows read and merged at a time: about 32 MiB of the source.
 _IO_BLOCK_BYTES = 32 << 20
+# Output files are gathered in page-aligned chunks of this size and written by a background thread with
+# direct I/O where the file system allows it: the bytes go from the chunk to the disk, not through the
+# page cache (a buffered write is one more copy on the CPU, and flushing the page cache was slower).
+_CHUNK_BYTES = 2 * _IO_BLOCK_BYTES
+_ALIGN = 4096  # direct I/O needs addresses, offsets and lengths aligned to the device's block size
+_DIRECT_IO = hasattr(os, "O_DIRECT")  # where the platform has it; a file system that refuses it falls back
 
 
 def parse_size(size: int | str) -> int:
@@ -174,16 +181,22 @@ def _data_offsets(path: Path) -> dict[str, int]:
 
 
 class _Pool:
-    """A few reusable byte buffers: fresh allocations would page-fault on every block."""
+    """A few reusable byte buffers (fresh allocations would page-fault on every block).
 
-    def __init__(self, count: int, nbytes: int, *, pinned: bool = False) -> None:
+    ``aligned`` buffers start on a page boundary, as direct I/O needs; ``pinned`` ones are page-locked,
+    so host<->device copies run asynchronously.
+    """
+
+    def __init__(self, count: int, nbytes: int, *, pinned: bool = False, aligned: bool = False) -> None:
         self.nbytes, self.pinned = nbytes, pinned
         self.free: queue.Queue[torch.Tensor] = queue.Queue()
         for _ in range(count):
-            self.free.put(torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned))
+            raw = torch.empty(nbytes + (_ALIGN if aligned else 0), dtype=torch.uint8, pin_memory=pinned)
+            skip = -raw.data_ptr() % _ALIGN if aligned else 0
+            self.free.put(raw[skip : skip + nbytes])
 
-    def get(self, nbytes: int) -> torch.Tensor:
-        if nbytes > self.nbytes:  # one row larger than a block: a one-off buffer
+    def get(self, nbytes: int | None = None) -> torch.Tensor:
+        if nbytes is not None and nbytes > self.nbytes:  # one row larger than a block: a one-off buffer
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
         return self.free.get()
 
@@ -254,17 +267,49 @@ def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: d
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _write(fd: int, offset: int, t: torch.Tensor) -> int:
-    """Write ``t``'s bytes at ``offset`` of the file ``fd``; returns the byte count."""
-    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
-    if hasattr(os, "posix_fadvise") and done >= 1 << 20:
-        # start writing this block back now (and drop it from the page cache): the final fsync then
-        # has little left to wait for, and a big merge does not crowd the page cache
+def _open_out(path: Path) -> int:
+    """A new file for writing, with direct I/O where the file system allows it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    if _DIRECT_IO:
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o644)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: this file system does not do direct I/O
+                raise
+    return os.open(path, flags, 0o644)
+
+
+def _write(fd: int, offset: int, data: torch.Tensor) -> int:
+    """Write the bytes of the CPU uint8 tensor ``data`` at ``offset`` of the file ``fd``; returns the byte count."""
+    mv, done = data.numpy().data, 0
+    while done < len(mv):
+        try:
+            done += os.pwrite(fd, mv[done:], offset + done)
+        except OSError as e:
+            if e.errno != errno.EINVAL or not _drop_direct_io(fd):
+                raise
+    if hasattr(os, "posix_fadvise") and done >= 1 << 20 and not _is_direct(fd):
+        # a buffered write: start writing it back now (and drop it from the page cache), so the final
+        # fsync has little left to wait for and a big merge does not crowd the page cache
         os.posix_fadvise(fd, offset, done, os.POSIX_FADV_DONTNEED)
     return done
+
+
+def _is_direct(fd: int) -> bool:
+    import fcntl  # POSIX only, as direct I/O is
+
+    return _DIRECT_IO and bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
+def _drop_direct_io(fd: int) -> bool:
+    """Turn direct I/O off for ``fd`` after the file system refused a direct write; False if it was off."""
+    import fcntl
+
+    if not _is_direct(fd):
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+    log.debug("direct I/O refused for fd %d; writing through the page cache", fd)
+    return True
 
 
 def _blocks(rows: int, row_bytes: int, block_bytes: int = _IO_BLOCK_BYTES) -> Iterator[tuple[int, int]]:
@@ -273,35 +318,99 @@ def _blocks(rows: int, row_bytes: int, block_bytes: int = _IO_BLOCK_BYTES) -> It
         yield start, min(start + step, rows)
 
 
-#: A block to write: its bytes, the pool buffer holding them, and (on a GPU) the event that makes them ready.
-_Block = tuple[torch.Tensor, "torch.Tensor | None", Any]
+class _Out:
+    """One output file written front to back: its bytes gather in aligned chunks, which the sink writes.
+
+    Producers fill the view :meth:`reserve` returns in place (merged rows are computed straight into
+    it) or hand finished bytes to :meth:`write`. Only whole aligned stretches are written until
+    :meth:`finish`, which pads the last one, truncates the file to its size and syncs it.
+    """
+
+    def __init__(self, path: Path, sink: _Sink, chunks: _Pool) -> None:
+        self.fd = _open_out(path)
+        self.sink, self.chunks = sink, chunks
+        self.buf: torch.Tensor | None = chunks.get()
+        self.fill = 0  # bytes gathered in buf
+        self.offset = 0  # the file offset of buf[0]
+        self.ready: Any = None  # on a GPU: the copy-out event the bytes in buf wait for
+
+    def reserve(self, n: int) -> torch.Tensor | None:
+        """The next ``n`` bytes of the file, to fill before the next call; None if they cannot fit a chunk."""
+        assert self.buf is not None
+        if self.fill + n > self.buf.numel():
+            if n > self.buf.numel() - _ALIGN:
+                return None
+            self._flush()
+        view = self.buf[self.fill : self.fill + n]
+        self.fill += n
+        return view
+
+    def write(self, data: torch.Tensor) -> None:
+        """Append the bytes of the CPU uint8 tensor ``data``."""
+        done = 0
+        while done < data.numel():
+            assert self.buf is not None
+            if self.fill == self.buf.numel():
+                self._flush()
+            k = min(self.buf.numel() - self.fill, data.numel() - done)
+            self.buf[self.fill : self.fill + k].copy_(data[done : done + k])
+            self.fill, done = self.fill + k, done + k
+
+    def _flush(self, *, last: bool = False) -> None:
+        """Hand the aligned part of the chunk to the sink; the unaligned rest starts the next chunk."""
+        assert self.buf is not None
+        size = self.fill
+        keep = size if last else size - size % _ALIGN
+        length = size + -size % _ALIGN if last else keep
+        self.buf[size:length].zero_()  # padding past the end, cut off by finish()
+        following = None if last else self.chunks.get()
+        if size > keep:
+            assert following is not None
+            if self.ready is not None:
+                self.ready.synchronize()
+            following[: size - keep].copy_(self.buf[keep:size])
+        self.sink.put(self.fd, self.offset, self.buf[:length], self.buf, self.ready)
+        self.offset, self.buf, self.fill, self.ready = self.offset + keep, following, size - keep, None
+
+    def finish(self) -> int:
+        """Write what is left, wait for every write, cut the padding and sync; returns the file's size."""
+        size = self.offset + self.fill
+        self._flush(last=True)
+        self.sink.drain()
+        os.ftruncate(self.fd, size)
+        os.fsync(self.fd)
+        return size
+
+    def close(self) -> None:
+        self.sink.drain_quietly()  # after a failure too, so no thread writes to a closed file
+        os.close(self.fd)
+        if self.buf is not None:
+            self.chunks.put(self.buf)
+            self.buf = None
 
 
 class _Writer:
-    """Produces each planned tensor block by block into an open file."""
+    """Produces each planned tensor, block by block, into an output file."""
 
     def __init__(self, plan: MergePlan, source: LazySource, prefix: str, device: torch.device | None) -> None:
         self.plan, self.source, self.prefix, self.device = plan, source, prefix, device
         cuda = device is not None and device.type == "cuda"
-        # blocks waiting for the writers, being written, being merged (and their inputs being read)
-        self.pool = _Pool(8, _IO_BLOCK_BYTES, pinned=cuda)  # pinned: host<->device copies run asynchronously
+        # pinned: host<->device copies run asynchronously
+        self.pool = _Pool(2, _IO_BLOCK_BYTES, pinned=cuda)  # source rows of the block being merged
+        self.chunks = _Pool(3, _CHUNK_BYTES, pinned=cuda, aligned=True)  # one filling, two being written
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         self.compute_stream = torch.cuda.Stream(device) if cuda else None
 
-    def _read(self, step: Step, start: int | None = None, stop: int | None = None) -> torch.Tensor | None:
-        if step.source is None:
-            return None
-        if step.from_adapter:
-            t = self.plan.adapter[step.source]
-            return t if start is None else t[start:stop]
-        return self.source.read(self.prefix + step.source, start, stop)
+    def emit(self, step: Step, meta_out: torch.Tensor, out: _Out) -> int:
+        """Append the output tensor of ``step`` to ``out``; returns its byte count.
 
-    def blocks(self, step: Step, meta_out: torch.Tensor) -> Iterator[_Block]:
-        """The output tensor of ``step`` in row blocks, in file order, each with the pool buffer it occupies
-        and, on a GPU, the event after which its bytes are on the host."""
+        Rows are read, merged (or cast) and written in blocks; a merge computes straight into the
+        output chunk, and a plain copy reads straight into it.
+        """
         if meta_out.dim() == 0 or step.op == "bias" or (step.module is not None and step.module.is_dora):
-            yield self._whole(step), None, None
-            return
+            whole = self._whole(step).detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            out.write(whole)
+            return whole.numel()
         rows, shape = meta_out.shape[0], tuple(meta_out.shape)
         src_meta = self.plan.source(step, self.plan.big)
         in_size = src_meta.dtype.itemsize if src_meta is not None else 0
@@ -314,30 +423,46 @@ class _Writer:
                                  fan_in_fan_out=self.plan.fan_in_fan_out, device=self.device or "cpu")
             if self.compute_stream is not None:  # the factors were made on the default stream
                 self.compute_stream.wait_stream(torch.cuda.current_stream(self.device))
-        same = fac is None and src_meta is not None and src_meta.dtype == meta_out.dtype
+        same = fac is None and src_meta is not None and src_meta.dtype == meta_out.dtype and not step.from_adapter
+        written = 0
         for a, b in _blocks(rows, row_bytes, self.pool.nbytes):
-            src = self._rows(step, a, b, row_elems * in_size)
-            if same and src is not None:  # a plain copy: write the bytes as read
-                yield src[0], src[1], None
-                continue
-            out_buf = self.pool.get((b - a) * row_bytes)
-            out = out_buf[: (b - a) * row_elems * meta_out.dtype.itemsize].view(meta_out.dtype).view((b - a, *shape[1:]))
-            ready = None
-            if fac is None:  # a copy, cast where asked
-                assert src is not None
-                out.copy_(src[0])
+            n = (b - a) * row_elems * meta_out.dtype.itemsize
+            dst = out.reserve(n)
+            spill = dst is None  # a row too long for a chunk: compute aside, then copy in
+            dst = torch.empty(n, dtype=torch.uint8, pin_memory=self.pool.pinned) if dst is None else dst
+            if same:  # a plain copy: read the bytes straight into the file's chunk
+                assert step.source is not None
+                self.source.read_into(self.prefix + step.source, a, b, dst)
             else:
-                base = None if src is None else src[0]
-                if base is not None:
-                    base = base.flatten(1) if base.dim() == 4 else base
-                flat = out.flatten(1) if out.dim() == 4 else out
-                if fac.left.device.type == "cpu":
-                    _merge_blocked(base, fac.left[a:b], fac.right, step.scale, fac.acc, fac.out_dtype, out=flat)
-                else:
-                    ready = self._merge_on_gpu(base, fac, a, b, step.scale, flat)
-            if src is not None and src[1] is not None:
-                self.pool.put(src[1])
-            yield out, out_buf, ready
+                ready = self._fill(step, fac, a, b, row_elems * in_size, dst.view(meta_out.dtype).view((b - a, *shape[1:])))
+                if ready is not None and spill:
+                    ready.synchronize()
+                elif ready is not None:
+                    out.ready = ready
+            if spill:
+                out.write(dst)
+            written += n
+        return written
+
+    def _fill(self, step: Step, fac: Factors | None, a: int, b: int, nbytes: int, out: torch.Tensor) -> Any:
+        """Rows ``a:b`` of the step's output into ``out``; on a GPU, returns the event after which they are there."""
+        src = self._rows(step, a, b, nbytes)
+        ready = None
+        if fac is None:  # a copy, cast where asked
+            assert src is not None
+            out.copy_(src[0])
+        else:
+            base = None if src is None else src[0]
+            if base is not None:
+                base = base.flatten(1) if base.dim() == 4 else base
+            flat = out.flatten(1) if out.dim() == 4 else out
+            if fac.left.device.type == "cpu":
+                _merge_blocked(base, fac.left[a:b], fac.right, step.scale, fac.acc, fac.out_dtype, out=flat)
+            else:
+                ready = self._merge_on_gpu(base, fac, a, b, step.scale, flat)
+        if src is not None and src[1] is not None:
+            self.pool.put(src[1])
+        return ready
 
     def _merge_on_gpu(
         self, base: torch.Tensor | None, fac: Factors, a: int, b: int, scale: float, out: torch.Tensor
@@ -390,15 +515,14 @@ class _Writer:
 
 
 class _Sink:
-    """Writes blocks at their offsets on background threads, so reading and merging overlap the writes."""
+    """Writes chunks at their offsets on a background thread, so reading and merging overlap the writes."""
 
-    def __init__(self, pool: _Pool, depth: int = 3, workers: int = 2) -> None:
+    def __init__(self, pool: _Pool, depth: int = 4) -> None:
         self.pool = pool
-        self.queue: queue.Queue[tuple[int, int, torch.Tensor, torch.Tensor | None, Any] | None] = queue.Queue(maxsize=depth)
+        self.queue: queue.Queue[tuple[int, int, torch.Tensor, torch.Tensor, Any] | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
-        self.threads = [threading.Thread(target=self._run, name="lora-ckpt-writer", daemon=True) for _ in range(workers)]
-        for thread in self.threads:
-            thread.start()
+        self.thread = threading.Thread(target=self._run, name="lora-ckpt-writer", daemon=True)
+        self.thread.start()
 
     def _run(self) -> None:
         while True:
@@ -406,15 +530,14 @@ class _Sink:
             try:
                 if item is None:
                     return
-                fd, offset, t, buf, ready = item
+                fd, offset, data, buf, ready = item
                 try:
-                    if ready is not None:  # a GPU block: wait until its bytes are on the host
+                    if ready is not None:  # GPU blocks: wait until their bytes are on the host
                         ready.synchronize()
                     if self.error is None:
-                        _write(fd, offset, t)
+                        _write(fd, offset, data)
                 finally:
-                    if buf is not None:
-                        self.pool.put(buf)
+                    self.pool.put(buf)
             except BaseException as e:  # handed to the main thread by _check
                 self.error = e
             finally:
@@ -424,24 +547,20 @@ class _Sink:
         if self.error is not None:
             raise self.error
 
-    def put(self, fd: int, offset: int, block: _Block) -> int:
+    def put(self, fd: int, offset: int, data: torch.Tensor, buf: torch.Tensor, ready: Any) -> None:
         self._check()
-        self.queue.put((fd, offset, *block))
-        return block[0].numel() * block[0].element_size()
+        self.queue.put((fd, offset, data, buf, ready))
 
     def drain(self) -> None:
         self.queue.join()
         self._check()
 
     def drain_quietly(self) -> None:
-        """Wait for queued writes (after a failure too), so no thread writes to a closed file."""
         self.queue.join()
 
     def close(self) -> None:
-        for _ in self.threads:
-            self.queue.put(None)
-        for thread in self.threads:
-            thread.join()
+        self.queue.put(None)
+        self.thread.join()
 
 
 def stream_merge(
@@ -508,36 +627,30 @@ def stream_merge(
     bar = _progress(total) if progress else None
     workdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     written = 0
-    sink = _Sink(writer.pool)
+    sink = _Sink(writer.chunks)
     # One torch thread: with more, OpenMP workers spinning between the small block operations took the
-    # cores from the writer threads (a 4 GB merge ran in 3.5 s with 2 threads, 1.8 s with 1, on 2 cores).
+    # cores from the reads and writes (a 4 GB merge ran in 3.5 s with 2 threads, 1.8 s with 1, on 2 cores).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for name, keys in zip(names, shards):
-            fd = os.open(workdir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            file = _Out(workdir / name, sink, writer.chunks)
             try:
                 entries = [(k, meta_out[k].dtype, tuple(meta_out[k].shape)) for k in keys]
                 st_meta = {"format": "pt", _META_KEY: json.dumps({**metadata, "lora_ckpt_version": __version__})}
-                header = _header(entries, st_meta)
-                offset = _write(fd, 0, torch.frombuffer(bytearray(header), dtype=torch.uint8))
+                file.write(torch.frombuffer(bytearray(_header(entries, st_meta)), dtype=torch.uint8))
                 for k in keys:
-                    n_bytes = 0
-                    for block in writer.blocks(by_key[k], meta_out[k]):
-                        n_bytes += sink.put(fd, offset + n_bytes, block)
+                    n_bytes = writer.emit(by_key[k], meta_out[k], file)
                     expected = meta_out[k].numel() * meta_out[k].dtype.itemsize
                     if n_bytes != expected:  # a broken plan must never produce a file with wrong offsets
                         raise CheckpointFileError(f"{k}: wrote {n_bytes} bytes, expected {expected}")
-                    offset += n_bytes
                     written += n_bytes
                     if bar is not None:
                         bar.update(n_bytes)
                         bar.set_postfix(tensors=f"{order.index(k) + 1}/{len(order)}", refresh=False)
-                sink.drain()
-                os.fsync(fd)
+                file.finish()
             finally:
-                sink.drain_quietly()
-                os.close(fd)
+                file.close()
         sink.close()
         src.close()
         files = _install(workdir, target, names, shards, meta_out, as_file, source)
