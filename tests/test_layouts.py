@@ -191,6 +191,33 @@ def test_kohya(dtype, alpha_for_conv):
         _close(plain(x), expected, dtype)
 
 
+def test_kohya_conv_factors_keep_their_kernel_dims_into_a_real_peft_model():
+    """A 1x1 convolution's factors stay (r, in, 1, 1) / (out, r, 1, 1) in PEFT and kohya: PEFT's Conv2d loads them."""
+    peft = pytest.importorskip("peft")
+    base = _randomize(Unet()).eval()
+    lora = _kohya_file(torch.float32, alpha_for_conv=True)
+    rel = convert_layout(lora, "peft", base=base.state_dict())
+    assert rel.state_dict["base_model.model.down_blocks.0.conv.lora_A.weight"].shape == (2, 8, 1, 1)
+    assert rel.state_dict["base_model.model.down_blocks.0.conv.lora_B.weight"].shape == (6, 2, 1, 1)
+    assert rel.state_dict["base_model.model.down_blocks.0.proj_in.lora_A.weight"].shape == (4, 8)
+    back = convert_layout(rel.state_dict, "kohya", scales={n: a / r for (n, a), r in zip(rel.alpha.items(), (4, 2))})
+    assert_state_dict_close(back.state_dict, lora, rtol=0, atol=0)  # the kohya round trip, shapes included
+    assert convert_layout(lora, "torchtune", base=base.state_dict()).state_dict["down_blocks.0.conv.lora_a.weight"].dim() == 2
+
+    config = peft.LoraConfig(r=4, lora_alpha=rel.alpha["down_blocks.0.proj_in"], target_modules=["proj_in", "conv"],
+                             rank_pattern={"conv": 2}, alpha_pattern={"conv": rel.alpha["down_blocks.0.conv"]})
+    wrapped = Unet()
+    wrapped.load_state_dict(base.state_dict())
+    model = peft.get_peft_model(wrapped, config)
+    result = peft.set_peft_model_state_dict(model, rel.state_dict)
+    assert not result.unexpected_keys
+    x = torch.randn(3, 8)
+    merged = Unet()
+    merged.load_state_dict(merge_lora(lora, base=base.state_dict()))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), merged(x), rtol=1e-5, atol=1e-5)
+
+
 def test_kohya_name_that_matches_no_base_key():
     lora = _kohya_file(torch.float32, True)
     lora["lora_unet_up_blocks_9_attn.lora_down.weight"] = torch.zeros(2, 8)

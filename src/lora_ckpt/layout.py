@@ -61,7 +61,8 @@ class LayoutSpec:
     where the layout names them apart. ``formulas`` gives the update formula per module kind
     (a key of :data:`FORMULAS`). ``key_prefix`` is put before every module name (PEFT's
     ``base_model.model.``). ``base_in_file``: whether the base weights normally sit beside the factors.
-    ``alpha_from``: where the alpha is recorded (``"argument"`` if nowhere).
+    ``alpha_from``: where the alpha is recorded (``"argument"`` if nowhere). ``conv_factors``: whether
+    the factors of a 1x1 convolution keep their kernel dimensions (stored as ``Conv2d`` weights).
     """
 
     name: str
@@ -71,6 +72,7 @@ class LayoutSpec:
     key_prefix: str = ""
     base_in_file: bool = True
     alpha_from: Literal["argument", "config", "tensor"] = "argument"
+    conv_factors: bool = False
     description: str = ""
 
     def role_of(self, suffix: str) -> str | None:
@@ -110,6 +112,7 @@ PEFT = LayoutSpec(
     key_prefix="base_model.model.",
     base_in_file=False,
     alpha_from="config",
+    conv_factors=True,
     description="Hugging Face PEFT adapters (adapter_model.safetensors + adapter_config.json)",
 )
 TORCHTUNE = LayoutSpec(
@@ -141,6 +144,7 @@ KOHYA = LayoutSpec(
     formulas={"linear": "B@A"},
     base_in_file=False,
     alpha_from="tensor",
+    conv_factors=True,
     description="kohya-ss (sd-scripts) LoRA: lora_unet_… / lora_te_… with lora_down, lora_up, alpha",
 )
 

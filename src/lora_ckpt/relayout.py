@@ -126,6 +126,8 @@ def convert_layout(
         a, b = tensors[m.a_key], tensors[m.b_key]
         left, right = FORMULAS[m.formula][2](a.flatten(1) if a.dim() == 4 else a, b.flatten(1) if b.dim() == 4 else b)
         ta, tb = _factors(target, kind, left, right)
+        if a.dim() == 4 and target.conv_factors:  # a 1x1 convolution: (r, in, 1, 1) and (out, r, 1, 1)
+            ta, tb = ta[:, :, None, None], tb[:, :, None, None]
         tname = _kohya_name(name) if target is KOHYA else name
         out[target.key(tname, "a", kind)] = ta
         out[target.key(tname, "b", kind)] = tb

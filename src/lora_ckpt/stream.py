@@ -508,11 +508,6 @@ class _Writer:
             src = self.plan.adapter[step.source] if step.from_adapter else self.source.read(self.prefix + step.source)
         return self.plan.compute(step, {step.source: src} if step.source is not None else {})  # type: ignore[dict-item]
 
-    def _cast(self, t: torch.Tensor | None) -> torch.Tensor:
-        assert t is not None
-        dtype = self.plan.dtype
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-
 
 class _Sink:
     """Writes chunks at their offsets on a background thread, so reading and merging overlap the writes."""
