@@ -152,6 +152,29 @@ def test_live_peft_model_state_dict_merges_like_merge_and_unload(tmp_path):
             torch.testing.assert_close(v, theirs[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def test_live_peft_model_with_modules_to_save_merges_like_merge_and_unload(tmp_path):
+    """A live model wraps lm_head: original_module (the base) and modules_to_save.default (trained) become lm_head."""
+    from lora_ckpt import merge_lora
+    from lora_ckpt.formats.peft import load_peft_adapter
+
+    model = _build(tmp_path, "llama-dora-embedding-modules_to_save")
+    live = model.state_dict()
+    assert "base_model.model.lm_head.modules_to_save.default.weight" in live
+    assert "base_model.model.lm_head.original_module.weight" in live
+    expected = _logits(model)
+    ours = merge_lora(live, scales=load_peft_adapter(tmp_path / "adapter").scales)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = model.merge_and_unload()
+    assert list(ours) == list(theirs.state_dict())
+    for k, v in theirs.state_dict().items():
+        torch.testing.assert_close(ours[k], v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    torch.testing.assert_close(ours["lm_head.weight"], theirs.state_dict()["lm_head.weight"], rtol=0, atol=0)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    plain.load_state_dict(ours, strict=True)
+    torch.testing.assert_close(_logits(plain), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_sharded_base_folder_and_cli_gpt2_conversions(tmp_path, capsys):
     model = _build(tmp_path, "gpt2-conv1d-embedding")
     expected = _logits(model)  # the unmerged adapter's function

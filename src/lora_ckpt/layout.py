@@ -408,11 +408,18 @@ def _choose_spec(keys: Iterable[str], layout: str | None) -> LayoutSpec | None:
 
 
 def _normalise_peft(key: str) -> tuple[str, str | None]:
-    """A live PEFT key without its adapter name (``lora_A.default.weight`` -> ``lora_A.weight``), and that name."""
+    """A live PEFT key without its adapter name (``lora_A.default.weight`` -> ``lora_A.weight``), and that name.
+
+    A live DoRA magnitude is the ``weight`` of a layer (``lora_magnitude_vector.default.weight``); saved
+    files call it ``lora_magnitude_vector``.
+    """
     m = _PEFT_ADAPTER_PART.search(key)
     if not m:
         return key, None
-    return key[: m.start()] + f".{m.group(1)}" + key[m.end() :], m.group(2)
+    rest = key[m.end() :]
+    if m.group(1) == "lora_magnitude_vector" and rest == ".weight":
+        rest = ""
+    return key[: m.start()] + f".{m.group(1)}" + rest, m.group(2)
 
 
 def _split_roles(

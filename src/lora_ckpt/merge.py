@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 
 from lora_ckpt.errors import AlphaError, KeyMismatchError, LayoutError, ShapeError
-from lora_ckpt.layout import FORMULAS, KOHYA, Layout, LoraModule, detect_layout, split_prefix
+from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LoraModule, detect_layout, split_prefix
 
 __all__ = ["Alpha", "MergePlan", "Step", "merge_lora", "merge_module", "plan_merge", "resolve_base_names", "resolve_scales"]
 
@@ -417,12 +417,16 @@ def plan_merge(
                 if k not in source_of and std is not None:
                     aliases[std] = updated[0]
     prefix = layout.spec.key_prefix if layout.spec else ""
+    wrapped = {k: _unwrapped(k) for k in tensors if layout.spec is PEFT and _PEFT_WRAPPER.search(k)}
+    trained = {plain for k, plain in wrapped.items() if ".modules_to_save." in k}
     steps: list[Step] = []
     for key in tensors:
         std = _standard_key(key, by_key)
         if std is None:
             continue
-        out_key = std.removeprefix(prefix)
+        if key in wrapped and ".original_module." in key and wrapped[key] in trained:
+            continue  # a live PEFT modules_to_save wrapper: the trained copy below replaces the original
+        out_key = wrapped.get(key, std).removeprefix(prefix)
         if std in aliases:
             steps.append(Step(out_key, "alias", aliases[std].removeprefix(prefix)))
         elif std in merged:
@@ -430,6 +434,15 @@ def plan_merge(
         else:
             steps.append(Step(out_key, "copy", key))
     return MergePlan(steps, tensors, tensors, dtype, fan_in_fan_out)
+
+
+# A module PEFT trains in full (``modules_to_save``) is wrapped in a live model: ``lm_head.original_module.weight``
+# is the base and ``lm_head.modules_to_save.<adapter>.weight`` the trained copy, which the merged model takes.
+_PEFT_WRAPPER = re.compile(r"\.(?:original_module|modules_to_save\.[^.]+)\.")
+
+
+def _unwrapped(key: str) -> str:
+    return _PEFT_WRAPPER.sub(".", key, count=1)
 
 
 def _require_float(m: LoraModule, base: torch.Tensor) -> None:
