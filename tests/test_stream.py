@@ -1,5 +1,6 @@
 """Streaming merges: bit-identical to in-memory merges, sharded, atomic, and bounded in memory."""
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -170,6 +171,56 @@ def test_cuda_stream_matches_cpu(llama, tmp_path):
     stream_merge(base, tmp_path / "gpu", adapter=adapter, device="cuda")
     stream_merge(base, tmp_path / "cpu", adapter=adapter)
     assert_state_dict_close(load_model_weights(tmp_path / "gpu"), load_model_weights(tmp_path / "cpu"), rtol=1e-6, atol=1e-6)
+
+
+class _StandInEvent:
+    made: list["_StandInEvent"] = []
+
+    def __init__(self):
+        self.recorded = self.waited = False
+        _StandInEvent.made.append(self)
+
+    def record(self, stream=None):
+        self.recorded = True
+
+    def synchronize(self):
+        assert self.recorded
+        self.waited = True
+
+
+class _StandInStream:
+    def wait_event(self, event):
+        assert event.recorded
+
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.mark.parametrize("chunk", [stream._CHUNK_BYTES, 8192])
+def test_gpu_pipeline_bookkeeping_with_stand_in_streams(llama, tmp_path, monkeypatch, chunk):
+    """The copy-in / merge / copy-out pipeline of ``device="cuda"`` run on the CPU with stand-in streams and
+    events: every block lands in its place and every copy-out event is waited for before its bytes are
+    written or moved. (The asynchrony itself needs a GPU: test_cuda_stream_matches_cpu.)"""
+    base, adapter = llama
+    _StandInEvent.made = []
+    monkeypatch.setattr(torch.cuda, "Event", _StandInEvent)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _StandInStream())
+    monkeypatch.setattr(stream, "_CHUNK_BYTES", chunk)
+    real_init = stream._Writer.__init__
+
+    def init(self, *args):
+        real_init(self, *args)
+        self.copy_stream, self.compute_stream = _StandInStream(), _StandInStream()
+
+    monkeypatch.setattr(stream._Writer, "__init__", init)
+    report = stream_merge(base, tmp_path / "out.safetensors", adapter=adapter, dtype=torch.bfloat16)
+    expected = merge_adapter(base, adapter, dtype=torch.bfloat16)
+    assert_state_dict_close(load_model_weights(report.files[0]), expected, rtol=0, atol=0)
+    copied_out = _StandInEvent.made[2::3]  # each block makes copied_in, computed, copied_out
+    assert len(_StandInEvent.made) == 3 * len(copied_out) > 0
+    assert all(e.waited for e in _StandInEvent.made[0::3])  # the input buffer is reused only after its copy-in
+    assert copied_out[-1].waited  # the writer (or a carried-over page) waited for the last copy-out
 
 
 def test_parse_size():

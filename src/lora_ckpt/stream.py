@@ -456,7 +456,7 @@ class _Writer:
             if base is not None:
                 base = base.flatten(1) if base.dim() == 4 else base
             flat = out.flatten(1) if out.dim() == 4 else out
-            if fac.left.device.type == "cpu":
+            if self.copy_stream is None:
                 _merge_blocked(base, fac.left[a:b], fac.right, step.scale, fac.acc, fac.out_dtype, out=flat)
             else:
                 ready = self._merge_on_gpu(base, fac, a, b, step.scale, flat)
@@ -480,15 +480,14 @@ class _Writer:
         with torch.cuda.stream(self.compute_stream):
             self.compute_stream.wait_event(copied_in)
             merged = _merge_blocked(base_gpu, fac.left[a:b], fac.right, scale, fac.acc, fac.out_dtype)
-            if base_gpu is not None:
-                base_gpu.record_stream(self.compute_stream)
+            _used_on(base_gpu, self.compute_stream)
             computed = torch.cuda.Event()
             computed.record(self.compute_stream)
         copied_out = torch.cuda.Event()
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(computed)
             out.copy_(merged, non_blocking=True)
-            merged.record_stream(self.copy_stream)
+            _used_on(merged, self.copy_stream)
             copied_out.record(self.copy_stream)
         copied_in.synchronize()
         return copied_out
@@ -507,6 +506,12 @@ class _Writer:
         if step.source is not None:
             src = self.plan.adapter[step.source] if step.from_adapter else self.source.read(self.prefix + step.source)
         return self.plan.compute(step, {step.source: src} if step.source is not None else {})  # type: ignore[dict-item]
+
+
+def _used_on(t: torch.Tensor | None, stream: Any) -> None:
+    """Tell the CUDA caching allocator that ``stream`` uses ``t``, so its memory is not reused too early."""
+    if t is not None and t.is_cuda:
+        t.record_stream(stream)
 
 
 class _Sink:
