@@ -2,11 +2,12 @@
 
 Everything is checked first on ``meta`` tensors (keys, shapes, dtypes, alphas, free disk space).
 Merging changes no shape, so each output shard's safetensors header is written before any tensor is
-computed, and every tensor is then read, merged and written in row blocks. safetensors has no
-streaming writer, so the header is written here by the format's specification (an 8-byte
-little-endian length, a JSON header padded to 8 bytes, the tensors' bytes in order); the output is
-read back with safetensors itself in the tests. Files are written under temporary names and renamed
-into place at the end; a failure leaves no output and the inputs untouched.
+computed. Every tensor is then read and merged in row blocks straight into page-aligned chunks of the
+output, which a background thread writes with direct I/O where the file system allows it.
+safetensors has no streaming writer, so the header is written here by the format's specification
+(an 8-byte little-endian length, a JSON header padded to 8 bytes, the tensors' bytes in order); the
+output is read back with safetensors itself in the tests. Files are written under temporary names and
+renamed into place at the end; a failure leaves no output and the inputs untouched.
 """
 
 from __future__ import annotations
