@@ -166,3 +166,18 @@ def test_metadata_from_a_newer_format_is_refused(tmp_path):
     torch.save({"model": make_lora_state_dict(rank=2), "lora_ckpt": {"format_version": 99, "lora_ckpt_version": "9.0"}}, path)
     with pytest.raises(CheckpointFileError, match=r"future.pt: written by lora_ckpt 9.0 in metadata format 99, which lora_ckpt 0.1.0 does not read; upgrade"):
         load_checkpoint(path)
+
+
+def test_safetensors_whose_header_length_starts_like_a_pickle(tmp_path):
+    """A header length of 128 + 256k bytes makes the file's first byte 0x80, the first byte of a legacy pickle."""
+    sd = make_gpt(seed=1).state_dict()
+    for pad in range(0, 512, 8):
+        path = save_checkpoint(tmp_path / f"m{pad}.safetensors", sd, extra={"model_args": {"pad": "x" * pad}})
+        if path.read_bytes()[0] == 0x80:
+            break
+        path.unlink()
+    else:
+        pytest.fail("no padding gave a header length starting with 0x80")
+    ckpt = load_checkpoint(path)
+    assert list(ckpt.state_dict) == list(sd)
+    assert ckpt.state_dict["lm_head.weight"] is ckpt.state_dict["transformer.wte.weight"]  # ties come from our metadata

@@ -24,6 +24,7 @@ from lora_ckpt.optim import OptimizerReport, named_optimizer_state, transfer_opt
 from lora_ckpt.relayout import Relayout, convert_layout
 from lora_ckpt.remap import remap_standard_to_lora
 from lora_ckpt.stream import StreamReport, stream_merge
+from lora_ckpt.stream_convert import stream_convert
 
 from lora_ckpt._version import __version__
 
@@ -55,6 +56,7 @@ __all__ = [
     "named_optimizer_state",
     "remap_standard_to_lora",
     "save_checkpoint",
+    "stream_convert",
     "stream_merge",
     "transfer_optimizer_state",
 ]

@@ -28,6 +28,7 @@ from lora_ckpt.layout import LAYOUTS, detect_layout
 from lora_ckpt.merge import merge_lora
 from lora_ckpt.relayout import convert_layout
 from lora_ckpt.stream import LazySource, StreamReport, parse_size, stream_merge
+from lora_ckpt.stream_convert import stream_convert
 
 _FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
@@ -71,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--gpt2", action="store_true", help="nanoGPT <-> Hugging Face GPT-2 (Conv1D weights transposed)")
     s.add_argument("--n-head", type=int, help="attention heads, for the GPT-2 config.json (default: model_args)")
     s.add_argument("--seed", type=int, default=0, help="seed for fresh LoRA factors (--like)")
+    s.add_argument("--max-shard-size", metavar="SIZE", type=_size, help="shard a --base-out folder, e.g. 5GB")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_common(s)
 
     s = sub.add_parser("demo", help="train a tiny nanoGPT LoRA model, convert it both ways, check outputs match")
@@ -243,7 +246,11 @@ def _convert(args: argparse.Namespace) -> int:
             return _merge_adapter(argparse.Namespace(**vars(args), dtype=None), args.base, args.src, args.dst)
         return _merge_file(argparse.Namespace(**vars(args), dtype=None, tied="untie"))
     if args.like is not None:
+        if dst.suffix == ".safetensors" and not is_peft_dir(args.src):
+            return _convert_streamed(args, dst, like=args.like)
         return _convert_like(args, dst)
+    if not (is_peft_dir(args.src) or args.gpt2 or args.base) and _streams_convert(to, dst, args.base_out):
+        return _convert_streamed(args, dst, to=to)
     if is_peft_dir(args.src):
         adapter = load_peft_adapter(args.src)
         sd, scales, alpha, extra = adapter.state_dict, adapter.scales, None, {}
@@ -271,6 +278,27 @@ def _convert(args: argparse.Namespace) -> int:
             keep = extra if dst.suffix != ".safetensors" else {k: v for k, v in extra.items() if k == "model_args"}
             save_checkpoint(dst, rel.state_dict, alpha=rel.alpha, extra=keep, overwrite=args.force)
     print(f"converted {args.src} to the {to} layout: {dst} ({len(rel.alpha)} LoRA modules, factors unchanged)")
+    return 0
+
+
+def _streams_convert(to: str, dst: Path, base_out: str | None) -> bool:
+    """Whether to convert file to file with bounded memory: what holds the base weights is safetensors."""
+    if LAYOUTS[to].base_in_file:
+        return dst.suffix == ".safetensors"
+    return base_out is not None and Path(base_out).suffix not in _FILE_SUFFIXES[1:]
+
+
+def _convert_streamed(args: argparse.Namespace, dst: Path, *, to: str | None = None, like: str | None = None) -> int:
+    if args.base_out:
+        _refuse_existing(Path(args.base_out), args.force)
+    report = stream_convert(args.src, dst, to=to, like=like, alpha=args.alpha, base_out=args.base_out,
+                            max_shard_size=args.max_shard_size, seed=args.seed, progress=not args.quiet,
+                            overwrite=args.force)
+    what = f"the layout of {like}" if like else f"the {to} layout"
+    print(f"converted {args.src} to {what}: {dst} ({report.tensors} tensors, {report.bytes / 1e9:.2f} GB streamed"
+          + (f" to {args.base_out}" if args.base_out and not like else "") + f", {report.seconds:.1f} s)")
+    if report.conversion is not None:
+        print(report.conversion)
     return 0
 
 

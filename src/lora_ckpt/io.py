@@ -164,10 +164,13 @@ def load_checkpoint(path: PathLike) -> Checkpoint:
         raise CheckpointFileError(f"{p}: no such file")
     with open(p, "rb") as f:
         head = f.read(16)
+    # safetensors first: its 8-byte header length can start with 0x80, as a legacy pickle does
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") + 8 <= p.stat().st_size:
+        return _load_safetensors(p)
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         return _from_dict(_torch_load(p, zip_format=head.startswith(b"PK")), p)
     if len(head) >= 9 and head[8:9] == b"{":
-        return _load_safetensors(p)
+        return _load_safetensors(p)  # a header longer than the file: reported as truncated
     raise CheckpointFileError(f"{p}: not a safetensors file nor a torch checkpoint (it may be truncated or corrupt)")
 
 

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,12 @@ import torch
 from safetensors import safe_open
 
 from lora_ckpt._version import __version__
+from lora_ckpt.convert import LoadReport
 from lora_ckpt.errors import CheckpointFileError, LayoutError
 from lora_ckpt.formats.hf import copy_model_extras, install_folder, weight_files
 from lora_ckpt.formats.peft import is_peft_dir, load_peft_adapter
 from lora_ckpt.io import _FORMAT_VERSION, _META_KEY, Checkpoint, PathLike, as_checkpoint, load_checkpoint
-from lora_ckpt.layout import detect_layout, split_prefix
+from lora_ckpt.layout import _tied_groups, detect_layout, split_prefix
 from lora_ckpt.merge import Alpha, Factors, MergePlan, Step, _merge_blocked, module_factors, plan_merge
 
 __all__ = ["LazySource", "StreamReport", "parse_size", "stream_merge"]
@@ -116,6 +117,12 @@ class LazySource:
             for alias, key in self.metadata.get("aliases", {}).items():
                 self.where[alias], self.shapes[alias], self.dtypes[alias] = f, self.shapes[key], self.dtypes[key]
                 self.metadata.setdefault("_alias_of", {})[alias] = key
+
+    def aliases(self) -> dict[str, str]:
+        """Keys that hold the same tensor as another key (tied weights): alias -> the key stored."""
+        if self.checkpoint is not None:
+            return {alias: group[0] for group in _tied_groups(self.loaded) for alias in group[1:]}
+        return dict(self.metadata.get("_alias_of", {}))
 
     def keys(self) -> list[str]:
         order = self.metadata.get("order")
@@ -208,13 +215,25 @@ class _Pool:
 
 @dataclass
 class StreamReport:
-    """What :func:`stream_merge` wrote: the files, tensor and byte counts, the merged keys, seconds taken."""
+    """What :func:`stream_merge` or :func:`~lora_ckpt.stream_convert` wrote: the files, tensor and byte
+    counts, the merged keys, seconds taken, and for a conversion to a template's layout its key-by-key report."""
 
     files: list[Path]
     tensors: int
     bytes: int
     merged: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    conversion: LoadReport | None = None
+
+
+def _file_info(source: LazySource) -> Checkpoint:
+    """What a file records beside its tensors: the alpha and the other entries (``model_args`` …), no tensors."""
+    recorded = source.checkpoint.alpha if source.checkpoint else source.metadata.get("alpha")
+    if source.checkpoint is not None:
+        extra = dict(source.checkpoint.extra)
+    else:
+        extra = {"model_args": source.metadata["model_args"]} if source.metadata.get("model_args") else {}
+    return Checkpoint({}, alpha=recorded, alpha_source="the file", extra=extra, path=source.path)
 
 
 def _plan(
@@ -225,14 +244,9 @@ def _plan(
     if adapter is None:  # a LoRA file that holds its base: factors are small, read them now
         layout = detect_layout(meta)
         small = {layout.prefix + k: source.read(layout.prefix + k) for m in layout.modules for k in m.factor_keys}
-        recorded = source.checkpoint.alpha if source.checkpoint else source.metadata.get("alpha")
-        ckpt = Checkpoint({}, alpha=recorded, alpha_source="the file", path=source.path)
-        if source.checkpoint is not None:
-            extra = dict(source.checkpoint.extra)
-        elif source.metadata.get("model_args"):
-            extra = {"model_args": source.metadata["model_args"]}
+        ckpt = _file_info(source)
         plan = plan_merge({**meta, **small}, alpha=ckpt.resolve_alpha(alpha), dtype=dtype, tied=tied)  # type: ignore[arg-type]
-        return plan, extra
+        return plan, ckpt.extra
     if isinstance(adapter, (str, os.PathLike)) and is_peft_dir(adapter):
         peft = load_peft_adapter(adapter)
         if alpha is not None:
@@ -591,22 +605,60 @@ def stream_merge(
         LayoutError, ShapeError, AlphaError, KeyMismatchError: found before any tensor is computed.
     """
     started = time.perf_counter()
-    target = Path(out)
-    if target.exists() and not overwrite:
-        raise CheckpointFileError(f"{target}: already exists; pass overwrite=True (CLI: --force) to replace it")
-    as_file = target.suffix == ".safetensors"
-    max_bytes = None if max_shard_size is None else parse_size(max_shard_size)
-    if as_file and max_bytes is not None:
-        raise CheckpointFileError(f"{target}: a sharded output is a folder; give a folder name, not a .safetensors file")
-    if not target.parent.is_dir():
-        raise CheckpointFileError(f"{target}: the folder {target.parent} does not exist")
+    target, max_bytes = _output(out, max_shard_size, overwrite)
     dev = torch.device(device) if device is not None else None
     if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointFileError("device cuda was asked for, but torch sees no CUDA device")
 
     src = LazySource(source)
     plan, extra = _plan(src, adapter, alpha, dtype, "untie")
-    base_prefix = split_prefix(src.keys()[0])[0]  # planning checked that every key carries the same one
+    metadata = {"format_version": _FORMAT_VERSION, "layout": "standard", "order": [s.key for s in plan.steps],
+                "aliases": {s.key: s.source for s in plan.steps if s.op == "alias"}}
+    if extra.get("model_args"):
+        metadata["model_args"] = {k: v for k, v in dict(extra["model_args"]).items() if not str(k).startswith("lora_")}
+    prefix = split_prefix(src.keys()[0])[0]  # planning checked that every key carries the same one
+    report = _write_plan(plan, src, prefix, target, metadata, max_bytes, dev, progress, source)
+    report.merged = [s.key for s in plan.steps if s.op == "merge"]
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _output(out: PathLike, max_shard_size: int | str | None, overwrite: bool) -> tuple[Path, int | None]:
+    """The output path and shard size in bytes, checked: not there (or ``overwrite``), a folder if sharded."""
+    target = Path(out)
+    if target.exists() and not overwrite:
+        raise CheckpointFileError(f"{target}: already exists; pass overwrite=True (CLI: --force) to replace it")
+    max_bytes = None if max_shard_size is None else parse_size(max_shard_size)
+    if target.suffix == ".safetensors" and max_bytes is not None:
+        raise CheckpointFileError(f"{target}: a sharded output is a folder; give a folder name, not a .safetensors file")
+    if not target.parent.is_dir():
+        raise CheckpointFileError(f"{target}: the folder {target.parent} does not exist")
+    return target, max_bytes
+
+
+def _write_plan(
+    plan: MergePlan,
+    src: LazySource,
+    prefix: str,
+    target: Path,
+    metadata: dict[str, Any],
+    max_bytes: int | None,
+    dev: torch.device | None,
+    progress: bool,
+    source: PathLike,
+) -> StreamReport:
+    """Write the plan's output to ``target`` (a ``.safetensors`` file or a folder, sharded by ``max_bytes``).
+
+    ``prefix`` goes before the plan's source keys in ``src``; ``metadata`` is lora_ckpt's; the other
+    files of a ``source`` folder are copied into an output folder.
+    """
+    as_file = target.suffix == ".safetensors"
+    if max_bytes is not None and any(s.op == "alias" for s in plan.steps):
+        # shards are read one at a time (an alias in one could not reach its tensor in another): store in full
+        by_key = {s.key: s for s in plan.steps}
+        steps = [replace(by_key[s.source], key=s.key) if s.op == "alias" and s.source else s for s in plan.steps]
+        plan = replace(plan, steps=steps)
+        metadata = {**metadata, "aliases": {}}
     meta_out = {s.key: _meta_result(plan, s) for s in plan.steps if s.op != "alias"}
     order = [s.key for s in plan.steps if s.op != "alias"]
     total = sum(meta_out[k].numel() * meta_out[k].dtype.itemsize for k in order)
@@ -620,11 +672,7 @@ def stream_merge(
         ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     )
     by_key = {s.key: s for s in plan.steps}
-    metadata = {"format_version": _FORMAT_VERSION, "layout": "standard", "order": [s.key for s in plan.steps],
-                "aliases": {s.key: s.source for s in plan.steps if s.op == "alias"}}
-    if extra.get("model_args"):
-        metadata["model_args"] = {k: v for k, v in dict(extra["model_args"]).items() if not str(k).startswith("lora_")}
-    writer = _Writer(plan, src, base_prefix, dev)
+    writer = _Writer(plan, src, prefix, dev)
     bar = _progress(total) if progress else None
     workdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     written = 0
@@ -664,8 +712,7 @@ def stream_merge(
         torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
-    merged = [s.key for s in plan.steps if s.op == "merge"]
-    return StreamReport(files, len(order), written, merged, time.perf_counter() - started)
+    return StreamReport(files, len(order), written)
 
 
 def _meta_result(plan: MergePlan, step: Step) -> torch.Tensor:

@@ -1,0 +1,168 @@
+"""Streaming conversions: the same files as the in-memory conversions, models that compute the same, atomic."""
+
+import hashlib
+
+import pytest
+import torch
+from conftest import logits
+
+import lora_ckpt.stream as stream
+from lora_ckpt import (
+    CheckpointFileError,
+    LayoutError,
+    convert_layout,
+    load_checkpoint,
+    load_into,
+    merge_adapter,
+    merge_lora,
+    save_checkpoint,
+    stream_convert,
+)
+from lora_ckpt.cli import main
+from lora_ckpt.convert import convert_state_dict, fresh_factors
+from lora_ckpt.layout import detect_layout
+from lora_ckpt.testing import assert_state_dict_close, make_gpt
+
+
+def _digest(path):
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}
+
+
+@pytest.fixture(params=[".pt", ".safetensors"])
+def lora_file(request, tmp_path):
+    """A nanoGPT LoRA checkpoint (rank 4 on c_attn, 2 on the tied wte) behind torch.compile's prefix."""
+    model = make_gpt(attn_rank=4, wte_rank=2, alpha=8.0, randomize=True)
+    sd = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    return model, save_checkpoint(tmp_path / f"lora{request.param}", sd, alpha=8.0,
+                                  extra={"model_args": {"n_layer": 2, "lora_rank": 4}})
+
+
+@pytest.mark.parametrize("to", ["torchtune", "loralib", "minlora"])
+def test_to_a_layout_gives_the_in_memory_result(lora_file, tmp_path, to):
+    _, path = lora_file
+    model = make_gpt(attn_rank=4, alpha=8.0, randomize=True)  # no wte update: these layouts have no embeddings
+    path = save_checkpoint(tmp_path / f"nowte{path.suffix}", model.state_dict(), alpha=8.0)
+    before = _digest(path)
+    report = stream_convert(path, tmp_path / "out.safetensors", to=to)
+    expected = convert_layout(load_checkpoint(path).state_dict, to, alpha=8.0)
+    got = load_checkpoint(report.files[0])
+    assert list(got.state_dict) == list(expected.state_dict)
+    assert_state_dict_close(got.state_dict, expected.state_dict, rtol=0, atol=0)
+    assert got.alpha == expected.alpha
+    assert got.state_dict["lm_head.weight"] is got.state_dict["transformer.wte.weight"]  # stored once, tied on load
+    plain = make_gpt(seed=9)
+    plain.load_state_dict(merge_lora(got.state_dict, alpha=got.alpha))
+    torch.testing.assert_close(logits(plain), logits(model))
+    assert _digest(path) == before
+
+
+def test_to_nanogpt_keeps_ties_alpha_and_model_args(lora_file, tmp_path):
+    model, path = lora_file
+    report = stream_convert(path, tmp_path / "out.safetensors", to="nanogpt_lora")
+    got = load_checkpoint(report.files[0])
+    expected = convert_layout(load_checkpoint(path).state_dict, "nanogpt_lora", alpha=8.0).state_dict
+    assert list(got.state_dict) == list(expected)  # the torch.compile prefix is dropped, as in memory
+    assert_state_dict_close(got.state_dict, expected, rtol=0, atol=0)
+    assert got.state_dict["lm_head.weight"] is got.state_dict["transformer.wte.main_weight.weight"]
+    assert got.extra["model_args"] == {"n_layer": 2, "lora_rank": 4} and got.alpha is not None
+    lora = make_gpt(seed=3, attn_rank=4, wte_rank=2, alpha=8.0)
+    load_into(lora, report.files[0])
+    torch.testing.assert_close(logits(lora), logits(model))
+
+
+def test_to_peft_streams_the_base_apart(lora_file, tmp_path):
+    model, path = lora_file
+    nowte = make_gpt(attn_rank=4, alpha=8.0, randomize=True)
+    path = save_checkpoint(tmp_path / f"nowte{path.suffix}", nowte.state_dict(), alpha=8.0)
+    report = stream_convert(path, tmp_path / "adapter", to="peft", base_out=tmp_path / "base", max_shard_size="40KB")
+    shards = sorted(p.name for p in (tmp_path / "base").iterdir())
+    assert "model.safetensors.index.json" in shards and len(shards) > 2
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file() and tmp_path / "adapter" in report.files
+    merged = merge_adapter(tmp_path / "base", tmp_path / "adapter")
+    assert_state_dict_close(merged, merge_lora(nowte.state_dict(), alpha=8.0), rtol=0, atol=0)
+    plain = make_gpt(seed=9)
+    plain.load_state_dict(merged)
+    torch.testing.assert_close(logits(plain), logits(nowte))
+
+
+def test_like_a_template_from_standard_matches_load_into(tmp_path):
+    standard = make_gpt(seed=2)
+    src = save_checkpoint(tmp_path / "std.safetensors", standard.state_dict())
+    template = save_checkpoint(tmp_path / "template.pt", make_gpt(attn_rank=4, wte_rank=2, alpha=8.0).state_dict(),
+                               alpha=8.0)
+    report = stream_convert(src, tmp_path / "lora.safetensors", like=template, seed=7)
+    assert report.conversion is not None and len(report.conversion.remapped) > 0 and not report.merged
+    got = load_checkpoint(report.files[0])
+    t_layout = detect_layout(load_checkpoint(template).state_dict)
+    conversion = convert_state_dict(load_checkpoint(src), t_layout, target_alpha=8.0)
+    expected = {**conversion.values, **fresh_factors(t_layout, conversion.report.initialised, seed=7)}
+    assert_state_dict_close(got.state_dict, {k: expected[k] for k in t_layout.shapes}, rtol=0, atol=0)
+    lora = make_gpt(seed=5, attn_rank=4, wte_rank=2, alpha=8.0)
+    lora.load_state_dict(got.state_dict)  # strict: every key of the LoRA model, and nothing else
+    torch.testing.assert_close(logits(lora), logits(standard), rtol=0, atol=0)  # fresh B = 0: the same function
+
+
+def test_like_a_template_of_another_rank_merges_block_by_block(lora_file, tmp_path, monkeypatch):
+    model, path = lora_file
+    template = save_checkpoint(tmp_path / "r8.safetensors", make_gpt(attn_rank=8, wte_rank=2, alpha=8.0).state_dict(),
+                               alpha=8.0)
+    monkeypatch.setattr(stream, "_IO_BLOCK_BYTES", 4096)  # several blocks per merged weight
+    report = stream_convert(path, tmp_path / "r8-lora.safetensors", like=template)
+    assert report.merged == ["transformer.h.0.attn.c_attn.main_weight.weight", "transformer.h.1.attn.c_attn.main_weight.weight"]
+    got = load_checkpoint(report.files[0])
+    assert got.extra["model_args"] == {"n_layer": 2}  # the source's lora_* entries would be wrong here
+    t_layout = detect_layout(load_checkpoint(template).state_dict)
+    conversion = convert_state_dict(load_checkpoint(path), t_layout, target_alpha=8.0)
+    for key in report.merged:
+        torch.testing.assert_close(got.state_dict[key], conversion.values[key], rtol=0, atol=0)
+    lora = make_gpt(seed=5, attn_rank=8, wte_rank=2, alpha=8.0)
+    lora.load_state_dict(got.state_dict)
+    torch.testing.assert_close(logits(lora), logits(model))  # the rank-4 update now lives in main_weight
+
+
+def test_cli_streams_safetensors_and_keeps_pickles_in_memory(lora_file, tmp_path, capsys):
+    model, path = lora_file
+    template = save_checkpoint(tmp_path / "t.pt", make_gpt(attn_rank=4, wte_rank=2, alpha=8.0).state_dict(), alpha=8.0)
+    std = tmp_path / "std.safetensors"
+    assert main(["merge", str(path), str(std), "--quiet"]) == 0
+    assert main(["convert", str(std), str(tmp_path / "s.safetensors"), "--to", "nanogpt", "--like", str(template),
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "GB streamed" in out and "standard checkpoint -> nanogpt_lora model" in out
+    assert main(["convert", str(std), str(tmp_path / "m.pt"), "--to", "nanogpt", "--like", str(template)]) == 0
+    assert "GB streamed" not in capsys.readouterr().out
+    assert_state_dict_close(load_checkpoint(tmp_path / "s.safetensors").state_dict,
+                            load_checkpoint(tmp_path / "m.pt").state_dict, rtol=0, atol=0)
+
+
+def test_errors_name_the_fix(lora_file, tmp_path):
+    _, path = lora_file
+    with pytest.raises(LayoutError, match=r"give the target layout \(to=...\) or a template checkpoint \(like=...\)"):
+        stream_convert(path, tmp_path / "o.safetensors")
+    with pytest.raises(LayoutError, match="unknown target layout 'nowhere'; known: nanogpt_lora, peft"):
+        stream_convert(path, tmp_path / "o.safetensors", to="nowhere")
+    with pytest.raises(CheckpointFileError, match=r"o.pt: a streamed LoRA checkpoint is a .safetensors file"):
+        stream_convert(path, tmp_path / "o.pt", to="torchtune")
+    with pytest.raises(LayoutError, match=r"holds base weights, which peft keeps apart; pass base_out=PATH"):
+        stream_convert(path, tmp_path / "adapter", to="peft")
+    with pytest.raises(LayoutError, match=r"transformer.wte: torchtune has no LoRA embeddings"):
+        stream_convert(path, tmp_path / "o.safetensors", to="torchtune")
+    with pytest.raises(CheckpointFileError, match="already exists; pass overwrite=True"):
+        stream_convert(path, path, to="nanogpt_lora")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_a_failed_base_write_leaves_neither_output(lora_file, tmp_path, monkeypatch):
+    _, path = lora_file
+    nowte = save_checkpoint(tmp_path / f"nowte{path.suffix}", make_gpt(attn_rank=4, alpha=8.0).state_dict(), alpha=8.0)
+    before = _digest(nowte)
+
+    def failing(*args):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(stream, "_write", failing)
+    with pytest.raises(OSError, match="disk went away"):
+        stream_convert(nowte, tmp_path / "adapter", to="peft", base_out=tmp_path / "base")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, nowte.name])
+    assert _digest(nowte) == before
