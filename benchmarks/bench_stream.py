@@ -10,6 +10,8 @@
 3. On a GPT-2-medium-sized checkpoint (fp32, about 1.4 GB) runs the Hugging Face route (``from_pretrained``,
    ``PeftModel.from_pretrained``, ``merge_and_unload``, ``save_pretrained``) and lora-ckpt side by side, each in
    a fresh process, and prints time and peak RSS ratios.
+4. Converts a LoRA file holding its base (that checkpoint in the torchtune layout) with ``lora-ckpt convert``,
+   to loralib and to a PEFT adapter with its base apart, against a copy of the file: time and peak RSS.
 
 Run: ``python benchmarks/bench_stream.py --workdir /some/disk/with/15GB`` (a few minutes on 2 cores).
 """
@@ -159,6 +161,46 @@ def medium(work: Path) -> None:
           "the memory of the Hugging Face route")
 
 
+CONVERT = """
+import sys
+from lora_ckpt.cli import main
+sys.exit(main(["convert", *sys.argv[1:], "--quiet"]))
+"""
+
+
+def convert(work: Path, repeat: int) -> None:
+    """lora-ckpt convert on a LoRA file that holds its base: time against a copy of the file, and peak RSS."""
+    from lora_ckpt import convert_layout, save_checkpoint
+    from lora_ckpt.formats.hf import load_model_weights
+    from lora_ckpt.formats.peft import load_peft_adapter
+
+    peft = load_peft_adapter(work / "madapter")
+    rel = convert_layout(peft.state_dict, "torchtune", scales=peft.scales, base=load_model_weights(work / "mbase"))
+    (work / "tune").mkdir()
+    src = save_checkpoint(work / "tune" / "lora.safetensors", rel.state_dict, alpha=rel.alpha)
+    largest = max(t.numel() * t.element_size() for t in rel.state_dict.values())
+    del rel, peft
+    os.sync()
+    print(f"torchtune-layout LoRA file holding its base: {src.stat().st_size / 1e9:.2f} GB fp32")
+    runs: dict[str, list[tuple[float, int]]] = {"copy": [], "--to loralib": [], "--to peft --base-out": []}
+    for _ in range(repeat):
+        runs["copy"].append(run_child(COPY, str(work / "tune"), str(work / "out")))
+        runs["--to loralib"].append(run_child(CONVERT, str(src), str(work / "out.safetensors"), "--to", "loralib"))
+        runs["--to peft --base-out"].append(
+            run_child(CONVERT, str(src), str(work / "out"), "--to", "peft", "--base-out", str(work / "out_base"))
+        )
+        for leftover in ("out", "out.safetensors", "out_base"):
+            path = work / leftover
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.sync()
+    copy_s = statistics.median(t for t, _ in runs["copy"])
+    bound = 1.5 * largest + 300e6
+    for name in ("--to loralib", "--to peft --base-out"):
+        seconds, peak = statistics.median(t for t, _ in runs[name]), max(r for _, r in runs[name])
+        print(f"lora-ckpt convert {name}: {seconds:.1f} s = {seconds / copy_s:.2f}x the copy ({copy_s:.1f} s); "
+              f"peak RSS {peak / 1e6:.0f} MB = {peak / bound:.2f}x of 1.5 x largest tensor + 300 MB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", help="a folder with about 15 GB free (default: a temporary folder)")
@@ -174,6 +216,7 @@ def main() -> None:
             big(work, args.gb, args.repeat)
         if not args.skip_medium:
             medium(work)
+            convert(work, args.repeat)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

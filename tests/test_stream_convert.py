@@ -166,3 +166,25 @@ def test_a_failed_base_write_leaves_neither_output(lora_file, tmp_path, monkeypa
         stream_convert(nowte, tmp_path / "adapter", to="peft", base_out=tmp_path / "base")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, nowte.name])
     assert _digest(nowte) == before
+
+
+def test_square_modules_into_loralib_are_written_and_merge_with_kinds(tmp_path):
+    """loralib factors of a square weight fit a linear module and an embedding alike: saving records what it
+    can, and the merge asks which (kinds=...)."""
+    from lora_ckpt.formats.hf import load_model_weights
+    from lora_ckpt.formats.peft import load_peft_adapter
+    from lora_ckpt.testing.llama import LlamaShape, write_llama_adapter, write_llama_checkpoint
+
+    shape = LlamaShape(hidden=64, intermediate=172, layers=1, vocab=128)
+    write_llama_checkpoint(tmp_path / "base", shape, dtype=torch.float32)
+    write_llama_adapter(tmp_path / "adapter", shape, rank=4, dtype=torch.float32)
+    peft = load_peft_adapter(tmp_path / "adapter")
+    tune = convert_layout(peft.state_dict, "torchtune", scales=peft.scales, base=load_model_weights(tmp_path / "base"))
+    src = save_checkpoint(tmp_path / "tune.safetensors", tune.state_dict, alpha=tune.alpha)
+    got = load_checkpoint(stream_convert(src, tmp_path / "loralib.safetensors", to="loralib").files[0])
+    assert got.alpha == tune.alpha and got.metadata["layout"] is None
+    with pytest.raises(LayoutError, match=r"self_attn.q_proj: shapes A \(4, 64\), B \(64, 4\), weight \(64, 64\) fit both"):
+        merge_lora(got.state_dict, alpha=got.alpha)
+    layout = detect_layout(got.state_dict, kinds={name: "linear" for name in tune.alpha})
+    merged = merge_lora(got.state_dict, alpha=got.alpha, layout=layout)
+    assert_state_dict_close(merged, merge_adapter(tmp_path / "base", tmp_path / "adapter"), rtol=1e-6, atol=1e-6)

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from lora_ckpt._version import __version__
 from lora_ckpt.errors import AlphaError, CheckpointFileError, LayoutError, UnsafeCheckpointError
-from lora_ckpt.layout import _tied_groups, detect_layout
+from lora_ckpt.layout import Layout, _tied_groups, detect_layout
 
 __all__ = ["Checkpoint", "PathLike", "as_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -220,12 +220,17 @@ def _reorder(tensors: dict[str, torch.Tensor], order: list[str] | None) -> dict[
 def _metadata(
     state_dict: Mapping[str, torch.Tensor], alpha: float | Mapping[str, float] | None
 ) -> dict[str, Any]:
-    layout = detect_layout(state_dict)
-    meta: dict[str, Any] = {"format_version": _FORMAT_VERSION, "lora_ckpt_version": __version__, "layout": layout.kind}
-    if alpha is not None:
-        names = [m.name for m in layout.modules if m.has_factors]
-        meta["alpha"] = dict(alpha) if isinstance(alpha, Mapping) else {n: float(alpha) for n in names}
-    meta["tied"] = [list(g) for g in layout.tied]
+    try:
+        layout: Layout | None = detect_layout(state_dict)
+    except LayoutError:  # e.g. loralib factors of a square weight, which fit a linear module and an embedding alike
+        layout = None  # saving must not need what only a merge needs: that is asked for (kinds=...) there
+    meta: dict[str, Any] = {"format_version": _FORMAT_VERSION, "lora_ckpt_version": __version__,
+                            "layout": layout.kind if layout is not None else None}
+    if alpha is not None and (isinstance(alpha, Mapping) or layout is None):
+        meta["alpha"] = dict(alpha) if isinstance(alpha, Mapping) else float(alpha)
+    elif alpha is not None and layout is not None:
+        meta["alpha"] = {m.name: float(alpha) for m in layout.modules if m.has_factors}
+    meta["tied"] = [list(g) for g in _tied_groups(dict(state_dict))]
     return meta
 
 
