@@ -184,12 +184,12 @@ def convert(work: Path, repeat: int) -> None:
     print(f"torchtune-layout LoRA file holding its base: {src.stat().st_size / 1e9:.2f} GB fp32")
     runs: dict[str, list[tuple[float, int]]] = {"copy": [], "--to loralib": [], "--to peft --base-out": []}
     for _ in range(repeat):
-        runs["copy"].append(run_child(COPY, str(work / "tune"), str(work / "out")))
+        runs["copy"].append(run_child(COPY, str(work / "tune"), str(work / "copy")))
         runs["--to loralib"].append(run_child(CONVERT, str(src), str(work / "out.safetensors"), "--to", "loralib"))
         runs["--to peft --base-out"].append(
             run_child(CONVERT, str(src), str(work / "out"), "--to", "peft", "--base-out", str(work / "out_base"))
         )
-        for leftover in ("out", "out.safetensors", "out_base"):
+        for leftover in ("copy", "out", "out.safetensors", "out_base"):
             path = work / leftover
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         os.sync()
