@@ -150,6 +150,11 @@ def test_errors_name_the_fix(lora_file, tmp_path):
         stream_convert(path, tmp_path / "o.safetensors", to="torchtune")
     with pytest.raises(CheckpointFileError, match="already exists; pass overwrite=True"):
         stream_convert(path, path, to="nanogpt_lora")
+    kohya = save_checkpoint(tmp_path / "kohya.safetensors", {"lora_unet_proj.lora_down.weight": torch.zeros(2, 8),
+                                                            "lora_unet_proj.lora_up.weight": torch.zeros(8, 2)})
+    with pytest.raises(LayoutError, match=r"kohya.safetensors holds a kohya adapter only, with no base weights to stream"):
+        stream_convert(kohya, tmp_path / "o.safetensors", to="torchtune")
+    kohya.unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 

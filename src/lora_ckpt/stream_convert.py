@@ -70,6 +70,11 @@ def stream_convert(
     src = LazySource(source)
     lazy = src.meta()
     layout = detect_layout(lazy)
+    if layout.needs_base:
+        raise LayoutError(
+            f"{src.path} holds a {layout.kind} adapter only, with no base weights to stream; convert it in memory "
+            "(convert_layout, or lora-ckpt convert --base BASE)"
+        )
     factors = {layout.prefix + k: src.read(layout.prefix + k) for m in layout.modules for k in m.factor_keys}
     info = _file_info(src)
     source_alpha = info.resolve_alpha(alpha)
