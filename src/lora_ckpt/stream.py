@@ -38,7 +38,7 @@ from lora_ckpt.errors import CheckpointFileError, LayoutError
 from lora_ckpt.formats.hf import copy_model_extras, install_folder, weight_files
 from lora_ckpt.formats.peft import is_peft_dir, load_peft_adapter
 from lora_ckpt.io import _FORMAT_VERSION, _META_KEY, Checkpoint, PathLike, as_checkpoint, load_checkpoint
-from lora_ckpt.layout import _tied_groups, detect_layout, split_prefix
+from lora_ckpt.layout import Layout, _tied_groups, detect_layout, split_prefix
 from lora_ckpt.merge import Alpha, Factors, MergePlan, Step, _merge_blocked, module_factors, plan_merge
 
 __all__ = ["LazySource", "StreamReport", "parse_size", "stream_merge"]
@@ -236,14 +236,18 @@ def _file_info(source: LazySource) -> Checkpoint:
     return Checkpoint({}, alpha=recorded, alpha_source="the file", extra=extra, path=source.path)
 
 
+def _read_factors(source: LazySource, layout: Layout) -> dict[str, torch.Tensor]:
+    """The LoRA factors (and magnitudes, alphas) of a file that also holds its base: small, read now; keys as in the file."""
+    return {layout.prefix + k: source.read(layout.prefix + k) for m in layout.modules for k in m.factor_keys}
+
+
 def _plan(
     source: LazySource, adapter: object, alpha: Alpha | None, dtype: torch.dtype | None, tied: str
 ) -> tuple[MergePlan, dict[str, Any]]:
     meta = source.meta()
     extra: dict[str, Any] = {}
     if adapter is None:  # a LoRA file that holds its base: factors are small, read them now
-        layout = detect_layout(meta)
-        small = {layout.prefix + k: source.read(layout.prefix + k) for m in layout.modules for k in m.factor_keys}
+        small = _read_factors(source, detect_layout(meta))
         ckpt = _file_info(source)
         plan = plan_merge({**meta, **small}, alpha=ckpt.resolve_alpha(alpha), dtype=dtype, tied=tied)  # type: ignore[arg-type]
         return plan, ckpt.extra

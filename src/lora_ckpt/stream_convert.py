@@ -24,7 +24,7 @@ from lora_ckpt.io import Checkpoint, PathLike, _metadata, removed_on_failure, sa
 from lora_ckpt.layout import LAYOUTS, Layout, detect_layout
 from lora_ckpt.merge import Alpha, MergePlan, Step, resolve_scales
 from lora_ckpt.relayout import convert_layout
-from lora_ckpt.stream import LazySource, StreamReport, _file_info, _output, _write_plan
+from lora_ckpt.stream import LazySource, StreamReport, _file_info, _output, _read_factors, _write_plan
 
 __all__ = ["stream_convert"]
 
@@ -75,7 +75,8 @@ def stream_convert(
             f"{src.path} holds a {layout.kind} adapter only, with no base weights to stream; convert it in memory "
             "(convert_layout, or lora-ckpt convert --base BASE)"
         )
-    factors = {layout.prefix + k: src.read(layout.prefix + k) for m in layout.modules for k in m.factor_keys}
+    factors = _read_factors(src, layout)
+    plain_factors = {k[len(layout.prefix) :]: v for k, v in factors.items()}  # as the modules name them
     info = _file_info(src)
     source_alpha = info.resolve_alpha(alpha)
     merges: dict[str, str] = {}
@@ -87,10 +88,10 @@ def stream_convert(
         rel = convert_layout({**lazy, **factors}, to, alpha=source_alpha, layout=layout)
         values, alphas = rel.state_dict, rel.alpha
         if apart:
-            return _write_apart(src, lazy, rel.base or {}, values, alphas, to, target, base_out, max_shard_size,
-                                progress, overwrite, started)
-    scales = resolve_scales(layout, source_alpha, {k[len(layout.prefix) :]: v for k, v in factors.items()}) if merges else {}
-    plan = _copy_plan(values, src, lazy, layout, merges, scales)
+            return _write_apart(src, lazy, layout, rel.base or {}, values, alphas, to, target, base_out,
+                                max_shard_size, progress, overwrite, started)
+    scales = resolve_scales(layout, source_alpha, plain_factors) if merges else {}
+    plan = _copy_plan(values, src, lazy, layout, merges, scales, plain_factors)
     metadata = {**_metadata(values, alphas), "order": list(values), **_ties(plan)}
     if info.extra.get("model_args"):  # a template's ranks and alpha may differ from the source's lora_* entries
         metadata["model_args"] = {k: v for k, v in dict(info.extra["model_args"]).items()
@@ -134,9 +135,10 @@ def _copy_plan(
     layout: Layout,
     merges: Mapping[str, str],
     scales: Mapping[str, float],
+    factors: Mapping[str, torch.Tensor],
 ) -> MergePlan:
     """A plan that writes ``values``: stand-ins copied from ``src`` (tied ones once), real tensors as they are,
-    and the ``merges`` (output key -> source module) merged from the source."""
+    and the ``merges`` (output key -> source module) merged from the source with ``factors`` (the modules' keys)."""
     by_id = {id(t): k for k, t in lazy.items()}
     alias_of = src.aliases()
     modules = {m.name: m for m in layout.modules}
@@ -158,7 +160,6 @@ def _copy_plan(
             first.setdefault(real, key)
         else:
             raise LayoutError(f"{key}: the conversion computes this tensor in a way that is not streamed; convert in memory")
-    factors = {k: src.read(layout.prefix + k) for k in layout.factor_keys} if merges else {}
     return MergePlan(steps, lazy, {**factors, **small}, None, None)
 
 
@@ -174,6 +175,7 @@ def _ties(plan: MergePlan) -> dict[str, object]:
 def _write_apart(
     src: LazySource,
     lazy: Mapping[str, torch.Tensor],
+    layout: Layout,
     base: Mapping[str, torch.Tensor],
     adapter: Mapping[str, torch.Tensor],
     alphas: Mapping[str, float],
@@ -194,7 +196,7 @@ def _write_apart(
     with pair:
         if base and base_out is not None:
             base_target, max_bytes = _output(base_out, max_shard_size, overwrite)
-            plan = _copy_plan(base, src, lazy, detect_layout(lazy), {}, {})
+            plan = _copy_plan(base, src, lazy, layout, {}, {}, {})
             metadata = {**_metadata(base, None), "order": list(base), **_ties(plan)}
             report = _write_plan(plan, src, "", base_target, metadata, max_bytes, None, progress, src.path)
         if to == "peft":
