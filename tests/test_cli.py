@@ -83,7 +83,7 @@ def test_failures_exit_1_with_one_clear_line(lora_file, tmp_path, capsys):
     existing = save_checkpoint(tmp_path / "x.safetensors", {"w": torch.zeros(2)})
     assert main(["merge", str(path), str(existing)]) == 1
     err = capsys.readouterr().err
-    assert err == f"lora-ckpt: error: {existing}: already exists; pass --force to replace it\n"
+    assert err == f"lora-ckpt: error: {existing}: already exists; pass overwrite=True (CLI: --force) to replace it\n"
     assert main(["merge", str(path), str(existing), "--force"]) == 0
     capsys.readouterr()
     assert main(["merge", str(path), str(tmp_path / "y.pt"), "--alpha", "3"]) == 1
@@ -94,7 +94,7 @@ def test_failures_exit_1_with_one_clear_line(lora_file, tmp_path, capsys):
     assert "already in the standard layout" in capsys.readouterr().err
     assert not (tmp_path / "z.pt").exists()
     assert main(["inspect", str(tmp_path / "missing.pt")]) == 1
-    assert capsys.readouterr().err == f"lora-ckpt: error: {tmp_path / 'missing.pt'}: no such file\n"
+    assert capsys.readouterr().err == f"lora-ckpt: error: {tmp_path / 'missing.pt'}: no such file or folder\n"
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lora_ckpt import (
+    AlphaError,
     CheckpointFileError,
     KeyMismatchError,
     LayoutError,
@@ -107,7 +108,7 @@ def test_stream_errors(tmp_path):
     rel = convert_layout(lora.state_dict(), "peft", alpha=4.0)
     save_peft_adapter(tmp_path / "ad", rel.state_dict, alpha=rel.alpha)
     save_checkpoint(tmp_path / "base.safetensors", rel.base)
-    with pytest.raises(LayoutError, match="ad: the alpha comes from adapter_config.json; do not pass alpha"):
+    with pytest.raises(AlphaError, match="ad: the alpha comes from adapter_config.json; do not pass alpha"):
         stream_merge(tmp_path / "base.safetensors", tmp_path / "o2.safetensors", adapter=tmp_path / "ad", alpha=3.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "base.safetensors", "broken.safetensors", "l.safetensors"]
 
@@ -125,7 +126,7 @@ def test_pair_outputs_are_both_written_or_neither(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("lora_ckpt.io.save_checkpoint", broken)
+    monkeypatch.setattr("lora_ckpt.formats.peft.write_checkpoint", broken)
     with pytest.raises(OSError, match="disk full"):
         nanogpt_lora_to_peft(lora.state_dict(), tmp_path / "base2", tmp_path / "adapter2", alpha=4.0, n_head=2)
     assert not (tmp_path / "base2").exists() and not (tmp_path / "adapter2").exists()

@@ -156,7 +156,7 @@ def test_not_a_mapping_and_empty_safetensors_and_corrupt_pickle(tmp_path):
 
 
 def test_model_args_that_json_cannot_hold(tmp_path):
-    with pytest.raises(CheckpointFileError, match="cannot write safetensors: .*is model_args JSON-serialisable"):
+    with pytest.raises(CheckpointFileError, match="cannot record lora_ckpt metadata: .*is model_args JSON-serialisable"):
         save_checkpoint(tmp_path / "a.safetensors", make_lora_state_dict(rank=2), extra={"model_args": {"x": object()}})
     assert list(tmp_path.iterdir()) == []
 

@@ -67,7 +67,7 @@ def test_missing_config_or_weights_or_bad_json(adapter, tmp_path):
     with pytest.raises(CheckpointFileError, match="adapter: no adapter_model.safetensors or adapter_model.bin"):
         load_peft_adapter(folder)
     (folder / "adapter_config.json").write_text("{not json")
-    with pytest.raises(CheckpointFileError, match="adapter_config.json: not valid JSON"):
+    with pytest.raises(CheckpointFileError, match="adapter_config.json: the adapter config is not valid UTF-8 JSON"):
         load_peft_adapter(folder)
     (folder / "adapter_config.json").unlink()
     with pytest.raises(CheckpointFileError, match="adapter: no adapter_config.json; a PEFT adapter folder needs its config"):
@@ -104,7 +104,7 @@ def test_alpha_argument_with_a_peft_folder(adapter):
 
 def test_existing_adapter_folder_is_not_overwritten(adapter):
     _, rel, folder = adapter
-    with pytest.raises(CheckpointFileError, match="adapter: already holds a PEFT adapter; pass overwrite=True"):
+    with pytest.raises(CheckpointFileError, match="adapter: already exists; pass overwrite=True"):
         save_peft_adapter(folder, rel.state_dict, alpha=rel.alpha)
 
 

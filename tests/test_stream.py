@@ -13,7 +13,6 @@ import warnings
 import pytest
 import torch
 
-import lora_ckpt.stream as stream
 from lora_ckpt import (
     CheckpointFileError,
     convert_layout,
@@ -25,7 +24,7 @@ from lora_ckpt import (
 from lora_ckpt.cli import main
 from lora_ckpt.formats.hf import load_model_weights
 from lora_ckpt.formats.peft import save_peft_adapter
-from lora_ckpt.stream import parse_size, stream_merge
+from lora_ckpt.streaming import StreamOptions, parse_size, stream_merge
 from lora_ckpt.testing import assert_state_dict_close, make_gpt
 from lora_ckpt.testing.llama import LlamaShape, write_llama_adapter, write_llama_checkpoint
 
@@ -89,19 +88,20 @@ def test_interrupted_write_leaves_nothing_and_inputs_intact(llama, tmp_path, mon
     if existing:
         stream_merge(base, out, adapter=adapter)
     before = _digest(base) | _digest(adapter) | _digest(out)
-    monkeypatch.setattr(stream, "_CHUNK_BYTES", 16384)  # many chunk writes per shard
     calls = {"n": 0}
-    real = stream._write
+    done: set[tuple[int, int]] = set()
 
-    def failing(*args):
-        calls["n"] += 1
+    def failing(fd, data, offset):
+        if (fd, offset) not in done:  # one call per chunk (a chunk written in pieces counts once)
+            done.add((fd, offset))
+            calls["n"] += 1
         if calls["n"] == 5:
-            raise OSError("disk went away")
-        return real(*args)
+            raise OSError(errno.EIO, "disk went away")
+        return os.pwrite(fd, data, offset)
 
-    monkeypatch.setattr(stream, "_write", failing)
+    options = StreamOptions(chunk_bytes=16384, pwrite=failing)  # many chunk writes per shard
     with pytest.raises(OSError, match="disk went away"):
-        stream_merge(base, out, adapter=adapter, max_shard_size="100KB", overwrite=True)
+        stream_merge(base, out, adapter=adapter, max_shard_size="100KB", overwrite=True, options=options)
     assert calls["n"] == 5  # four chunks were written, the fifth failed, and nothing was written after it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"] + (["out"] if existing else [])
     assert _digest(base) | _digest(adapter) | _digest(out) == before
@@ -113,9 +113,8 @@ def test_blocks_straddling_chunks_and_rows_too_long_for_a_chunk(llama, tmp_path,
     """Blocks that end mid-page carry the page over to the next chunk; blocks longer than a chunk are copied in."""
     base, adapter = llama
     expected = merge_adapter(base, adapter, dtype=dtype)
-    monkeypatch.setattr(stream, "_IO_BLOCK_BYTES", block)
-    monkeypatch.setattr(stream, "_CHUNK_BYTES", chunk)
-    report = stream_merge(base, tmp_path / "out.safetensors", adapter=adapter, dtype=dtype)
+    options = StreamOptions(block_bytes=block, chunk_bytes=chunk)
+    report = stream_merge(base, tmp_path / "out.safetensors", adapter=adapter, dtype=dtype, options=options)
     with open(report.files[0], "rb") as f:
         header = int.from_bytes(f.read(8), "little")
     assert report.files[0].stat().st_size == 8 + header + report.bytes  # the padding of the last chunk is cut off
@@ -125,22 +124,24 @@ def test_blocks_straddling_chunks_and_rows_too_long_for_a_chunk(llama, tmp_path,
 def test_without_direct_io_and_when_the_file_system_refuses_it(llama, tmp_path, monkeypatch):
     base, adapter = llama
     expected = merge_adapter(base, adapter)
-    monkeypatch.setattr(stream, "_DIRECT_IO", False)  # a platform without O_DIRECT: buffered writes
-    buffered = stream_merge(base, tmp_path / "buffered.safetensors", adapter=adapter).files[0]
+    # a platform without O_DIRECT: buffered writes
+    buffered = stream_merge(base, tmp_path / "buffered.safetensors", adapter=adapter,
+                            options=StreamOptions(direct_io=False)).files[0]
     assert_state_dict_close(load_model_weights(buffered), expected, rtol=0, atol=0)
     if not hasattr(os, "O_DIRECT"):
         pytest.skip("no O_DIRECT on this platform")
-    monkeypatch.setattr(stream, "_DIRECT_IO", True)
-    real, refused = os.pwrite, []
+    import fcntl
+
+    refused = []
 
     def refuse_direct(fd, data, offset):  # as some network and FUSE file systems do
-        if stream._is_direct(fd):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             refused.append(fd)
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real(fd, data, offset)
+        return os.pwrite(fd, data, offset)
 
-    monkeypatch.setattr(stream.os, "pwrite", refuse_direct)
-    fallback = stream_merge(base, tmp_path / "fallback.safetensors", adapter=adapter).files[0]
+    fallback = stream_merge(base, tmp_path / "fallback.safetensors", adapter=adapter,
+                            options=StreamOptions(direct_io=True, pwrite=refuse_direct)).files[0]
     assert len(refused) == 1  # refused once, then written through the page cache
     assert fallback.read_bytes() == buffered.read_bytes()
 
@@ -152,7 +153,7 @@ def test_checks_fail_fast_before_any_write(llama, tmp_path, monkeypatch):
         stream_merge(base, tmp_path / "out", adapter=adapter)
     with pytest.raises(CheckpointFileError, match="a sharded output is a folder; give a folder name"):
         stream_merge(base, tmp_path / "x.safetensors", adapter=adapter, max_shard_size="1MB")
-    monkeypatch.setattr(stream.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    monkeypatch.setattr("shutil.disk_usage", lambda p: type("U", (), {"free": 1000})())
     with pytest.raises(CheckpointFileError, match=r"0.00 GB free, the output needs 0.00 GB"):
         stream_merge(base, tmp_path / "y", adapter=adapter)
     assert not (tmp_path / "y").exists()
@@ -196,7 +197,7 @@ class _StandInStream:
         pass
 
 
-@pytest.mark.parametrize("chunk", [stream._CHUNK_BYTES, 8192])
+@pytest.mark.parametrize("chunk", [StreamOptions().chunk_bytes, 8192])
 def test_gpu_pipeline_bookkeeping_with_stand_in_streams(llama, tmp_path, monkeypatch, chunk):
     """The copy-in / merge / copy-out pipeline of ``device="cuda"`` run on the CPU with stand-in streams and
     events: every block lands in its place and every copy-out event is waited for before its bytes are
@@ -206,15 +207,8 @@ def test_gpu_pipeline_bookkeeping_with_stand_in_streams(llama, tmp_path, monkeyp
     monkeypatch.setattr(torch.cuda, "Event", _StandInEvent)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _StandInStream())
-    monkeypatch.setattr(stream, "_CHUNK_BYTES", chunk)
-    real_init = stream._Writer.__init__
-
-    def init(self, *args):
-        real_init(self, *args)
-        self.copy_stream, self.compute_stream = _StandInStream(), _StandInStream()
-
-    monkeypatch.setattr(stream._Writer, "__init__", init)
-    report = stream_merge(base, tmp_path / "out.safetensors", adapter=adapter, dtype=torch.bfloat16)
+    options = StreamOptions(chunk_bytes=chunk, streams=(_StandInStream(), _StandInStream()))
+    report = stream_merge(base, tmp_path / "out.safetensors", adapter=adapter, dtype=torch.bfloat16, options=options)
     expected = merge_adapter(base, adapter, dtype=torch.bfloat16)
     assert_state_dict_close(load_model_weights(report.files[0]), expected, rtol=0, atol=0)
     copied_out = _StandInEvent.made[2::3]  # each block makes copied_in, computed, copied_out
@@ -261,19 +255,18 @@ def test_kohya_and_dora_stream_like_memory(tmp_path):
 _CHILD = textwrap.dedent("""
     import sys
     from pathlib import Path
-    import lora_ckpt.stream
-    from lora_ckpt.stream import stream_merge
+    from lora_ckpt.streaming import StreamOptions, stream_merge
 
     def status(field):  # in bytes, from /proc/self/status
         line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
         return int(line.split()[1]) * 1024
 
     # small buffers (4 MiB chunks, 2 MiB blocks), so both sizes fill them and only growth with size shows
-    lora_ckpt.stream._CHUNK_BYTES, lora_ckpt.stream._IO_BLOCK_BYTES = 4 << 20, 2 << 20
+    options = StreamOptions(chunk_bytes=4 << 20, block_bytes=2 << 20)
     base, adapter, out = sys.argv[1:]
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the resident size now
     before = status("VmRSS")
-    stream_merge(base, out, adapter=adapter, max_shard_size="20MB")
+    stream_merge(base, out, adapter=adapter, max_shard_size="20MB", options=options)
     print(before, status("VmHWM"))
 """)
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import logits
 
-import lora_ckpt.stream as stream
 from lora_ckpt import (
     CheckpointFileError,
     LayoutError,
@@ -21,6 +20,7 @@ from lora_ckpt import (
 from lora_ckpt.cli import main
 from lora_ckpt.convert import convert_state_dict, fresh_factors
 from lora_ckpt.layout import detect_layout
+from lora_ckpt.streaming import StreamOptions
 from lora_ckpt.testing import assert_state_dict_close, make_gpt
 
 
@@ -107,8 +107,8 @@ def test_like_a_template_of_another_rank_merges_block_by_block(lora_file, tmp_pa
     model, path = lora_file
     template = save_checkpoint(tmp_path / "r8.safetensors", make_gpt(attn_rank=8, wte_rank=2, alpha=8.0).state_dict(),
                                alpha=8.0)
-    monkeypatch.setattr(stream, "_IO_BLOCK_BYTES", 4096)  # several blocks per merged weight
-    report = stream_convert(path, tmp_path / "r8-lora.safetensors", like=template)
+    options = StreamOptions(block_bytes=4096)  # several blocks per merged weight
+    report = stream_convert(path, tmp_path / "r8-lora.safetensors", like=template, options=options)
     assert report.merged == ["transformer.h.0.attn.c_attn.main_weight.weight", "transformer.h.1.attn.c_attn.main_weight.weight"]
     got = load_checkpoint(report.files[0])
     assert got.extra["model_args"] == {"n_layer": 2}  # the source's lora_* entries would be wrong here
@@ -148,8 +148,8 @@ def test_errors_name_the_fix(lora_file, tmp_path):
         stream_convert(path, tmp_path / "adapter", to="peft")
     with pytest.raises(LayoutError, match=r"transformer.wte: torchtune has no LoRA embeddings"):
         stream_convert(path, tmp_path / "o.safetensors", to="torchtune")
-    with pytest.raises(CheckpointFileError, match="already exists; pass overwrite=True"):
-        stream_convert(path, path, to="nanogpt_lora")
+    with pytest.raises(CheckpointFileError, match="the output is the input .*; lora-ckpt never writes over its inputs"):
+        stream_convert(path, path, to="nanogpt_lora", overwrite=True)
     kohya = save_checkpoint(tmp_path / "kohya.safetensors", {"lora_unet_proj.lora_down.weight": torch.zeros(2, 8),
                                                             "lora_unet_proj.lora_up.weight": torch.zeros(8, 2)})
     with pytest.raises(LayoutError, match=r"kohya.safetensors holds a kohya adapter only, with no base weights to stream"):
@@ -163,12 +163,12 @@ def test_a_failed_base_write_leaves_neither_output(lora_file, tmp_path, monkeypa
     nowte = save_checkpoint(tmp_path / f"nowte{path.suffix}", make_gpt(attn_rank=4, alpha=8.0).state_dict(), alpha=8.0)
     before = _digest(nowte)
 
-    def failing(*args):
-        raise OSError("disk went away")
+    def failing(fd, data, offset):
+        raise OSError(5, "disk went away")
 
-    monkeypatch.setattr(stream, "_write", failing)
     with pytest.raises(OSError, match="disk went away"):
-        stream_convert(nowte, tmp_path / "adapter", to="peft", base_out=tmp_path / "base")
+        stream_convert(nowte, tmp_path / "adapter", to="peft", base_out=tmp_path / "base",
+                       options=StreamOptions(pwrite=failing))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, nowte.name])
     assert _digest(nowte) == before
 

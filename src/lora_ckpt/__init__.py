@@ -2,9 +2,17 @@
 
 The pure core (:func:`detect_layout`, :func:`merge_lora`, :func:`remap_standard_to_lora`) works on
 plain state dicts; :func:`load_into` and :func:`merged_state_dict` adapt live models; files are read
-and written by :func:`load_checkpoint` and :func:`save_checkpoint`.
+and written by :func:`load_checkpoint` and :func:`save_checkpoint`, and merged or converted file to
+file by :func:`stream_merge` / :func:`stream_convert`. Names are imported on first use, so
+``import lora_ckpt`` (and the command line's ``--help``) does not import torch.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lora_ckpt._version import __version__
 from lora_ckpt.errors import (
     AlphaError,
     CheckpointFileError,
@@ -15,18 +23,55 @@ from lora_ckpt.errors import (
     TiedWeightError,
     UnsafeCheckpointError,
 )
-from lora_ckpt.io import Checkpoint, load_checkpoint, save_checkpoint
-from lora_ckpt.layout import Layout, LoraModule, detect_layout
-from lora_ckpt.merge import merge_lora
-from lora_ckpt.adapter import merge_adapter
-from lora_ckpt.model import LoadReport, load_into, merged_state_dict, module_alphas
-from lora_ckpt.optim import OptimizerReport, named_optimizer_state, transfer_optimizer_state
-from lora_ckpt.relayout import Relayout, convert_layout
-from lora_ckpt.remap import remap_standard_to_lora
-from lora_ckpt.stream import StreamReport, stream_merge
-from lora_ckpt.stream_convert import stream_convert
 
-from lora_ckpt._version import __version__
+if TYPE_CHECKING:
+    from lora_ckpt.adapter import merge_adapter
+    from lora_ckpt.io import Checkpoint, load_checkpoint, save_checkpoint
+    from lora_ckpt.layout import Layout, LoraModule, detect_layout
+    from lora_ckpt.merge import merge_lora
+    from lora_ckpt.model import LoadReport, load_into, merged_state_dict, module_alphas
+    from lora_ckpt.optim import OptimizerReport, named_optimizer_state, transfer_optimizer_state
+    from lora_ckpt.relayout import Relayout, convert_layout
+    from lora_ckpt.remap import remap_standard_to_lora
+    from lora_ckpt.streaming import StreamReport, stream_convert, stream_merge
+
+_LAZY = {
+    "Checkpoint": "lora_ckpt.io",
+    "load_checkpoint": "lora_ckpt.io",
+    "save_checkpoint": "lora_ckpt.io",
+    "Layout": "lora_ckpt.layout",
+    "LoraModule": "lora_ckpt.layout",
+    "detect_layout": "lora_ckpt.layout",
+    "merge_lora": "lora_ckpt.merge",
+    "merge_adapter": "lora_ckpt.adapter",
+    "LoadReport": "lora_ckpt.model",
+    "load_into": "lora_ckpt.model",
+    "merged_state_dict": "lora_ckpt.model",
+    "module_alphas": "lora_ckpt.model",
+    "OptimizerReport": "lora_ckpt.optim",
+    "named_optimizer_state": "lora_ckpt.optim",
+    "transfer_optimizer_state": "lora_ckpt.optim",
+    "Relayout": "lora_ckpt.relayout",
+    "convert_layout": "lora_ckpt.relayout",
+    "remap_standard_to_lora": "lora_ckpt.remap",
+    "StreamReport": "lora_ckpt.streaming",
+    "stream_convert": "lora_ckpt.streaming",
+    "stream_merge": "lora_ckpt.streaming",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lora_ckpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "AlphaError",

@@ -1,97 +1,130 @@
-"""The ``lora-ckpt`` command line: parses arguments, calls the public API, prints the results.
+"""The ``lora-ckpt`` command line: parses arguments, makes one call to the public API, prints the result.
 
-Exit codes: 0 success, 1 a failed conversion (one line naming the file or key and the fix), 2 usage.
+Exit codes: 0 success; 1 a failed operation (one line naming the file or key and the fix; ``--debug``
+for the traceback); 2 usage; 130 / 143 interrupted by SIGINT / SIGTERM (outputs cleaned up, inputs
+untouched). Torch is imported only by the commands that need it, so ``--help`` and ``--version`` are quick.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import logging
+import os
+import re
+import signal
 import sys
 import tempfile
 from collections import Counter
-from contextlib import nullcontext
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
-import torch
+from lora_ckpt._version import __version__
 
-from lora_ckpt import __version__
-from lora_ckpt.adapter import merge_adapter
-from lora_ckpt.convert import convert_state_dict, fresh_factors
-from lora_ckpt.errors import CheckpointFileError, LoraCkptError
-from lora_ckpt.formats.gpt2 import hf_to_nanogpt, nanogpt_lora_to_peft
-from lora_ckpt.formats.hf import load_model_weights, save_model_folder
-from lora_ckpt.formats.peft import is_peft_dir, load_peft_adapter, save_peft_adapter
-from lora_ckpt.io import Checkpoint, load_checkpoint, removed_on_failure, save_checkpoint
-from lora_ckpt.layout import LAYOUTS, detect_layout
-from lora_ckpt.merge import merge_lora
-from lora_ckpt.relayout import convert_layout
-from lora_ckpt.stream import LazySource, StreamReport, parse_size, stream_merge
-from lora_ckpt.stream_convert import stream_convert
+_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+           "fp16": "float16", "float16": "float16"}
+_LAYOUT_NAMES = ("standard", "nanogpt", "nanogpt_lora", "peft", "torchtune", "loralib", "minlora", "kohya")
 
-_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
+class Interrupted(BaseException):
+    """A signal asked the command to stop; carries the exit code (128 + the signal number)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.code = 128 + signum
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lora-ckpt", description="Portable checkpoints between standard and LoRA layouts.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p = argparse.ArgumentParser(prog="lora-ckpt", description="Portable checkpoints between standard and LoRA layouts.",
+                                parents=[common])
     p.add_argument("--version", action="version", version=f"lora-ckpt {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("inspect", help="show a checkpoint's layout, modules, ranks, alpha, dtypes, sizes, ties")
-    s.add_argument("path")
+    s = sub.add_parser("inspect", parents=[common],
+                       help="show a checkpoint's layout, modules, ranks, alpha, dtypes, sizes, ties")
+    s.add_argument("path", help="a checkpoint file, a Hugging Face model folder or a PEFT adapter folder")
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
     s = sub.add_parser(
-        "merge",
+        "merge", parents=[common],
         help="merge a LoRA checkpoint (SRC DST) or an adapter into its base (BASE ADAPTER DST) into a standard one",
         description="SRC DST: merge a LoRA checkpoint. BASE ADAPTER DST: merge an adapter (PEFT folder, kohya or "
         "any LoRA file) into a base model (file or Hugging Face folder); DST is a file (.safetensors/.pt) "
         "or a model folder.",
+        usage="lora-ckpt merge [options] SRC DST | BASE ADAPTER DST",
     )
     s.add_argument("paths", nargs="+", metavar="PATH", help="SRC DST, or BASE ADAPTER DST")
     _add_common(s)
     s.add_argument("--max-shard-size", metavar="SIZE", type=_size, help="shard a folder output, e.g. 5GB")
-    s.add_argument("--device", help="merge on this device, e.g. cuda (default: cpu)")
+    s.add_argument("--device", type=_device, help="merge on this device: cpu (default) or cuda[:N]")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--dtype", choices=sorted(_DTYPES), help="dtype of the output's floating-point tensors")
     s.add_argument("--tied", choices=("untie", "tie"), default="untie",
                    help="when an update lands on a tied weight: keep exact function (untie) or tie to merged")
 
-    s = sub.add_parser("convert", help="convert a checkpoint or adapter to another layout")
+    s = sub.add_parser("convert", parents=[common], help="convert a checkpoint or adapter to another layout")
     s.add_argument("src", help="a checkpoint file or a PEFT adapter folder")
     s.add_argument("dst", help="a file, or a folder for --to peft")
-    s.add_argument("--to", required=True, choices=("standard", "nanogpt", *sorted(LAYOUTS)))
+    s.add_argument("--to", required=True, choices=_LAYOUT_NAMES, help="the target layout")
     s.add_argument("--like", metavar="TEMPLATE", help="give a standard SRC the LoRA layout of this checkpoint")
     s.add_argument("--base", metavar="BASE", help="base weights for an adapter-only SRC (file or HF folder)")
     s.add_argument("--base-out", metavar="PATH", help="where base weights go when the target keeps them apart")
     s.add_argument("--gpt2", action="store_true", help="nanoGPT <-> Hugging Face GPT-2 (Conv1D weights transposed)")
-    s.add_argument("--n-head", type=int, help="attention heads, for the GPT-2 config.json (default: model_args)")
+    s.add_argument("--n-head", type=_positive, help="attention heads, for the GPT-2 config.json (default: model_args)")
     s.add_argument("--seed", type=int, default=0, help="seed for fresh LoRA factors (--like)")
     s.add_argument("--max-shard-size", metavar="SIZE", type=_size, help="shard a --base-out folder, e.g. 5GB")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_common(s)
 
-    s = sub.add_parser("demo", help="train a tiny nanoGPT LoRA model, convert it both ways, check outputs match")
+    s = sub.add_parser("demo", parents=[common],
+                       help="train a tiny nanoGPT LoRA model, convert it both ways, check outputs match")
     s.add_argument("--out", metavar="DIR", help="keep the files in DIR (default: a temporary folder)")
-    s.add_argument("--steps", type=int, default=20, help="training steps")
+    s.add_argument("--steps", type=_positive, default=20, help="training steps")
     return p
 
 
 def _size(text: str) -> int:
+    from lora_ckpt.streaming.writer import parse_size
+
     try:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device lora-ckpt merges on; use cpu or cuda[:N]")
+    return text
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
 def _add_common(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--alpha", type=float, help="the LoRA alpha, when the file does not record it")
-    s.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    s.add_argument("--alpha", type=_finite, help="the LoRA alpha, when the file does not record it")
+    s.add_argument("--force", action="store_true",
+                   help="replace DST if it exists (only a file, or a folder holding only model files)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,17 +134,99 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    debug = getattr(args, "debug", False)
+    _log_to_stderr()
+    previous = _on_signals()
     try:
         return {"inspect": _inspect, "merge": _merge, "convert": _convert, "demo": _demo}[args.command](args)
-    except LoraCkptError as e:
-        if args.debug:
+    except Interrupted as e:
+        print("lora-ckpt: interrupted; nothing was written and the inputs are unchanged", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("lora-ckpt: interrupted; nothing was written and the inputs are unchanged", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _quiet_stdout()  # the reader went away (`| head`): nothing more to say
+        return 141
+    except Exception as e:
+        from lora_ckpt.errors import LoraCkptError
+
+        if debug or not isinstance(e, (LoraCkptError, OSError)):
             raise
-        print(f"lora-ckpt: error: {e}", file=sys.stderr)
+        print(f"lora-ckpt: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    finally:
+        _restore_signals(previous)
+
+
+def _one_line(e: Exception) -> str:
+    if not isinstance(e, OSError) or isinstance(e, BrokenPipeError):
+        return str(e)
+    where = f"{e.filename}: " if e.filename else ""
+    hint = {
+        errno.ENOSPC: "no space left on the device; free some space or write elsewhere",
+        errno.EDQUOT: "disk quota exceeded; free some space or write elsewhere",
+        errno.EROFS: "read-only file system; write elsewhere",
+        errno.EACCES: "permission denied; check the permissions or write elsewhere",
+        errno.EPERM: "operation not permitted; check the permissions or write elsewhere",
+        errno.EFBIG: "file too large for this file system; write a sharded folder (--max-shard-size) or elsewhere",
+        errno.EIO: "input/output error; check the disk",
+    }.get(e.errno or 0, e.strerror or str(e))
+    return f"{where}{hint} (nothing was written; the inputs are unchanged)"
+
+
+def _log_to_stderr() -> None:
+    """Warnings of the library (e.g. leftovers of an interrupted run cleaned up) go to stderr as one line each."""
+    logger = logging.getLogger("lora_ckpt")
+    if not any(getattr(h, "_lora_ckpt_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("lora-ckpt: %(message)s"))
+        handler._lora_ckpt_cli = True  # type: ignore[attr-defined]
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+
+
+def _on_signals() -> dict[int, Any]:
+    """SIGTERM (and SIGINT) raise :class:`Interrupted` in the main thread, so cleanup runs; returns the old handlers."""
+    def stop(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, stop)
+        except ValueError:  # not the main thread (main() called from a worker): leave signals alone
+            break
+    return previous
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _quiet_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _dtype(name: str | None) -> Any:
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, _DTYPES[name])
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    ckpt = load_checkpoint(args.path)
+    from lora_ckpt.layout import detect_layout
+    from lora_ckpt.source import Source
+
+    with Source.open(args.path) as source:
+        ckpt = source.load()
     layout = detect_layout(ckpt.state_dict)
     sd = ckpt.state_dict
     unique = {id(t): t for t in sd.values()}.values()
@@ -127,10 +242,10 @@ def _inspect(args: argparse.Namespace) -> int:
         "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in sd.values())),
         "modules": layout.rows(),
         "tied": [list(g) for g in layout.tied],
-        "other_entries": sorted(ckpt.extra),
+        "other_entries": sorted(map(str, ckpt.extra)),
     }
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(info, indent=2, default=str))
         return 0
     print(f"{args.path}: {layout.summary()}")
     alpha = "unknown (pass --alpha to merge)" if ckpt.alpha is None else f"{_alpha_text(ckpt.alpha)} ({ckpt.alpha_source})"
@@ -138,7 +253,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"alpha: {alpha}")
     print(f"parameters: {info['parameters']:,}  bytes: {info['bytes']:,}  dtypes: {info['dtypes']}")
     if ckpt.extra:
-        print(f"other entries: {', '.join(sorted(ckpt.extra))}")
+        print(f"other entries: {', '.join(sorted(map(str, ckpt.extra)))}")
     if layout.modules:
         print(str(layout).split("\n", len(layout.summary().splitlines()))[-1])
     return 0
@@ -151,187 +266,33 @@ def _alpha_text(alpha: float | dict[str, float]) -> str:
     return f"{alpha:g}"
 
 
-def _standard_extra(ckpt: Checkpoint, dst: Path) -> tuple[dict[str, object], list[str]]:
-    """Entries to keep beside merged weights, and the names left out (optimizer state, LoRA args)."""
-    dropped = [k for k in ckpt.extra if k == "optimizer" or (dst.suffix == ".safetensors" and k != "model_args")]
-    extra = {k: v for k, v in ckpt.extra.items() if k not in dropped}
-    model_args = extra.get("model_args")
-    if isinstance(model_args, dict):
-        lora_args = sorted(k for k in model_args if k.startswith("lora_"))
-        extra["model_args"] = {k: v for k, v in model_args.items() if k not in lora_args}
-        dropped += [f"model_args[{k!r}]" for k in lora_args]
-    return extra, dropped
-
-
 def _merge(args: argparse.Namespace) -> int:
-    if len(args.paths) == 3:
-        return _merge_adapter(args, *args.paths)
-    if len(args.paths) != 2:
+    if len(args.paths) not in (2, 3):
         print("lora-ckpt merge: error: give SRC DST, or BASE ADAPTER DST", file=sys.stderr)
         return 2
-    args.src, args.dst = args.paths
-    return _merge_file(args)
+    from lora_ckpt.files import merge_files
 
-
-def _streams(dst: Path, args: argparse.Namespace) -> bool:
-    """Whether to merge file to file with bounded memory (safetensors or folder output, exact function)."""
-    return dst.suffix not in _FILE_SUFFIXES[1:] and getattr(args, "tied", "untie") == "untie"
-
-
-def _stream(args: argparse.Namespace, src: str, dst: Path, adapter: str | None) -> StreamReport:
-    return stream_merge(
-        src, dst, adapter=adapter, alpha=args.alpha, dtype=_DTYPES[args.dtype] if args.dtype else None,
-        max_shard_size=getattr(args, "max_shard_size", None), device=getattr(args, "device", None),
-        progress=not getattr(args, "quiet", False), overwrite=args.force,
-    )
-
-
-def _merge_adapter(args: argparse.Namespace, base: str, adapter: str, dst_name: str) -> int:
-    dst = Path(dst_name)
-    _refuse_existing(dst, args.force)
-    if _streams(dst, args):
-        report = _stream(args, base, dst, adapter)
-        print(f"merged {adapter} into {base}: {dst} ({len(report.merged)} weights merged, "
-              f"{report.bytes / 1e9:.2f} GB in {len(report.files)} file(s), {report.seconds:.1f} s)")
-        return 0
-    dtype = _DTYPES[args.dtype] if args.dtype else None
-    merged = merge_adapter(base, adapter, alpha=args.alpha, dtype=dtype)
-    _write_standard(dst, merged, like=base, force=args.force)
-    print(f"merged {adapter} into {base}: {dst}")
-    return 0
-
-
-def _write_standard(dst: Path, sd: dict[str, torch.Tensor], *, like: str | None, force: bool) -> None:
-    if dst.suffix in _FILE_SUFFIXES:
-        save_checkpoint(dst, sd, overwrite=force)
-    else:
-        save_model_folder(dst, sd, like=like if like and Path(like).is_dir() else None, overwrite=force)
-
-
-def _merge_file(args: argparse.Namespace) -> int:
-    dst = Path(args.dst)
-    _refuse_existing(dst, args.force)
-    source = LazySource(args.src)
-    if source.checkpoint is not None:  # a torch pickle, memory-mapped: its ties and extra entries are known
-        ckpt, tied_groups = source.checkpoint, detect_layout(source.checkpoint.state_dict).tied_updates
-    else:
-        extra = {"model_args": source.metadata["model_args"]} if source.metadata.get("model_args") else {}
-        ckpt = Checkpoint({}, extra=extra)
-        tied_groups = tuple(tuple(g) for g in source.metadata.get("tied", []) if any(".main_weight." in k for k in g))
-    extra, dropped = _standard_extra(ckpt, dst)
-    if _streams(dst, args):
-        report = _stream(args, args.src, dst, None)
-        merged_count = len(report.merged)
-    else:
-        full = load_checkpoint(args.src)
-        merged = merge_lora(full.state_dict, alpha=full.resolve_alpha(args.alpha), tied=args.tied,
-                            dtype=_DTYPES[args.dtype] if args.dtype else None)
-        save_checkpoint(dst, merged, extra=extra, overwrite=args.force)
-        merged_count = sum(m.has_factors for m in detect_layout(full.state_dict).modules)
-    print(f"merged {merged_count} LoRA module(s) of {args.src} into {dst}")
-    for group in tied_groups:
-        how = "untied: each key keeps its own value" if args.tied == "untie" else "tied to the merged weight"
-        print(f"tied group {' = '.join(group)}: {how}")
-    if dropped:
-        print(f"left out: {', '.join(dropped)} (they do not apply to merged weights)")
+    *inputs, dst = args.paths
+    source, adapter = (inputs[0], inputs[1]) if len(inputs) == 2 else (inputs[0], None)
+    result = merge_files(source, dst, adapter=adapter, alpha=args.alpha, dtype=_dtype(args.dtype), tied=args.tied,
+                         max_shard_size=args.max_shard_size, device=args.device, progress=not args.quiet,
+                         overwrite=args.force)
+    print(result)
     return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
-    dst = Path(args.dst)
-    _refuse_existing(dst, args.force)
-    to = "nanogpt_lora" if args.to == "nanogpt" else args.to
-    if args.to == "standard":
-        if args.base:
-            return _merge_adapter(argparse.Namespace(**vars(args), dtype=None), args.base, args.src, args.dst)
-        return _merge_file(argparse.Namespace(**vars(args), dtype=None, tied="untie"))
-    if args.like is not None:
-        if dst.suffix == ".safetensors" and not is_peft_dir(args.src):
-            return _convert_streamed(args, dst, like=args.like)
-        return _convert_like(args, dst)
-    if not (is_peft_dir(args.src) or args.gpt2 or args.base) and _streams_convert(to, dst, args.base_out):
-        return _convert_streamed(args, dst, to=to)
-    if is_peft_dir(args.src):
-        adapter = load_peft_adapter(args.src)
-        sd, scales, alpha, extra = adapter.state_dict, adapter.scales, None, {}
-    else:
-        ckpt = load_checkpoint(args.src)
-        if to == "peft" and args.gpt2:
-            return _nanogpt_to_gpt2_peft(args, ckpt, dst)
-        sd, scales, alpha = ckpt.state_dict, None, ckpt.resolve_alpha(args.alpha)
-        extra = {k: v for k, v in ckpt.extra.items() if k != "optimizer"}
-    base = load_model_weights(args.base) if args.base else None
-    if base is not None and args.gpt2:
-        base = hf_to_nanogpt(base)
-    rel = convert_layout(sd, to, alpha=alpha, scales=scales, base=base, fan_in_fan_out=False if args.gpt2 else None)
-    base_out = Path(args.base_out) if args.base_out else None
-    if rel.base and not args.base:
-        if base_out is None:
-            raise LoraCkptError(f"{args.src} holds base weights, which {to} keeps apart; pass --base-out PATH")
-        _refuse_existing(base_out, args.force)
-    with removed_on_failure(base_out) if base_out is not None and rel.base and not args.base else nullcontext():
-        if base_out is not None and rel.base and not args.base:
-            _write_standard(base_out, rel.base, like=None, force=args.force)
-        if to == "peft":
-            save_peft_adapter(dst, rel.state_dict, alpha=rel.alpha, overwrite=args.force)
-        else:
-            keep = extra if dst.suffix != ".safetensors" else {k: v for k, v in extra.items() if k == "model_args"}
-            save_checkpoint(dst, rel.state_dict, alpha=rel.alpha, extra=keep, overwrite=args.force)
-    print(f"converted {args.src} to the {to} layout: {dst} ({len(rel.alpha)} LoRA modules, factors unchanged)")
-    return 0
+    from lora_ckpt.files import convert_files
 
-
-def _streams_convert(to: str, dst: Path, base_out: str | None) -> bool:
-    """Whether to convert file to file with bounded memory: what holds the base weights is safetensors."""
-    if LAYOUTS[to].base_in_file:
-        return dst.suffix == ".safetensors"
-    return base_out is not None and Path(base_out).suffix not in _FILE_SUFFIXES[1:]
-
-
-def _convert_streamed(args: argparse.Namespace, dst: Path, *, to: str | None = None, like: str | None = None) -> int:
-    if args.base_out:
-        _refuse_existing(Path(args.base_out), args.force)
-    report = stream_convert(args.src, dst, to=to, like=like, alpha=args.alpha, base_out=args.base_out,
-                            max_shard_size=args.max_shard_size, seed=args.seed, progress=not args.quiet,
-                            overwrite=args.force)
-    what = f"the layout of {like}" if like else f"the {to} layout"
-    print(f"converted {args.src} to {what}: {dst} ({report.tensors} tensors, {report.bytes / 1e9:.2f} GB streamed"
-          + (f" to {args.base_out}" if args.base_out and not like else "") + f", {report.seconds:.1f} s)")
-    if report.conversion is not None:
-        print(report.conversion)
-    return 0
-
-
-def _nanogpt_to_gpt2_peft(args: argparse.Namespace, ckpt: Checkpoint, dst: Path) -> int:
-    n_head = args.n_head or (ckpt.extra.get("model_args") or {}).get("n_head")
-    if not args.base_out or not n_head:
-        print("lora-ckpt: error: --to peft --gpt2 needs --base-out DIR (the GPT-2 model folder) and --n-head "
+    if args.to == "peft" and args.gpt2 and not args.base_out:
+        print("lora-ckpt convert: error: --to peft --gpt2 needs --base-out DIR (the GPT-2 model folder) and --n-head "
               "(or model_args['n_head'] in the checkpoint)", file=sys.stderr)
         return 2
-    nanogpt_lora_to_peft(ckpt.state_dict, args.base_out, dst, alpha=ckpt.resolve_alpha(args.alpha),
-                         n_head=int(n_head), overwrite=args.force)
-    print(f"wrote the GPT-2 base to {args.base_out} and the PEFT adapter to {dst}")
+    result = convert_files(args.src, args.dst, to=args.to, like=args.like, base=args.base, base_out=args.base_out,
+                           gpt2=args.gpt2, n_head=args.n_head, alpha=args.alpha, seed=args.seed,
+                           max_shard_size=args.max_shard_size, progress=not args.quiet, overwrite=args.force)
+    print(result)
     return 0
-
-
-def _convert_like(args: argparse.Namespace, dst: Path) -> int:
-    ckpt = load_checkpoint(args.src)
-    template = load_checkpoint(args.like)
-    layout = detect_layout(template.state_dict)
-    conversion = convert_state_dict(ckpt, layout, alpha=args.alpha, target_alpha=template.alpha)
-    values = {**conversion.values, **fresh_factors(layout, conversion.report.initialised, seed=args.seed)}
-    ordered = {layout.prefix + k: values[k] for k in layout.shapes}
-    extra = {k: v for k, v in ckpt.extra.items() if k != "optimizer"}
-    save_checkpoint(dst, ordered, alpha=template.alpha, extra=extra if dst.suffix != ".safetensors" else None,
-                    overwrite=args.force)
-    print(f"converted {args.src} ({conversion.report.source_layout}) to the layout of {args.like}: {dst}")
-    print(conversion.report)
-    return 0
-
-
-def _refuse_existing(dst: Path, force: bool) -> None:
-    if dst.exists() and not force:
-        raise CheckpointFileError(f"{dst}: already exists; pass --force to replace it")
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ __all__ = [
     "WRAPPER_PREFIXES",
     "detect_layout",
     "split_prefix",
+    "tied_groups",
 ]
 
 ModuleKind = Literal["linear", "embedding", "lora_only_embedding", "base_only"]
@@ -348,7 +349,8 @@ def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str
     return prefix, out
 
 
-def _tied_groups(tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[str, ...], ...]:
+def tied_groups(tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[str, ...], ...]:
+    """Groups of keys whose tensors are the same view of the same storage (tied weights); meta and empty skipped."""
     groups: dict[tuple[object, ...], list[str]] = defaultdict(list)
     for key, t in tensors.items():
         if t.device.type == "meta" or t.numel() == 0:
@@ -593,7 +595,7 @@ def detect_layout(
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     dtypes = {k: t.dtype for k, t in tensors.items()}
     spec = _choose_spec(shapes, layout)
-    common = dict(prefix=prefix, tied=_tied_groups(tensors), shapes=shapes, dtypes=dtypes)
+    common = dict(prefix=prefix, tied=tied_groups(tensors), shapes=shapes, dtypes=dtypes)
     if spec is None:
         return Layout(kind="standard", modules=(), spec=None, **common)  # type: ignore[arg-type]
 

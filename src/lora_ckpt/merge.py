@@ -13,7 +13,10 @@ import torch
 from lora_ckpt.errors import AlphaError, KeyMismatchError, LayoutError, ShapeError
 from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LoraModule, detect_layout, split_prefix
 
-__all__ = ["Alpha", "MergePlan", "Step", "merge_lora", "merge_module", "plan_merge", "resolve_base_names", "resolve_scales"]
+__all__ = [
+    "Alpha", "Factors", "MergePlan", "Step", "merge_lora", "merge_module", "merge_rows", "module_factors", "plan_merge",
+    "resolve_base_names", "resolve_scales",
+]
 
 #: One alpha for every module, or one per module name (without wrapper prefix).
 Alpha = float | Mapping[str, float]
@@ -159,11 +162,11 @@ def merge_module(
     if module.is_dora:
         merged = _merge_dora(module, tensors, base2, left, right, scale, acc, transposed).to(out_dtype)
     else:
-        merged = _merge_blocked(base2, left, right, scale, acc, out_dtype)
+        merged = merge_rows(base2, left, right, scale, acc, out_dtype)
     return merged.view(base.shape) if base is not None and base.dim() == 4 else merged
 
 
-def _merge_blocked(
+def merge_rows(
     base: torch.Tensor | None,
     left: torch.Tensor,
     right: torch.Tensor,
@@ -172,6 +175,8 @@ def _merge_blocked(
     out_dtype: torch.dtype,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """``base + scale · left @ right`` (or the update alone), accumulated in ``acc`` block by block and
+    rounded once to ``out_dtype``, into ``out`` when given; ``base`` is (rows, cols), ``left`` (rows, r)."""
     rows, cols = left.shape[0], right.shape[1]
     if out is None:
         out = torch.empty((rows, cols), dtype=out_dtype, device=left.device)

@@ -8,7 +8,7 @@ files leave ``lm_head.weight`` out.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -83,34 +83,32 @@ def nanogpt_lora_to_peft(
     alpha: "Alpha | None" = None,
     n_head: int,
     overwrite: bool = False,
+    inputs: "Iterable[PathLike | None]" = (),
 ) -> None:
     """Write a nanoGPT LoRA checkpoint as a Hugging Face GPT-2 model folder plus a PEFT adapter folder.
 
     The adapter uses ``fan_in_fan_out=True`` (GPT-2's ``Conv1D``); per-module ranks and alphas go to
     ``rank_pattern`` / ``alpha_pattern``. ``transformers`` + ``peft`` then compute what the nanoGPT
-    LoRA model computes.
+    LoRA model computes. Both folders are written or neither; ``inputs`` are paths they may not overwrite.
     """
     import json
-    from pathlib import Path
 
-    from lora_ckpt.errors import CheckpointFileError
-    from lora_ckpt.io import removed_on_failure
-
-    from lora_ckpt.formats.hf import save_model_folder
-    from lora_ckpt.formats.peft import save_peft_adapter
+    from lora_ckpt.formats.hf import write_model_folder
+    from lora_ckpt.formats.peft import write_peft_adapter
+    from lora_ckpt.output import Output, write_together
     from lora_ckpt.relayout import convert_layout
 
+    inputs = list(inputs)
+    base_out = Output.prepare(base_dir, overwrite=overwrite, folder=True, inputs=[*inputs, adapter_dir])
+    adapter_out = Output.prepare(adapter_dir, overwrite=overwrite, folder=True, inputs=[*inputs, base_dir])
     rel = convert_layout(state_dict, "peft", alpha=alpha)
     assert rel.base is not None
     hf = nanogpt_to_hf(rel.base)
     tied = "lm_head.weight" not in hf
     config = json.dumps(hf_gpt2_config(rel.base, n_head=n_head, tied=tied), indent=2)
-    for target in (base_dir, adapter_dir):
-        if Path(target).exists() and not overwrite:
-            raise CheckpointFileError(f"{target}: already exists; pass overwrite=True (CLI: --force) to replace it")
-    with removed_on_failure(base_dir):
-        save_model_folder(base_dir, hf, files={"config.json": config}, overwrite=overwrite)
-        save_peft_adapter(adapter_dir, rel.state_dict, alpha=rel.alpha, fan_in_fan_out=True, overwrite=overwrite)
+    with write_together(base_out, adapter_out) as (base_tmp, adapter_tmp):
+        write_model_folder(base_tmp, hf, files={"config.json": config})
+        write_peft_adapter(adapter_tmp, rel.state_dict, alpha=rel.alpha, fan_in_fan_out=True)
 
 
 def peft_to_nanogpt_lora(base: "PathLike | Mapping[str, torch.Tensor]", adapter_dir: "PathLike") -> "Relayout":

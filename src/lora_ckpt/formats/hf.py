@@ -1,74 +1,63 @@
-"""Hugging Face model folders: ``model.safetensors``, sharded ``model.safetensors.index.json``, ``pytorch_model.bin``."""
+"""Hugging Face model folders: ``model.safetensors``, sharded ``model.safetensors.index.json``, ``pytorch_model.bin``.
+
+Reading is :class:`~lora_ckpt.source.Source`'s (shard names contained, index checked against the shards);
+this module writes folders and says which of a model folder's other files belong in a copy.
+"""
 
 from __future__ import annotations
 
-import json
-import os
+import fnmatch
 import shutil
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
-from lora_ckpt.errors import CheckpointFileError
-from lora_ckpt.io import PathLike, load_checkpoint, save_checkpoint
+from lora_ckpt.io import write_checkpoint
+from lora_ckpt.output import Output, PathLike
+from lora_ckpt.source import Source, contained
 
-__all__ = ["copy_model_extras", "install_folder", "load_model_weights", "save_model_folder", "weight_files"]
+__all__ = ["MODEL_EXTRAS", "copy_model_extras", "load_model_weights", "save_model_folder", "weight_files",
+           "write_model_folder"]
 
-_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_SINGLE = ("model.safetensors", "pytorch_model.bin")
+#: The files besides the weights that a model folder needs (configs, tokenizer): what a merged copy takes along.
+MODEL_EXTRAS = (
+    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken", "spiece.model", "sentencepiece*.model",
+    "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+)
 
 
 def weight_files(path: PathLike) -> list[Path]:
-    """The weight files of a model: the file itself, or a folder's single file or index shards."""
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    if not p.is_dir():
-        raise CheckpointFileError(f"{p}: no such file or folder")
-    for index in _INDEXES:
-        if (p / index).is_file():
-            try:
-                weight_map = json.loads((p / index).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointFileError(f"{p / index}: not a valid index ({e})") from None
-            shards = sorted(set(weight_map.values()))
-            missing = [s for s in shards if not (p / s).is_file()]
-            if missing:
-                raise CheckpointFileError(f"{p / index}: names shard(s) {missing[:3]} that are not in {p}")
-            return [p / s for s in shards]
-    for name in _SINGLE:
-        if (p / name).is_file():
-            return [p / name]
-    raise CheckpointFileError(f"{p}: no {', '.join(_SINGLE + _INDEXES)} in this folder")
+    """The weight files of a model: the file itself, or a folder's single file or index shards (checked)."""
+    with Source.open(path) as source:
+        return list(source.files)
 
 
 def load_model_weights(path: PathLike) -> dict[str, torch.Tensor]:
     """Return the state dict of a model file or Hugging Face model folder (all shards)."""
-    out: dict[str, torch.Tensor] = {}
-    for f in weight_files(path):
-        out.update(load_checkpoint(f).state_dict)
-    return out
+    with Source.open(path) as source:
+        return source.load().state_dict
 
 
-def copy_model_extras(source: PathLike, folder: Path) -> None:
-    """Copy a model folder's files other than its weights (``config.json``, tokenizer files …) into ``folder``."""
-    skip = set(_INDEXES + _SINGLE) | {f.name for f in weight_files(source)}
-    for f in Path(source).iterdir():
-        if f.is_file() and f.name not in skip and not f.name.startswith("."):
-            shutil.copy2(f, folder / f.name)
+def copy_model_extras(source: PathLike, folder: Path) -> list[str]:
+    """Copy a model folder's configs and tokenizer files (:data:`MODEL_EXTRAS`) into ``folder``; return the
+    names of its other files, left out (optimizer states, logs …)."""
+    src = Path(source)
+    left_out: list[str] = []
+    for f in sorted(src.iterdir()):
+        if f.name.startswith(".") or not f.is_file():
+            continue
+        if not any(fnmatch.fnmatchcase(f.name, p) for p in MODEL_EXTRAS):
+            if not _is_weights(f.name):
+                left_out.append(f.name)
+            continue
+        shutil.copyfile(contained(src, f.name, what="the model file"), folder / f.name)
+    return left_out
 
 
-def install_folder(tmp: Path, target: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``target``, replacing an existing one only once ``tmp`` is complete."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        os.replace(tmp, target)
+def _is_weights(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin", ".index.json"))
 
 
 def save_model_folder(
@@ -78,26 +67,30 @@ def save_model_folder(
     like: PathLike | None = None,
     files: Mapping[str, str] | None = None,
     overwrite: bool = False,
+    inputs: Iterable[PathLike | None] = (),
 ) -> Path:
-    """Write a Hugging Face model folder: ``model.safetensors``, the non-weight files of the folder ``like``
-    and the text ``files`` (name -> content, e.g. ``config.json``).
+    """Write a Hugging Face model folder: ``model.safetensors``, the configs and tokenizer files of the folder
+    ``like`` and the text ``files`` (name -> content, e.g. ``config.json``).
 
-    The folder is assembled beside the target and renamed into place, so a failure leaves nothing.
+    The folder is assembled beside the target and moved into place (:class:`~lora_ckpt.output.Output`),
+    so a failure leaves nothing; ``inputs`` are paths the folder may not overwrite or contain.
     """
-    target = Path(path)
-    if target.exists() and not overwrite:
-        raise CheckpointFileError(f"{target}: already exists; pass overwrite=True (CLI: --force) to replace it")
-    if not target.parent.is_dir():
-        raise CheckpointFileError(f"{target}: the folder {target.parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        if like is not None and Path(like).is_dir():
-            copy_model_extras(like, tmp)
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text)
-        save_checkpoint(tmp / "model.safetensors", dict(state_dict))
-        install_folder(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    out = Output.prepare(path, overwrite=overwrite, folder=True, inputs=[like, *inputs])
+    with out.writing() as tmp:
+        write_model_folder(tmp, state_dict, like=like, files=files)
+    return out.path
+
+
+def write_model_folder(
+    folder: Path,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    like: PathLike | None = None,
+    files: Mapping[str, str] | None = None,
+) -> None:
+    """Fill the (staging) folder ``folder`` as :func:`save_model_folder` does."""
+    if like is not None and Path(like).is_dir():
+        copy_model_extras(like, folder)
+    for name, text in (files or {}).items():
+        (folder / name).write_text(text)
+    write_checkpoint(folder / "model.safetensors", dict(state_dict))

@@ -17,13 +17,16 @@ from typing import Any
 import torch
 
 from lora_ckpt.errors import AlphaError, CheckpointFileError, LayoutError, ShapeError
-from lora_ckpt.io import PathLike, _atomic_target, load_checkpoint, removed_on_failure
+from lora_ckpt.io import write_checkpoint
 from lora_ckpt.layout import PEFT, Layout, detect_layout
+from lora_ckpt.output import Output, PathLike
+from lora_ckpt.source import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Source
 
-__all__ = ["PeftAdapter", "is_peft_dir", "load_peft_adapter", "pattern_key", "save_peft_adapter"]
+__all__ = ["PeftAdapter", "is_peft_dir", "load_peft_adapter", "pattern_key", "peft_config", "save_peft_adapter",
+           "write_peft_adapter"]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+CONFIG_NAME = ADAPTER_CONFIG
+WEIGHT_NAMES = ADAPTER_WEIGHTS
 
 
 @dataclass
@@ -91,7 +94,7 @@ def _check_supported(config: Mapping[str, Any], where: Path) -> None:
             raise LayoutError(f"{where}: PEFT option {option}={config[option]!r} is not supported")
 
 
-def load_peft_adapter(path: PathLike) -> PeftAdapter:
+def load_peft_adapter(path: PathLike | Source) -> PeftAdapter:
     """Return the PEFT adapter stored in the folder ``path`` (config read, scales resolved, shapes checked).
 
     Raises:
@@ -99,52 +102,45 @@ def load_peft_adapter(path: PathLike) -> PeftAdapter:
         LayoutError: not a LoRA adapter, or an unsupported variant (named).
         ShapeError, AlphaError: config and tensors disagree.
     """
+    if isinstance(path, Source):
+        return _adapter(path)
     folder = Path(path)
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
+    if not (folder / CONFIG_NAME).is_file():
         raise CheckpointFileError(f"{folder}: no {CONFIG_NAME}; a PEFT adapter folder needs its config")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointFileError(f"{config_path}: not valid JSON ({e})") from None
-    _check_supported(config, config_path)
-    weights = next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
-    if weights is None:
-        raise CheckpointFileError(f"{folder}: no {' or '.join(WEIGHT_NAMES)}")
-    sd = load_checkpoint(weights).state_dict
+    with Source.open(folder) as source:
+        return _adapter(source)
+
+
+def _adapter(source: Source) -> PeftAdapter:
+    if source.kind != "peft" or source.config is None:
+        raise CheckpointFileError(f"{source.path}: not a PEFT adapter folder (no {CONFIG_NAME})")
+    config = source.config
+    _check_supported(config, source.path / CONFIG_NAME)
+    sd = source.load().state_dict
     layout = detect_layout(sd, layout=PEFT.name)
-    adapter = PeftAdapter(sd, config, layout, folder)
+    adapter = PeftAdapter(sd, config, layout, source.path)
     adapter.scales = peft_scales(config, layout)
     return adapter
 
 
-def save_peft_adapter(
-    path: PathLike,
+def peft_config(
     state_dict: Mapping[str, torch.Tensor],
     *,
     alpha: Mapping[str, float],
     fan_in_fan_out: bool = False,
     extra_config: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write a PEFT adapter folder (config + ``adapter_model.safetensors``); returns the folder.
+) -> dict[str, Any]:
+    """The ``adapter_config.json`` for PEFT-keyed ``state_dict`` with ``alpha`` per module.
 
-    ``state_dict`` holds PEFT's saved keys (``base_model.model.<module>.lora_A.weight`` …) and
-    ``alpha`` the alpha per module. ``r`` and ``lora_alpha`` are the most common values; other
-    modules get exact ``rank_pattern`` / ``alpha_pattern`` entries. Each file is written atomically;
-    an existing adapter is replaced only with ``overwrite=True``.
+    ``r`` and ``lora_alpha`` are the most common values; other modules get exact ``rank_pattern`` /
+    ``alpha_pattern`` entries.
     """
-    from lora_ckpt.io import save_checkpoint
-
     layout = detect_layout(state_dict, layout=PEFT.name)
     ranks = {m.name: m.rank for m in layout.modules if m.has_factors}
     rank = max(sorted(set(ranks.values())), key=list(ranks.values()).count)
     alpha0 = max(sorted(set(alpha.values())), key=list(alpha.values()).count)
     use_dora = any(m.is_dora for m in layout.modules)
-    folder = Path(path)
-    if (folder / CONFIG_NAME).exists() and not overwrite:
-        raise CheckpointFileError(f"{folder}: already holds a PEFT adapter; pass overwrite=True (CLI: --force)")
-    config: dict[str, Any] = {
+    return {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": None,
@@ -163,9 +159,38 @@ def save_peft_adapter(
         "modules_to_save": None,
         **dict(extra_config or {}),
     }
-    with removed_on_failure(folder):
-        folder.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(folder / WEIGHT_NAMES[0], dict(state_dict), overwrite=True)
-        with _atomic_target(folder / CONFIG_NAME) as tmp:
-            tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-    return folder
+
+
+def save_peft_adapter(
+    path: PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    alpha: Mapping[str, float],
+    fan_in_fan_out: bool = False,
+    extra_config: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a PEFT adapter folder (config + ``adapter_model.safetensors``); returns the folder.
+
+    ``state_dict`` holds PEFT's saved keys (``base_model.model.<module>.lora_A.weight`` …) and
+    ``alpha`` the alpha per module (see :func:`peft_config`). The folder is assembled beside the target
+    and moved into place; an existing adapter is replaced only with ``overwrite=True``.
+    """
+    out = Output.prepare(path, overwrite=overwrite, folder=True)
+    with out.writing() as tmp:
+        write_peft_adapter(tmp, state_dict, alpha=alpha, fan_in_fan_out=fan_in_fan_out, extra_config=extra_config)
+    return out.path
+
+
+def write_peft_adapter(
+    folder: Path,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    alpha: Mapping[str, float],
+    fan_in_fan_out: bool = False,
+    extra_config: Mapping[str, Any] | None = None,
+) -> None:
+    """Fill the (staging) folder ``folder`` with the adapter as :func:`save_peft_adapter` does."""
+    config = peft_config(state_dict, alpha=alpha, fan_in_fan_out=fan_in_fan_out, extra_config=extra_config)
+    write_checkpoint(folder / WEIGHT_NAMES[0], dict(state_dict))
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lora_ckpt.stream import _shards
+from lora_ckpt.streaming.writer import plan_shards
 
 __all__ = ["LlamaShape", "write_llama_adapter", "write_llama_checkpoint"]
 
@@ -58,7 +58,7 @@ def write_llama_checkpoint(
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    plan = _shards([(name, torch.Size(s).numel() * dtype.itemsize) for name, s in shape.tensors()], shard_bytes)
+    plan = plan_shards([(name, torch.Size(s).numel() * dtype.itemsize) for name, s in shape.tensors()], shard_bytes)
     total = len(plan)
     weight_map = {}
     dims = dict(shape.tensors())

@@ -1,0 +1,119 @@
+"""A state dict with what its file records beside it: :class:`Checkpoint`, and reading checkpoint dicts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_ckpt.errors import AlphaError, LayoutError
+from lora_ckpt.filemeta import META_KEY, FileMeta
+
+__all__ = ["STATE_DICT_KEYS", "Checkpoint", "checkpoint_from_dict", "is_state_dict"]
+
+#: Where checkpoint dicts keep their state dict (nanoGPT: ``model``; Lightning: ``state_dict``).
+STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
+
+
+@dataclass
+class Checkpoint:
+    """A state dict with what is known about it: alpha, where it came from, and the rest of the file.
+
+    ``extra`` holds the other entries of a checkpoint dict (``optimizer``, ``model_args``,
+    ``iter_num`` …); ``alpha`` is the alpha recorded in the file (lora_ckpt metadata, or nanoGPT's
+    ``model_args['lora_alpha']``), or None where the file does not say.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    alpha: float | dict[str, float] | None = None
+    alpha_source: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def resolve_alpha(self, alpha: float | Mapping[str, float] | None) -> float | Mapping[str, float] | None:
+        """The alpha to merge with: ``alpha`` if given, else the recorded one; raise if they disagree."""
+        if alpha is None or self.alpha is None:
+            return alpha if alpha is not None else self.alpha
+        if _same_alpha(alpha, self.alpha):
+            return alpha
+        where = f" in {self.path}" if self.path else ""
+        raise AlphaError(
+            f"alpha={_fmt(alpha)} conflicts with alpha {_fmt(self.alpha)} recorded{where} ({self.alpha_source}); "
+            "drop the alpha argument to use the recorded value"
+        )
+
+    def record(self, meta: FileMeta | None) -> Checkpoint:
+        """Take the alpha this checkpoint's file records (lora_ckpt metadata, else ``model_args['lora_alpha']``)."""
+        if meta is not None:
+            self.metadata = meta.to_dict()
+            if meta.alpha is not None:
+                self.alpha, self.alpha_source = meta.alpha, "lora_ckpt metadata"
+                return self
+        model_args = self.extra.get("model_args")
+        if isinstance(model_args, Mapping) and model_args.get("lora_alpha") is not None:
+            value = model_args["lora_alpha"]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                where = f"{self.path}: " if self.path else ""
+                raise AlphaError(
+                    f"{where}model_args['lora_alpha'] is {value!r}, not a finite number; pass the alpha yourself "
+                    "(alpha=..., CLI: --alpha) or fix model_args"
+                )
+            self.alpha, self.alpha_source = float(value), "model_args['lora_alpha']"
+        return self
+
+
+def _same_alpha(a: float | Mapping[str, float], b: float | Mapping[str, float]) -> bool:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return dict(a) == dict(b)
+    if isinstance(a, Mapping):
+        return all(v == b for v in a.values())
+    if isinstance(b, Mapping):
+        return all(v == a for v in b.values())
+    return float(a) == float(b)
+
+
+def _fmt(alpha: float | Mapping[str, float]) -> str:
+    if isinstance(alpha, Mapping):
+        values = set(alpha.values())
+        return _fmt(values.pop()) if len(values) == 1 else "{per-module}"
+    return f"{float(alpha):g}"
+
+
+def is_state_dict(obj: object) -> bool:
+    """Whether ``obj`` is a non-empty mapping of string keys to tensors."""
+    return (
+        isinstance(obj, Mapping) and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def checkpoint_from_dict(obj: object, path: Path | None) -> Checkpoint:
+    """Return the checkpoint in a loaded object: a state dict, or a checkpoint dict holding one.
+
+    Raises:
+        LayoutError: neither a state dict nor a dict holding one under ``model``/``state_dict``/``model_state_dict``.
+        CheckpointFileError: invalid lora_ckpt metadata (see :class:`~lora_ckpt.filemeta.FileMeta`).
+    """
+    where = f"{path}: " if path else ""
+    if not isinstance(obj, Mapping):
+        raise LayoutError(f"{where}expected a state dict or a checkpoint dict, got {type(obj).__name__}")
+    if is_state_dict(obj):
+        return Checkpoint(dict(obj), path=path)
+    key = next((k for k in STATE_DICT_KEYS if is_state_dict(obj.get(k))), None)
+    if key is None:
+        raise LayoutError(
+            f"{where}no state dict found: expected tensors at the top level or under one of "
+            f"{list(STATE_DICT_KEYS)}; found keys {sorted(map(str, obj))[:8]}"
+        )
+    extra = {k: v for k, v in obj.items() if k not in (key, META_KEY)}
+    state_dict = dict(obj[key])
+    meta = None
+    if obj.get(META_KEY) is not None:
+        meta = FileMeta.from_dict(obj[META_KEY], stored=state_dict, where=path or "the checkpoint")
+        meta.check_keys(state_dict, where=path or "the checkpoint")
+    return Checkpoint(state_dict, extra=extra, path=path).record(meta)

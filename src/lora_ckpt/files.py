@@ -1,0 +1,359 @@
+"""File operations: merge and convert files and folders, choosing the streamed or the in-memory route.
+
+This module owns the routing the command line uses (stream when the output is safetensors and the merge
+keeps exact function; in memory otherwise), the pairs of outputs some targets need (written both or
+neither), and the summaries printed afterwards. Each operation opens each input once
+(:class:`~lora_ckpt.source.Source`), detects the layout once and checks every output once
+(:class:`~lora_ckpt.output.Output`) before anything is computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lora_ckpt.checkpoint import Checkpoint
+from lora_ckpt.convert import LoadReport, convert_state_dict, fresh_factors
+from lora_ckpt.errors import LayoutError
+from lora_ckpt.formats.gpt2 import hf_to_nanogpt, nanogpt_lora_to_peft
+from lora_ckpt.formats.hf import write_model_folder
+from lora_ckpt.formats.peft import load_peft_adapter, write_peft_adapter
+from lora_ckpt.io import write_checkpoint
+from lora_ckpt.layout import LAYOUTS, Layout, detect_layout, tied_groups
+from lora_ckpt.merge import Alpha, merge_lora
+from lora_ckpt.output import FILE_SUFFIXES, Output, PathLike, write_together
+from lora_ckpt.relayout import convert_layout
+from lora_ckpt.source import Source
+from lora_ckpt.streaming import StreamOptions, stream_convert, stream_merge
+
+__all__ = ["FileResult", "convert_files", "merge_files"]
+
+_PICKLES = FILE_SUFFIXES[1:]
+
+
+@dataclass
+class FileResult:
+    """What a file operation wrote: the outputs, how, and what the user should know about it.
+
+    ``lines`` is the human summary (one fact per line); ``leftovers`` what was cleaned up from
+    interrupted runs; ``conversion`` the key-by-key report of a conversion to a template's layout.
+    """
+
+    outputs: list[Path]
+    streamed: bool
+    merged: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    lines: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)
+    conversion: LoadReport | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-able values."""
+        return {"outputs": [str(p) for p in self.outputs], "streamed": self.streamed, "merged": self.merged,
+                "bytes": self.bytes, "seconds": round(self.seconds, 3), "left_out": self.left_out,
+                "leftovers": self.leftovers, "summary": self.lines}
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+
+def merge_files(
+    source: PathLike,
+    dst: PathLike,
+    *,
+    adapter: PathLike | None = None,
+    alpha: Alpha | None = None,
+    dtype: torch.dtype | None = None,
+    tied: Literal["untie", "tie"] = "untie",
+    max_shard_size: int | str | None = None,
+    device: str | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+    options: StreamOptions | None = None,
+) -> FileResult:
+    """Merge a LoRA checkpoint (``adapter=None``) or an adapter into its base ``source``, writing ``dst``.
+
+    ``dst`` is a ``.safetensors`` file or a model folder (streamed, memory bounded by the largest tensor)
+    or a ``.pt`` checkpoint (in memory, other checkpoint entries kept). ``tied="tie"`` runs in memory.
+
+    Raises:
+        LoraCkptError: any input problem, before anything is written; OSError from the file system.
+    """
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(Source.open(source))
+        ad = stack.enter_context(Source.open(adapter)) if adapter is not None else None
+        out = Output.prepare(dst, overwrite=overwrite, inputs=[src.path, ad.path if ad else None])
+        streams = out.folder or (out.path.suffix not in _PICKLES and tied == "untie")
+        if ad is not None:
+            return _merge_adapter(src, ad, out, alpha, dtype, tied, max_shard_size, device, progress, options, streams)
+        if streams:
+            layout = detect_layout(src.meta_tensors())
+            updated = _tied_updates(src, layout)
+            report = stream_merge(src, out, alpha=alpha, dtype=dtype, max_shard_size=max_shard_size, device=device,
+                                  progress=progress, layout=layout, options=options)
+            result = FileResult(report.files, True, len(report.merged), report.bytes, report.seconds,
+                                left_out=report.left_out)
+            dropped = _standard_extra(src.recorded(), out.path)[1]
+        else:
+            ckpt = src.load()
+            layout = detect_layout(ckpt.state_dict)  # on the tensors themselves: their ties are part of the layout
+            updated = _tied_updates(src, layout)
+            merged = merge_lora(ckpt.state_dict, alpha=ckpt.resolve_alpha(alpha), tied=tied, dtype=dtype, layout=layout)
+            extra, dropped = _standard_extra(ckpt, out.path)
+            with out.writing() as tmp:
+                write_checkpoint(tmp, merged, extra=extra, suffix=out.path.suffix)
+            result = FileResult([out.path], False, sum(m.has_factors for m in layout.modules))
+        result.leftovers = list(out.removed)
+        result.lines.append(f"merged {result.merged} LoRA module(s) of {source} into {dst}")
+        for group in updated:
+            how = "untied: each key keeps its own value" if tied == "untie" else "tied to the merged weight"
+            result.lines.append(f"tied group {' = '.join(group)}: {how}")
+        if dropped:
+            result.lines.append(f"left out: {', '.join(dropped)} (they do not apply to merged weights)")
+        return result
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _merge_adapter(
+    base: Source,
+    adapter: Source,
+    out: Output,
+    alpha: Alpha | None,
+    dtype: torch.dtype | None,
+    tied: str,
+    max_shard_size: int | str | None,
+    device: str | None,
+    progress: bool,
+    options: StreamOptions | None,
+    streams: bool,
+) -> FileResult:
+    if streams:
+        report = stream_merge(base, out, adapter=adapter, alpha=alpha, dtype=dtype, max_shard_size=max_shard_size,
+                              device=device, progress=progress, options=options)
+        result = FileResult(report.files, True, len(report.merged), report.bytes, report.seconds,
+                            left_out=report.left_out, leftovers=list(out.removed))
+        result.lines.append(
+            f"merged {adapter.path} into {base.path}: {out.path} ({len(report.merged)} weights merged, "
+            f"{report.bytes / 1e9:.2f} GB in {len(report.files)} file(s), {report.seconds:.1f} s)"
+        )
+    else:
+        base_sd = base.load().state_dict
+        if adapter.kind == "peft":
+            peft = load_peft_adapter(adapter)
+            if alpha is not None:
+                raise LayoutError(f"{adapter.path}: the alpha comes from adapter_config.json; do not pass alpha")
+            merged = merge_lora(peft.state_dict, base=base_sd, scales=peft.scales, layout=peft.layout, dtype=dtype,
+                                fan_in_fan_out=peft.fan_in_fan_out)
+        else:
+            ck = adapter.load()
+            merged = merge_lora(ck.state_dict, base=base_sd, alpha=ck.resolve_alpha(alpha), dtype=dtype)
+        left_out = _write_standard(out, merged, like=base.path)
+        result = FileResult([out.path], False, left_out=left_out, leftovers=list(out.removed))
+        result.lines.append(f"merged {adapter.path} into {base.path}: {out.path}")
+    if result.left_out:
+        result.lines.append(f"not copied from {base.path}: {', '.join(result.left_out)} (not part of a model folder)")
+    return result
+
+
+def _write_standard(out: Output, sd: Mapping[str, torch.Tensor], *, like: Path | None) -> list[str]:
+    """Write a standard state dict to a file or model folder output; return the files of ``like`` left out."""
+    left: list[str] = []
+    with out.writing() as tmp:
+        if out.folder:
+            write_model_folder(tmp, sd, like=like if like is not None and like.is_dir() else None)
+        else:
+            write_checkpoint(tmp, sd, suffix=out.path.suffix)
+    return left
+
+
+def _tied_updates(src: Source, layout: Layout) -> list[tuple[str, ...]]:
+    """The tied key groups of the source that a LoRA update lands on."""
+    if src.kind == "pickle" and src.loaded is not None:
+        groups: tuple[tuple[str, ...], ...] = tied_groups(src.loaded.state_dict)
+    else:
+        by_key: dict[str, list[str]] = {}
+        for alias, key in src.aliases().items():
+            by_key.setdefault(key, [key]).append(alias)
+        groups = tuple(tuple(g) for g in by_key.values())
+    updated = {layout.prefix + m.weight_key for m in layout.modules if m.has_factors and m.has_base}
+    return [g for g in groups if updated.intersection(g)]
+
+
+def _standard_extra(ckpt: Checkpoint, dst: Path) -> tuple[dict[str, object], list[str]]:
+    """Entries to keep beside merged weights, and the names left out (optimizer state, LoRA args)."""
+    dropped = [k for k in ckpt.extra if k == "optimizer" or (dst.suffix == ".safetensors" and k != "model_args")]
+    extra = {k: v for k, v in ckpt.extra.items() if k not in dropped}
+    model_args = extra.get("model_args")
+    if isinstance(model_args, dict):
+        lora_args = sorted(k for k in model_args if str(k).startswith("lora_"))
+        extra["model_args"] = {k: v for k, v in model_args.items() if k not in lora_args}
+        dropped += [f"model_args[{k!r}]" for k in lora_args]
+    return extra, dropped
+
+
+def convert_files(
+    source: PathLike,
+    dst: PathLike,
+    *,
+    to: str,
+    like: PathLike | None = None,
+    base: PathLike | None = None,
+    base_out: PathLike | None = None,
+    gpt2: bool = False,
+    n_head: int | None = None,
+    alpha: Alpha | None = None,
+    seed: int = 0,
+    max_shard_size: int | str | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+    options: StreamOptions | None = None,
+) -> FileResult:
+    """Convert ``source`` to the layout ``to`` (``standard``, ``nanogpt`` or any LoRA layout), writing ``dst``.
+
+    ``like``: a template whose LoRA layout a standard source takes (fresh factors seeded by ``seed``).
+    ``base``: base weights for an adapter-only source. ``base_out``: where base weights go for targets that
+    keep them apart (``peft``, ``kohya``); ``dst`` and ``base_out`` are written both or neither. ``gpt2``:
+    nanoGPT <-> Hugging Face GPT-2 (Conv1D weights transposed); ``n_head`` for its ``config.json``.
+    Streams whenever what holds the base weights is safetensors.
+
+    Raises:
+        LoraCkptError: any input problem, before anything is written; OSError from the file system.
+    """
+    if to == "standard":
+        if base is not None:
+            return merge_files(base, dst, adapter=source, alpha=alpha, max_shard_size=max_shard_size,
+                               progress=progress, overwrite=overwrite, options=options)
+        return merge_files(source, dst, alpha=alpha, max_shard_size=max_shard_size, progress=progress,
+                           overwrite=overwrite, options=options)
+    target_layout = "nanogpt_lora" if to == "nanogpt" else to
+    if target_layout not in LAYOUTS:
+        raise LayoutError(f"unknown target layout {to!r}; known: standard, nanogpt, {', '.join(LAYOUTS)}")
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(Source.open(source))
+        dst_path = Path(dst)
+        if like is not None:
+            template = stack.enter_context(Source.open(like))
+            if dst_path.suffix == ".safetensors" and src.kind != "peft":
+                report = stream_convert(src, dst, like=template, alpha=alpha, seed=seed, progress=progress,
+                                        overwrite=overwrite, options=options)
+                result = FileResult(report.files, True, len(report.merged), report.bytes, report.seconds,
+                                    conversion=report.conversion)
+                result.lines.append(f"converted {source} to the layout of {like}: {dst} ({report.tensors} tensors, "
+                                    f"{report.bytes / 1e9:.2f} GB streamed, {report.seconds:.1f} s)")
+            else:
+                result = _convert_like(src, template, dst_path, alpha, seed, overwrite)
+            if result.conversion is not None:
+                result.lines.append(str(result.conversion))
+            return result
+        if src.kind != "peft" and not gpt2 and base is None and _streams_convert(target_layout, dst_path, base_out):
+            report = stream_convert(src, dst, to=target_layout, alpha=alpha, base_out=base_out,
+                                    max_shard_size=max_shard_size, seed=seed, progress=progress, overwrite=overwrite,
+                                    options=options)
+            result = FileResult(report.files, True, len(report.merged), report.bytes, report.seconds)
+            result.lines.append(
+                f"converted {source} to the {target_layout} layout: {dst} ({report.tensors} tensors, "
+                f"{report.bytes / 1e9:.2f} GB streamed" + (f" to {base_out}" if base_out else "")
+                + f", {report.seconds:.1f} s)"
+            )
+            return result
+        return _convert_in_memory(src, dst_path, target_layout, base, base_out, gpt2, n_head, alpha, overwrite)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _streams_convert(to: str, dst: Path, base_out: PathLike | None) -> bool:
+    """Whether to convert file to file with bounded memory: what holds the base weights is safetensors."""
+    if LAYOUTS[to].base_in_file:
+        return dst.suffix == ".safetensors"
+    return base_out is not None and Path(base_out).suffix not in _PICKLES
+
+
+def _convert_in_memory(
+    src: Source,
+    dst: Path,
+    to: str,
+    base: PathLike | None,
+    base_out: PathLike | None,
+    gpt2: bool,
+    n_head: int | None,
+    alpha: Alpha | None,
+    overwrite: bool,
+) -> FileResult:
+    if src.kind == "peft":
+        adapter = load_peft_adapter(src)
+        sd, scales, rec_alpha, extra = adapter.state_dict, adapter.scales, None, {}
+    else:
+        ckpt = src.load()
+        if to == "peft" and gpt2:
+            return _nanogpt_to_gpt2_peft(src, ckpt, dst, base_out, n_head, alpha, overwrite)
+        sd, scales, rec_alpha = ckpt.state_dict, None, ckpt.resolve_alpha(alpha)
+        extra = {k: v for k, v in ckpt.extra.items() if k != "optimizer"}
+    base_sd = None
+    if base is not None:
+        with Source.open(base) as base_src:
+            base_sd = base_src.load().state_dict
+        if gpt2:
+            base_sd = hf_to_nanogpt(base_sd)
+    rel = convert_layout(sd, to, alpha=rec_alpha, scales=scales, base=base_sd, fan_in_fan_out=False if gpt2 else None)
+    writes_base = rel.base is not None and base is None
+    if writes_base and base_out is None:
+        raise LayoutError(f"{src.path} holds base weights, which {to} keeps apart; pass --base-out PATH")
+    inputs = [src.path, base]
+    out = Output.prepare(dst, overwrite=overwrite, folder=True if to == "peft" else None, inputs=[*inputs, base_out])
+    outputs = [out]
+    if writes_base:
+        outputs.insert(0, Output.prepare(base_out, overwrite=overwrite, inputs=[*inputs, dst]))  # type: ignore[arg-type]
+    with write_together(*outputs) as staged:
+        if writes_base:
+            assert rel.base is not None
+            base_target = outputs[0]
+            if base_target.folder:
+                write_model_folder(staged[0], rel.base)
+            else:
+                write_checkpoint(staged[0], rel.base, suffix=base_target.path.suffix)
+        if to == "peft":
+            write_peft_adapter(staged[-1], rel.state_dict, alpha=rel.alpha)
+        else:
+            keep = extra if dst.suffix != ".safetensors" else {k: v for k, v in extra.items() if k == "model_args"}
+            write_checkpoint(staged[-1], rel.state_dict, alpha=rel.alpha, extra=keep, suffix=dst.suffix)
+    result = FileResult([o.path for o in outputs], False, leftovers=[x for o in outputs for x in o.removed])
+    result.lines.append(f"converted {src.path} to the {to} layout: {dst} ({len(rel.alpha)} LoRA modules, factors unchanged)")
+    return result
+
+
+def _nanogpt_to_gpt2_peft(
+    src: Source, ckpt: Checkpoint, dst: Path, base_out: PathLike | None, n_head: int | None, alpha: Alpha | None,
+    overwrite: bool,
+) -> FileResult:
+    n_head = n_head or (ckpt.extra.get("model_args") or {}).get("n_head")
+    if not base_out or not n_head:
+        raise LayoutError("--to peft --gpt2 needs --base-out DIR (the GPT-2 model folder) and --n-head "
+                          "(or model_args['n_head'] in the checkpoint)")
+    nanogpt_lora_to_peft(ckpt.state_dict, base_out, dst, alpha=ckpt.resolve_alpha(alpha), n_head=int(n_head),
+                         overwrite=overwrite, inputs=[src.path])
+    result = FileResult([Path(base_out), dst], False)
+    result.lines.append(f"wrote the GPT-2 base to {base_out} and the PEFT adapter to {dst}")
+    return result
+
+
+def _convert_like(src: Source, template: Source, dst: Path, alpha: Alpha | None, seed: int, overwrite: bool) -> FileResult:
+    ckpt = src.load()
+    t_ckpt = template.load()
+    layout = detect_layout(t_ckpt.state_dict)
+    conversion = convert_state_dict(ckpt, layout, alpha=alpha, target_alpha=t_ckpt.alpha)
+    values = {**conversion.values, **fresh_factors(layout, conversion.report.initialised, seed=seed)}
+    ordered = {layout.prefix + k: values[k] for k in layout.shapes}
+    extra = {k: v for k, v in ckpt.extra.items() if k != "optimizer"}
+    out = Output.prepare(dst, overwrite=overwrite, folder=False, inputs=[src.path, template.path])
+    with out.writing() as tmp:
+        write_checkpoint(tmp, ordered, alpha=t_ckpt.alpha, extra=extra if dst.suffix != ".safetensors" else None,
+                         suffix=dst.suffix)
+    result = FileResult([dst], False, conversion=conversion.report, leftovers=list(out.removed))
+    result.lines.append(f"converted {src.path} ({conversion.report.source_layout}) to the layout of {template.path}: {dst}")
+    return result

@@ -1,0 +1,344 @@
+"""Where lora_ckpt may write, and how: the one owner of every output path.
+
+An :class:`Output` is checked once, when it is made, and every writer goes through it:
+
+- **containment**: an output may not be, contain or lie inside any of the command's inputs (after
+  resolving symbolic links), whatever ``overwrite`` says;
+- **overwrite** (``--force``): without it an existing path is an error; with it only a plain file, or a
+  folder holding nothing but the files a model or adapter folder holds, is replaced (anything else is
+  refused, naming what is in the way); symbolic links are never followed or replaced;
+- **atomic install**: content is written under a staging name beside the target and moved into place
+  once complete, with no moment where both the old and the new output are gone; a new output is
+  created without clobbering (of two concurrent writers, exactly one wins);
+- **permissions**: new files and folders get the usual modes under the umask; a replaced output keeps
+  its mode;
+- **leftovers**: staging names carry the writer's process id, so a later run removes those of a run
+  that was killed (and puts back an old output that was moved aside), and reports what it did;
+- **pairs**: :func:`write_together` installs several outputs both-or-neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fnmatch
+import logging
+import os
+import re
+import secrets
+import shutil
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+from lora_ckpt.errors import CheckpointFileError
+
+__all__ = ["FILE_SUFFIXES", "Output", "PathLike", "clean_leftovers", "write_together"]
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: The suffixes of checkpoint files; any other output name is a folder.
+FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+#: What a model or adapter folder written by lora_ckpt, transformers or PEFT holds; ``overwrite`` replaces
+#: a folder only when every entry matches one of these (and none is a folder or a link).
+REPLACEABLE = (
+    "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
+    "adapter_model.bin", "adapter_config.json", "config.json", "generation_config.json", "tokenizer*",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken",
+    "spiece.model", "sentencepiece*.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+    "training_args.bin", "README.md",
+)
+
+_STAGING = re.compile(r"^\.(?P<name>.+)\.lora-ckpt-(?P<pid>\d+)-[0-9a-f]{8}\.(?P<kind>tmp|old)$")
+
+
+@dataclass(frozen=True)
+class Output:
+    """An output path checked once: where it goes, whether it may replace what is there, and its kind.
+
+    Make one with :meth:`prepare`; write through :meth:`writing` (or :func:`write_together` for pairs).
+    ``folder`` is True for a model or adapter folder, False for a checkpoint file.
+    """
+
+    path: Path
+    folder: bool
+    overwrite: bool = False
+    removed: tuple[str, ...] = field(default=(), compare=False)
+
+    @classmethod
+    def prepare(
+        cls,
+        path: PathLike,
+        *,
+        overwrite: bool = False,
+        folder: bool | None = None,
+        inputs: Iterable[PathLike | None] = (),
+    ) -> Output:
+        """Return the checked output for ``path``; nothing is written yet.
+
+        ``folder`` defaults to whether the name lacks a checkpoint suffix (:data:`FILE_SUFFIXES`).
+        Leftovers of interrupted runs writing the same path are cleaned up here (see :func:`clean_leftovers`).
+
+        Raises:
+            CheckpointFileError: the folder it goes in is missing; it is, holds or lies inside an input;
+                it exists and ``overwrite`` is False; or with ``overwrite``, what exists is not
+                something lora_ckpt may replace (named).
+        """
+        p = Path(path)
+        if p.name in ("", ".", "..") or Path(os.path.abspath(p)) == Path(os.path.abspath(p)).parent:
+            raise CheckpointFileError(f"{p}: name a new file or folder for the output, not {str(p)!r}")
+        is_folder = (p.suffix not in FILE_SUFFIXES) if folder is None else folder
+        parent = p.parent
+        if not parent.is_dir():
+            raise CheckpointFileError(f"{p}: the folder {parent} does not exist")
+        _check_containment(p, inputs)
+        removed = tuple(clean_leftovers(p))
+        if os.path.lexists(p):
+            if not overwrite:
+                raise CheckpointFileError(f"{p}: already exists; pass overwrite=True (CLI: --force) to replace it")
+            _check_replaceable(p, is_folder)
+        return cls(p, is_folder, overwrite, removed)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Path]:
+        """Yield the staging path to write (a new empty file, or a new empty folder); install it on success.
+
+        On any failure (an interrupt too) the staging path is removed and the old output, if any, is untouched.
+        """
+        with write_together(self) as (staged,):
+            yield staged
+
+
+@contextlib.contextmanager
+def write_together(*outputs: Output) -> Iterator[tuple[Path, ...]]:
+    """Yield a staging path per output; install them all once the block succeeds, or none of them.
+
+    An output that replaces an old one swaps with it; if a later one fails to install, the earlier ones
+    are swapped back, so the old outputs return as they were.
+    """
+    staged: list[Path] = []
+    try:
+        for out in outputs:
+            staged.append(_stage(out))
+        yield tuple(staged)
+        for path in staged:
+            _sync_tree(path)
+        undo: list[tuple[Output, Path]] = []
+        try:
+            for out, path in zip(outputs, staged):
+                _install(out, path)
+                undo.append((out, path))
+        except BaseException:
+            for out, path in reversed(undo):
+                _uninstall(out, path)
+            raise
+        for out, path in undo:  # the old outputs (now under the staging names), or nothing
+            _remove(path)
+            _sync_dir(out.path.parent)
+    finally:
+        for path in staged:
+            if os.path.lexists(path):
+                _remove(path)
+
+
+def clean_leftovers(target: Path) -> list[str]:
+    """Remove what runs that were killed left beside ``target``; return one line per thing done.
+
+    A staging file or folder of a process that is gone is deleted; an old output moved aside (when the
+    swap is not atomic on this system) is put back if nothing took its place.
+    """
+    done: list[str] = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return done
+    for entry in entries:
+        m = _STAGING.match(entry.name)
+        if m is None or m.group("name") != target.name or _alive(int(m.group("pid"))):
+            continue
+        path = Path(entry.path)
+        if m.group("kind") == "old" and not os.path.lexists(target):
+            os.rename(path, target)
+            done.append(f"put back {target}, moved aside by an interrupted run (pid {m.group('pid')})")
+        else:
+            _remove(path)
+            done.append(f"removed {path.name}, left by an interrupted run (pid {m.group('pid')})")
+    for line in done:
+        log.warning("%s", line)
+    return done
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _check_containment(out: Path, inputs: Iterable[PathLike | None]) -> None:
+    target = out.resolve()
+    for given in inputs:
+        if given is None or not isinstance(given, (str, os.PathLike)):
+            continue
+        inp = Path(given).resolve()
+        if target == inp:
+            how = "is"
+        elif inp in target.parents:
+            how = "lies inside"
+        elif target in inp.parents:
+            how = "contains"
+        else:
+            continue
+        raise CheckpointFileError(
+            f"{out}: the output {how} the input {given}; lora-ckpt never writes over its inputs: "
+            "choose an output path outside them"
+        )
+
+
+def _check_replaceable(p: Path, folder: bool) -> None:
+    if p.is_symlink():
+        raise CheckpointFileError(
+            f"{p}: is a symbolic link (to {os.readlink(p)}); lora-ckpt replaces only plain files and folders: "
+            "name the link's target itself, or remove the link"
+        )
+    st = p.lstat()
+    if folder and not stat.S_ISDIR(st.st_mode):
+        raise CheckpointFileError(f"{p}: exists and is not a folder; the output is a folder: remove it or choose another name")
+    if not folder and stat.S_ISDIR(st.st_mode):
+        raise CheckpointFileError(
+            f"{p}: is a folder, and the output is a file; remove the folder or choose another name"
+        )
+    if not folder and not stat.S_ISREG(st.st_mode):
+        raise CheckpointFileError(f"{p}: is not a regular file; lora-ckpt replaces only regular files")
+    if folder:
+        foreign = sorted(
+            e.name + ("/" if e.is_dir(follow_symlinks=False) else "")
+            for e in os.scandir(p)
+            if e.is_dir(follow_symlinks=False) or e.is_symlink() or not _replaceable_name(e.name)
+        )
+        if foreign:
+            listed = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+            raise CheckpointFileError(
+                f"{p}: holds {listed}, which a model or adapter folder does not; lora-ckpt replaces only what a "
+                "model save wrote: choose a new output path or remove them yourself"
+            )
+
+
+def _replaceable_name(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in REPLACEABLE)
+
+
+def _stage(out: Output) -> Path:
+    """Create the empty staging file or folder beside the output, named so a later run can tell it is ours."""
+    while True:
+        path = out.path.with_name(f".{out.path.name}.lora-ckpt-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        try:
+            if out.folder:
+                os.mkdir(path, 0o777)  # the umask applies, as for any new folder
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return path
+
+
+def _install(out: Output, staged: Path) -> None:
+    """Move ``staged`` to the output path: no clobbering when it is new, a swap with the old one otherwise.
+
+    After a swap the old output sits at ``staged`` (removed by the caller once every output is in place).
+    """
+    if out.overwrite and os.path.lexists(out.path):
+        os.chmod(staged, stat.S_IMODE(out.path.lstat().st_mode))  # a replaced output keeps its mode
+        if _rename2(staged, out.path, _RENAME_EXCHANGE):
+            return
+        aside = staged.with_name(staged.name[: -len(".tmp")] + ".old")
+        os.rename(out.path, aside)  # no swap on this system: the old one waits aside until the new is in place
+        try:
+            os.rename(staged, out.path)
+        except BaseException:
+            os.rename(aside, out.path)
+            raise
+        os.rename(aside, staged)
+        return
+    if _rename2(staged, out.path, _RENAME_NOREPLACE):
+        return
+    if os.path.lexists(out.path):
+        raise CheckpointFileError(f"{out.path}: appeared while this run was writing it (another run?); nothing replaced")
+    os.rename(staged, out.path)
+
+
+def _uninstall(out: Output, staged: Path) -> None:
+    """Undo :func:`_install`: the old output back in place, or the new one taken out."""
+    if os.path.lexists(staged):  # swapped: the old one is at staged
+        if not _rename2(staged, out.path, _RENAME_EXCHANGE):
+            new_aside = staged.with_name(staged.name[: -len(".tmp")] + ".new")
+            os.rename(out.path, new_aside)
+            os.rename(staged, out.path)
+            os.rename(new_aside, staged)
+    else:
+        os.rename(out.path, staged)
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_libc: ctypes.CDLL | None = None
+
+
+def _rename2(src: Path, dst: Path, flag: int) -> bool:
+    """``renameat2`` with ``flag`` (Linux): True if done, False where the system cannot; raises on real errors."""
+    global _libc
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return False
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(_libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flag) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    if err == errno.EEXIST:
+        raise CheckpointFileError(f"{dst}: appeared while this run was writing it (another run?); nothing replaced")
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _sync_tree(path: Path) -> None:
+    """fsync a staged file, or every file of a staged folder, so the rename publishes complete data."""
+    files = [path] if not path.is_dir() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if path.is_dir():
+        _sync_dir(path)
+
+
+def _sync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # some file systems cannot sync a folder
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
