@@ -14,7 +14,8 @@ from lora_ckpt.errors import AlphaError, KeyMismatchError, LayoutError, ShapeErr
 from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LoraModule, detect_layout, split_prefix
 
 __all__ = [
-    "Alpha", "Factors", "MergePlan", "Step", "merge_lora", "merge_module", "merge_rows", "module_factors", "plan_merge",
+    "Alpha", "Factors", "MergePlan", "Step", "merge_lora", "merge_module", "merge_rows", "module_factors", "orientation",
+    "plan_merge",
     "resolve_base_names", "resolve_scales",
 ]
 
@@ -72,7 +73,7 @@ def _accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _orientation(module: LoraModule, base: torch.Tensor, fan_in_fan_out: bool | None) -> bool:
+def orientation(module: LoraModule, base: torch.Tensor, fan_in_fan_out: bool | None) -> bool:
     """Whether ``base`` stores the weight transposed (GPT-2's ``Conv1D``); raise if it fits neither way."""
     rows, cols = module.delta_shape
     shape = tuple(base.shape[:2]) if base.dim() == 4 else tuple(base.shape)
@@ -121,7 +122,7 @@ def module_factors(
     if device is None:
         device = base.device if base is not None else a.device
     left, right = FORMULAS[module.formula][2](a2.to(device, acc), b2.to(device, acc))  # ΔW = left @ right
-    transposed = base is not None and _orientation(module, base, fan_in_fan_out)
+    transposed = base is not None and orientation(module, base, fan_in_fan_out)
     if transposed:
         left, right = right.T, left.T
     return Factors(left, right, acc, out_dtype, transposed)
@@ -460,7 +461,7 @@ def _require_float(m: LoraModule, base: torch.Tensor) -> None:
 
 def _check_base(m: LoraModule, base: torch.Tensor, fan_in_fan_out: bool | None) -> None:
     _require_float(m, base)
-    _orientation(m, base, fan_in_fan_out)
+    orientation(m, base, fan_in_fan_out)
 
 
 def _cast(value: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

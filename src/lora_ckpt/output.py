@@ -36,7 +36,7 @@ from typing import Union
 
 from lora_ckpt.errors import CheckpointFileError
 
-__all__ = ["FILE_SUFFIXES", "Output", "PathLike", "clean_leftovers", "write_together"]
+__all__ = ["FILE_SUFFIXES", "REPLACEABLE", "Output", "PathLike", "clean_leftovers", "umask", "write_together"]
 
 log = logging.getLogger(__name__)
 
@@ -323,16 +323,30 @@ def _remove(path: Path) -> None:
 
 
 def _sync_tree(path: Path) -> None:
-    """fsync a staged file, or every file of a staged folder, so the rename publishes complete data."""
+    """fsync a staged file, or every file of a staged folder, so the rename publishes complete data; new
+    files get the mode the umask gives (some writers, safetensors' among them, create theirs 0600)."""
     files = [path] if not path.is_dir() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    mask = umask()
     for f in files:
+        os.chmod(f, 0o666 & ~mask)
         fd = os.open(f, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     if path.is_dir():
+        os.chmod(path, 0o777 & ~mask)
         _sync_dir(path)
+
+
+def umask() -> int:
+    """This process's umask (read without changing it where /proc allows)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: read by setting, and put back at once
+    os.umask(mask)
+    return mask
 
 
 def _sync_dir(path: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from lora_ckpt.errors import LayoutError
 from lora_ckpt.layout import FORMULAS, KOHYA, LAYOUTS, PEFT, Layout, LayoutSpec, detect_layout
-from lora_ckpt.merge import Alpha, _orientation, resolve_base_names, resolve_scales
+from lora_ckpt.merge import Alpha, orientation, resolve_base_names, resolve_scales
 
 __all__ = ["Relayout", "convert_layout"]
 
@@ -111,7 +111,7 @@ def convert_layout(
         weight = tensors.get(m.weight_key) if m.has_base else None
         if weight is None and plain_base is not None and f"{name}.weight" in plain_base:
             weight = plain_base[f"{name}.weight"]
-            if m.has_factors and _orientation(m, weight, fan_in_fan_out):
+            if m.has_factors and orientation(m, weight, fan_in_fan_out):
                 weight = weight.T.contiguous()
         bias = tensors.get(m.bias_key) if m.has_bias else None
         if bias is None and plain_base is not None and not m.has_base:

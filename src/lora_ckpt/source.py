@@ -442,6 +442,9 @@ def _open_safetensors(p: Path) -> tuple[str, dict[str, Entry], FileMeta | None, 
 def _torch_load(p: Path, *, zip_format: bool) -> object:
     """``torch.load`` with ``weights_only=True``; every failure becomes one :class:`CheckpointFileError`."""
     try:
+        if p.suffix == ".safetensors":  # torch.load would hand the name to safetensors: read the content as a pickle
+            with open(p, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
         return torch.load(p, map_location="cpu", weights_only=True, mmap=zip_format)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)|global ([\w.]+)", str(e))
