@@ -26,6 +26,9 @@ from lora_ckpt.errors import (
 
 if TYPE_CHECKING:
     from lora_ckpt.adapter import merge_adapter
+    from lora_ckpt.files import FileResult, convert_files, merge_files
+    from lora_ckpt.output import Output
+    from lora_ckpt.source import Source
     from lora_ckpt.io import Checkpoint, load_checkpoint, save_checkpoint
     from lora_ckpt.layout import Layout, LoraModule, detect_layout
     from lora_ckpt.merge import merge_lora
@@ -33,9 +36,15 @@ if TYPE_CHECKING:
     from lora_ckpt.optim import OptimizerReport, named_optimizer_state, transfer_optimizer_state
     from lora_ckpt.relayout import Relayout, convert_layout
     from lora_ckpt.remap import remap_standard_to_lora
-    from lora_ckpt.streaming import StreamReport, stream_convert, stream_merge
+    from lora_ckpt.streaming import StreamOptions, StreamReport, stream_convert, stream_merge
 
 _LAZY = {
+    "FileResult": "lora_ckpt.files",
+    "convert_files": "lora_ckpt.files",
+    "merge_files": "lora_ckpt.files",
+    "Output": "lora_ckpt.output",
+    "Source": "lora_ckpt.source",
+    "StreamOptions": "lora_ckpt.streaming",
     "Checkpoint": "lora_ckpt.io",
     "load_checkpoint": "lora_ckpt.io",
     "save_checkpoint": "lora_ckpt.io",
@@ -77,6 +86,7 @@ __all__ = [
     "AlphaError",
     "Checkpoint",
     "CheckpointFileError",
+    "FileResult",
     "KeyMismatchError",
     "Layout",
     "LayoutError",
@@ -84,17 +94,22 @@ __all__ = [
     "LoraCkptError",
     "LoraModule",
     "OptimizerReport",
+    "Output",
     "Relayout",
     "ShapeError",
+    "Source",
+    "StreamOptions",
     "StreamReport",
     "TiedWeightError",
     "UnsafeCheckpointError",
     "__version__",
+    "convert_files",
     "convert_layout",
     "detect_layout",
     "load_checkpoint",
     "load_into",
     "merge_adapter",
+    "merge_files",
     "merge_lora",
     "merged_state_dict",
     "module_alphas",
