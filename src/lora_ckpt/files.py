@@ -213,6 +213,7 @@ def convert_files(
     max_shard_size: int | str | None = None,
     progress: bool = False,
     overwrite: bool = False,
+    fan_in_fan_out: bool | None = None,
     options: StreamOptions | None = None,
 ) -> FileResult:
     """Convert ``source`` to the layout ``to`` (``standard``, ``nanogpt`` or any LoRA layout), writing ``dst``.
@@ -221,6 +222,7 @@ def convert_files(
     ``base``: base weights for an adapter-only source. ``base_out``: where base weights go for targets that
     keep them apart (``peft``, ``kohya``); ``dst`` and ``base_out`` are written both or neither. ``gpt2``:
     nanoGPT <-> Hugging Face GPT-2 (Conv1D weights transposed); ``n_head`` for its ``config.json``.
+    ``fan_in_fan_out``: whether base weights are stored (in, out), where no config records it.
     Streams whenever what holds the base weights is safetensors.
 
     Raises:
@@ -263,7 +265,8 @@ def convert_files(
                 + f", {report.seconds:.1f} s)"
             )
             return result
-        return _convert_in_memory(src, dst_path, target_layout, base, base_out, gpt2, n_head, alpha, overwrite)
+        return _convert_in_memory(src, dst_path, target_layout, base, base_out, gpt2, n_head, alpha, overwrite,
+                                  fan_in_fan_out)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -284,10 +287,16 @@ def _convert_in_memory(
     n_head: int | None,
     alpha: Alpha | None,
     overwrite: bool,
+    fan_in_fan_out: bool | None,
 ) -> FileResult:
+    fan_in_fan_out, task_type = (False, None) if gpt2 else (fan_in_fan_out, None)
     if src.kind == "peft":
         adapter = load_peft_adapter(src)
         sd, scales, rec_alpha, extra = adapter.state_dict, adapter.scales, None, {}
+        assert adapter.settings is not None
+        if not gpt2:  # with --gpt2 the base is turned into nanoGPT's (out, in) weights first
+            fan_in_fan_out = _agree(fan_in_fan_out, adapter.settings.fan_in_fan_out, adapter.settings.where)
+        task_type = adapter.settings.task_type
     else:
         ckpt = src.load()
         if to == "peft" and gpt2:
@@ -300,7 +309,8 @@ def _convert_in_memory(
             base_sd = base_src.load().state_dict
         if gpt2:
             base_sd = hf_to_nanogpt(base_sd)
-    rel = convert_layout(sd, to, alpha=rec_alpha, scales=scales, base=base_sd, fan_in_fan_out=False if gpt2 else None)
+    rel = convert_layout(sd, to, alpha=rec_alpha, scales=scales, base=base_sd, fan_in_fan_out=fan_in_fan_out,
+                         task_type=task_type)
     writes_base = rel.base is not None and base is None
     if writes_base and base_out is None:
         raise LayoutError(f"{src.path} holds base weights, which {to} keeps apart; pass --base-out PATH")
@@ -318,13 +328,22 @@ def _convert_in_memory(
             else:
                 write_checkpoint(staged[0], rel.base, suffix=base_target.path.suffix)
         if to == "peft":
-            write_peft_adapter(staged[-1], rel.state_dict, alpha=rel.alpha)
+            write_peft_adapter(staged[-1], rel.state_dict, alpha=rel.alpha, fan_in_fan_out=rel.fan_in_fan_out,
+                               task_type=rel.task_type)
         else:
             keep = extra if dst.suffix != ".safetensors" else {k: v for k, v in extra.items() if k == "model_args"}
             write_checkpoint(staged[-1], rel.state_dict, alpha=rel.alpha, extra=keep, suffix=dst.suffix)
     result = FileResult([o.path for o in outputs], False, leftovers=[x for o in outputs for x in o.removed])
     result.lines.append(f"converted {src.path} to the {to} layout: {dst} ({len(rel.alpha)} LoRA modules, factors unchanged)")
     return result
+
+
+def _agree(given: bool | None, recorded: bool, where: str) -> bool:
+    """The orientation a config records, unless an argument contradicts it (an error naming both)."""
+    if given is not None and given != recorded:
+        raise LayoutError(f"fan_in_fan_out={given} contradicts fan_in_fan_out={recorded} in {where}; drop the argument "
+                          "(CLI: --fan-in-fan-out / --no-fan-in-fan-out) to use the recorded value")
+    return recorded
 
 
 def _nanogpt_to_gpt2_peft(

@@ -15,7 +15,7 @@ from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LoraModule, detect_l
 
 __all__ = [
     "Alpha", "Factors", "MergePlan", "Step", "merge_lora", "merge_module", "merge_rows", "module_factors", "orientation",
-    "plan_merge",
+    "plan_merge", "settle_orientation",
     "resolve_base_names", "resolve_scales",
 ]
 
@@ -71,6 +71,35 @@ def _kohya_alpha(m: LoraModule, tensors: Mapping[str, torch.Tensor]) -> float:
 
 def _accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def settle_orientation(
+    modules: list[tuple[LoraModule, torch.Tensor]], fan_in_fan_out: bool | None
+) -> bool | None:
+    """Decide once whether PEFT-layout bases are stored (in, out) (GPT-2's ``Conv1D``), for the square ones too.
+
+    ``modules`` pairs each module with factors with its base weight (``meta`` is enough). A given
+    ``fan_in_fan_out`` (from a config or an argument) is kept. Otherwise non-square weights tell their own
+    orientation, and a square weight takes the one every non-square sibling shows; with no siblings, or
+    siblings that disagree, the merge is refused rather than guessed. Returns None when no weight needs it.
+    """
+    if fan_in_fan_out is not None:
+        return fan_in_fan_out
+    linear = [(m, b) for m, b in modules if m.kind == "linear" and m.spec.name == "peft"]
+    square = [m for m, _ in linear if m.delta_shape[0] == m.delta_shape[1]]
+    if not square:
+        return None
+    shown = {orientation(m, b, None) for m, b in linear if m.delta_shape[0] != m.delta_shape[1]}
+    if len(shown) == 1:
+        return shown.pop()
+    n = square[0].delta_shape[0]
+    names = ", ".join(m.name for m in square[:3]) + (f" and {len(square) - 3} more" if len(square) > 3 else "")
+    why = "its non-square siblings disagree" if shown else "no non-square sibling shows the orientation"
+    raise LayoutError(
+        f"{names}: a square ({n}, {n}) weight reads the same stored (out, in) as nn.Linear keeps it or (in, out) as "
+        f"GPT-2's Conv1D does, nothing records which, and {why}; pass fan_in_fan_out=True for Conv1D weights or "
+        "False for nn.Linear (CLI: --fan-in-fan-out / --no-fan-in-fan-out)"
+    )
 
 
 def orientation(module: LoraModule, base: torch.Tensor, fan_in_fan_out: bool | None) -> bool:
@@ -404,6 +433,9 @@ def plan_merge(
         return _plan_onto_base(layout, tensors, base, scales, dtype, fan_in_fan_out)
 
     by_key = layout.module_by_key
+    fan_in_fan_out = settle_orientation(
+        [(m, tensors[m.weight_key]) for m in layout.modules if m.has_factors and m.has_base], fan_in_fan_out
+    )
     merged: dict[str, Step] = {}
     for m in layout.modules:
         if m.has_factors:
@@ -505,6 +537,12 @@ def _plan_onto_base(
         replaced[std] = key
     if unknown:
         raise KeyMismatchError(f"the adapter holds {unknown[:5]}, which the base does not have; is this its base model?")
+    bases = []
+    for m in layout.modules:
+        w = f"{names[m.name]}.weight"
+        if m.has_factors and (w in replaced or w in plain):
+            bases.append((m, tensors[replaced[w]] if w in replaced else plain[w]))
+    fan_in_fan_out = settle_orientation(bases, fan_in_fan_out)
     special: dict[str, Step] = {}
     for m in layout.modules:
         name = names[m.name]

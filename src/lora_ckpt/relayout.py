@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lora_ckpt.errors import LayoutError
-from lora_ckpt.layout import FORMULAS, KOHYA, LAYOUTS, PEFT, Layout, LayoutSpec, detect_layout
-from lora_ckpt.merge import Alpha, orientation, resolve_base_names, resolve_scales
+from lora_ckpt.layout import FORMULAS, KOHYA, LAYOUTS, PEFT, Layout, LayoutSpec, LoraModule, detect_layout
+from lora_ckpt.merge import Alpha, orientation, resolve_base_names, resolve_scales, settle_orientation
 
 __all__ = ["Relayout", "convert_layout"]
 
@@ -24,7 +24,9 @@ class Relayout:
     """The result of :func:`convert_layout`.
 
     ``state_dict`` is in the target layout; ``alpha`` the alpha per module that keeps each scale;
-    ``base`` the standard base weights, where the target keeps them apart (PEFT, kohya).
+    ``base`` the standard base weights, where the target keeps them apart (PEFT, kohya);
+    ``fan_in_fan_out`` whether the base weights as written are stored (in, out) (GPT-2's ``Conv1D``: kept so
+    only in a PEFT target, which records it; every other layout gets (out, in)); ``task_type`` PEFT's, carried.
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -32,6 +34,12 @@ class Relayout:
     layout: str
     base: dict[str, torch.Tensor] | None = None
     notes: list[str] = field(default_factory=list)
+    fan_in_fan_out: bool = False
+    task_type: str | None = None
+
+    def __repr__(self) -> str:
+        return (f"Relayout(layout={self.layout!r}, tensors={len(self.state_dict)}, modules={len(self.alpha)}, "
+                f"base={None if self.base is None else len(self.base)}, fan_in_fan_out={self.fan_in_fan_out})")
 
 
 def _factors(spec: LayoutSpec, kind: str, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +64,7 @@ def convert_layout(
     base: Mapping[str, torch.Tensor] | None = None,
     layout: Layout | str | None = None,
     fan_in_fan_out: bool | None = None,
+    task_type: str | None = None,
 ) -> Relayout:
     """Return ``state_dict`` in the LoRA layout ``to``, with the same modules, ranks and scales; nothing merged.
 
@@ -71,7 +80,9 @@ def convert_layout(
         scales: module -> scale instead of ``alpha`` (from a PEFT config).
         base: the base model's standard state dict, for adapter-only sources.
         layout: the source's layout or layout name, if known.
-        fan_in_fan_out: whether ``base`` stores weights (in, out) (GPT-2 ``Conv1D``); None: from shapes.
+        fan_in_fan_out: whether the base weights (in the file or ``base``) are stored (in, out) (GPT-2
+            ``Conv1D``); None: from shapes, a square weight from its non-square siblings, else refused.
+        task_type: PEFT's ``task_type``, carried into a PEFT target's config.
 
     Raises:
         LayoutError: an unknown target, or a module the target cannot express (named), such as DoRA
@@ -104,15 +115,17 @@ def convert_layout(
     owned: set[str] = set()
     src_prefix = layout.spec.key_prefix
     names = resolve_base_names(layout, plain_base) if layout.spec is KOHYA and plain_base is not None else {}
+    weights = {m.name: _weight(m, tensors, plain_base, names) for m in layout.modules}
+    settled = settle_orientation([(m, weights[m.name]) for m in layout.modules
+                                  if m.has_factors and weights[m.name] is not None], fan_in_fan_out)
+    keep_orientation = target is PEFT  # PEFT records it (fan_in_fan_out); every other layout is (out, in)
     for m in layout.modules:
         owned.update(m.keys)
         name = names.get(m.name, m.name)
         kind = "embedding" if m.kind in ("embedding", "lora_only_embedding") else "linear"
-        weight = tensors.get(m.weight_key) if m.has_base else None
-        if weight is None and plain_base is not None and f"{name}.weight" in plain_base:
-            weight = plain_base[f"{name}.weight"]
-            if m.has_factors and orientation(m, weight, fan_in_fan_out):
-                weight = weight.T.contiguous()
+        weight = weights[m.name]
+        if weight is not None and m.has_factors and not keep_orientation and orientation(m, weight, settled):
+            weight = weight.T.contiguous()
         bias = tensors.get(m.bias_key) if m.has_bias else None
         if bias is None and plain_base is not None and not m.has_base:
             bias = plain_base.get(f"{name}.bias")
@@ -152,7 +165,17 @@ def convert_layout(
             out = {**{target.key_prefix + k: v for k, v in rest.items()}, **out}
         else:
             apart = {**rest, **apart}
-    return Relayout(out, alphas, to, apart if not target.base_in_file else None)
+    return Relayout(out, alphas, to, apart if not target.base_in_file else None,
+                    fan_in_fan_out=bool(settled) and keep_orientation, task_type=task_type)
+
+
+def _weight(
+    m: LoraModule, tensors: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor] | None, names: Mapping[str, str]
+) -> torch.Tensor | None:
+    """A module's base weight, from the file or from ``base``."""
+    if m.has_base:
+        return tensors.get(m.weight_key)
+    return base.get(f"{names.get(m.name, m.name)}.weight") if base is not None else None
 
 
 def _kohya_name(name: str) -> str:

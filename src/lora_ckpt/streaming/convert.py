@@ -122,7 +122,7 @@ def _convert(
         values, alphas = rel.state_dict, rel.alpha
         if not LAYOUTS[to].base_in_file:
             return _write_apart(src, lazy, layout, rel.base or {}, values, alphas, to, target, base_out,
-                                max_shard_size, progress, overwrite, options, inputs)
+                                max_shard_size, progress, overwrite, options, inputs, rel.fan_in_fan_out)
     scales = resolve_scales(layout, source_alpha, plain_factors) if merges else {}
     plan = _copy_plan(values, src, lazy, layout, merges, scales, plain_factors)
     aliases = _aliases(plan)
@@ -222,6 +222,7 @@ def _write_apart(
     overwrite: bool,
     options: StreamOptions | None,
     inputs: list[PathLike | None],
+    fan_in_fan_out: bool = False,
 ) -> StreamReport:
     """The base weights streamed to ``base_out`` and the (small) adapter written to the target: both or neither."""
     if base and base_out is None:
@@ -241,7 +242,7 @@ def _write_apart(
             report = write_plan(plan, src, "", writer, meta, progress=progress, label="copying the base",
                                 into=staged[0])
         if to == "peft":
-            write_peft_adapter(staged[-1], adapter, alpha=alphas)
+            write_peft_adapter(staged[-1], adapter, alpha=alphas, fan_in_fan_out=fan_in_fan_out)
         else:
             write_checkpoint(staged[-1], adapter, alpha=dict(alphas), suffix=target.path.suffix)
     report.files = [*report.files, target.path]

@@ -1,0 +1,123 @@
+"""The one validation of every number and pattern that decides a merge, wherever it comes from.
+
+An alpha or rank from an argument, a PEFT config, a kohya ``.alpha`` tensor, nanoGPT's ``model_args`` or
+lora_ckpt's own metadata goes through :func:`check_alpha` / :func:`check_rank`, so a NaN, a ``true``, an
+``8.7`` or a string is refused the same way everywhere, naming where it came from and how to settle it.
+User-supplied regular expressions (PEFT's ``target_modules``, ``rank_pattern`` …) are matched through
+:class:`Patterns`, which refuses patterns that could run away and bounds the time spent matching.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from lora_ckpt.errors import AlphaError, LayoutError
+
+__all__ = ["MATCH_SECONDS", "Patterns", "check_alpha", "check_rank"]
+
+#: The most seconds spent matching one config's patterns against every module name.
+MATCH_SECONDS = 2.0
+
+# A quantified group whose body is itself quantified, such as (.*)*, (a+)+ or (\w+\s?)*: exponential backtracking.
+_NESTED = re.compile(r"\((?:[^()\\]|\\.)*(?:[*+}]|\{\d*,\d*\})(?:[^()\\]|\\.)*\)(?:[*+]|\{\d*,?\d*\})")
+
+T = TypeVar("T")
+
+
+def check_alpha(value: object, *, where: str, fix: str) -> float:
+    """Return ``value`` as a float if it is a finite real number (not a bool, not a string); raise otherwise.
+
+    ``where`` names the source (e.g. ``"adapter_config.json: lora_alpha"``), ``fix`` the argument or flag
+    that settles it. Large values are accepted here; a merge whose result overflows is refused there.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AlphaError(f"{where} is {value!r}, not a number; {fix}")
+    if not math.isfinite(value):
+        raise AlphaError(f"{where} is {value!r}, not a finite number; {fix}")
+    return float(value)
+
+
+def check_rank(value: object, *, where: str) -> int:
+    """Return ``value`` if it is a positive integer (``8`` or ``8.0``, not ``8.7``, ``True`` or ``"8"``); raise otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AlphaError(f"{where} is {value!r}, not a positive integer rank")
+    if value != int(value) or value <= 0:
+        raise AlphaError(f"{where} is {value!r}, not a positive integer rank")
+    return int(value)
+
+
+class Patterns:
+    """Regular expressions from a config, matched against module names with bounded effort.
+
+    A pattern that cannot compile, or whose shape makes backtracking exponential (a quantified group
+    whose body is quantified, e.g. ``(.*)*``), is refused by name; matching as a whole stops after
+    :data:`MATCH_SECONDS` where the platform allows a timer (the main thread on POSIX).
+    """
+
+    def __init__(self, field: str, patterns: list[str], *, where: str) -> None:
+        self.field, self.where = field, where
+        self.compiled: dict[str, re.Pattern[str]] = {}
+        for p in patterns:
+            if not isinstance(p, str):
+                raise LayoutError(f"{where}: {field} holds {p!r}, not a pattern string")
+            if _NESTED.search(p):
+                raise LayoutError(
+                    f"{where}: the {field} pattern {p!r} nests quantifiers and can take exponential time to match; "
+                    "rewrite it without a repeated group of repeats (e.g. '.*' instead of '(.*)*')"
+                )
+            try:
+                self.compiled[p] = re.compile(p)
+            except re.error as e:
+                raise LayoutError(f"{where}: the {field} pattern {p!r} is not a valid regular expression ({e})") from None
+        self.current = ""
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` (which matches these patterns) under the time bound."""
+        with _time_limit(MATCH_SECONDS):
+            try:
+                return fn()
+            except _RunAway:
+                raise LayoutError(
+                    f"{self.where}: matching the {self.field} pattern {self.current!r} took over {MATCH_SECONDS:g} s; "
+                    "simplify the pattern"
+                ) from None
+
+    def fullmatch(self, pattern: str, name: str) -> bool:
+        self.current = pattern
+        return self.compiled[pattern].fullmatch(name) is not None
+
+    def suffix(self, name: str) -> str | None:
+        """The first pattern (in order) that matches the end of ``name`` at a component boundary (PEFT's rule)."""
+        for p in self.compiled:
+            self.current = p
+            if re.match(rf"(.*\.)?({p})$", name):
+                return p
+        return None
+
+
+class _RunAway(Exception):
+    pass
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def alarm(signum: int, frame: object) -> None:
+        raise _RunAway()
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
