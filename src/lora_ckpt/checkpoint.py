@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from lora_ckpt.errors import AlphaError, LayoutError
+from lora_ckpt.errors import AlphaError, CheckpointFileError, LayoutError, brief
 from lora_ckpt.filemeta import META_KEY, FileMeta
+from lora_ckpt.layout import check_dense
 
 __all__ = ["STATE_DICT_KEYS", "Checkpoint", "checkpoint_from_dict", "is_state_dict"]
 
@@ -57,10 +58,14 @@ class Checkpoint:
         model_args = self.extra.get("model_args")
         if isinstance(model_args, Mapping) and model_args.get("lora_alpha") is not None:
             value = model_args["lora_alpha"]
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            try:
+                finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            except OverflowError:  # an int too large for a float
+                finite = False
+            if not finite:
                 where = f"{self.path}: " if self.path else ""
                 raise AlphaError(
-                    f"{where}model_args['lora_alpha'] is {value!r}, not a finite number; pass the alpha yourself "
+                    f"{where}model_args['lora_alpha'] is {brief(value)}, not a finite number; pass the alpha yourself "
                     "(alpha=..., CLI: --alpha) or fix model_args"
                 )
             self.alpha, self.alpha_source = float(value), "model_args['lora_alpha']"
@@ -103,17 +108,32 @@ def checkpoint_from_dict(obj: object, path: Path | None) -> Checkpoint:
     if not isinstance(obj, Mapping):
         raise LayoutError(f"{where}expected a state dict or a checkpoint dict, got {type(obj).__name__}")
     if is_state_dict(obj):
+        check_dense(obj, where=where)
         return Checkpoint(dict(obj), path=path)
     key = next((k for k in STATE_DICT_KEYS if is_state_dict(obj.get(k))), None)
     if key is None:
+        found = sorted(k if isinstance(k, str) else brief(k) for k in obj)
         raise LayoutError(
             f"{where}no state dict found: expected tensors at the top level or under one of "
-            f"{list(STATE_DICT_KEYS)}; found keys {sorted(map(str, obj))[:8]}"
+            f"{list(STATE_DICT_KEYS)}; found keys {brief(found[:6])}"
         )
     extra = {k: v for k, v in obj.items() if k not in (key, META_KEY)}
     state_dict = dict(obj[key])
+    _refuse_meta(state_dict, path)
+    check_dense(state_dict, where=where)
     meta = None
     if obj.get(META_KEY) is not None:
         meta = FileMeta.from_dict(obj[META_KEY], stored=state_dict, where=path or "the checkpoint")
         meta.check_keys(state_dict, where=path or "the checkpoint")
     return Checkpoint(state_dict, extra=extra, path=path).record(meta)
+
+
+def _refuse_meta(state_dict: Mapping[str, torch.Tensor], path: Path | None) -> None:
+    if path is None:
+        return  # a state dict in memory may hold meta tensors for planning; files must hold data
+    empty = [k for k, v in state_dict.items() if v.device.type == "meta"]
+    if empty:
+        raise CheckpointFileError(
+            f"{path}: {empty[:3]} {'is a meta tensor' if len(empty) == 1 else 'are meta tensors'} with no data; "
+            "the file was saved from a model that was never materialised: save it again from real weights"
+        )

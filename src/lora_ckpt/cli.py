@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=sorted(_DTYPES), help="dtype of the output's floating-point tensors")
     s.add_argument("--tied", choices=("untie", "tie"), default="untie",
                    help="when an update lands on a tied weight: keep exact function (untie) or tie to merged")
+    _add_orientation(s)
 
     s = sub.add_parser("convert", parents=[common], help="convert a checkpoint or adapter to another layout")
     s.add_argument("src", help="a checkpoint file or a PEFT adapter folder")
@@ -78,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", metavar="SIZE", type=_size, help="shard a --base-out folder, e.g. 5GB")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_common(s)
+    _add_orientation(s)
 
     s = sub.add_parser("demo", parents=[common],
                        help="train a tiny nanoGPT LoRA model, convert it both ways, check outputs match")
@@ -119,6 +121,12 @@ def _finite(text: str) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"{text} is not a finite number")
     return value
+
+
+def _add_orientation(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--fan-in-fan-out", action=argparse.BooleanOptionalAction, default=None,
+                   help="base weights are stored (in, out) as GPT-2's Conv1D keeps them (or not: nn.Linear), "
+                   "where no adapter config says; needed when square weights cannot tell")
 
 
 def _add_common(s: argparse.ArgumentParser) -> None:
@@ -276,7 +284,7 @@ def _merge(args: argparse.Namespace) -> int:
     source, adapter = (inputs[0], inputs[1]) if len(inputs) == 2 else (inputs[0], None)
     result = merge_files(source, dst, adapter=adapter, alpha=args.alpha, dtype=_dtype(args.dtype), tied=args.tied,
                          max_shard_size=args.max_shard_size, device=args.device, progress=not args.quiet,
-                         overwrite=args.force)
+                         overwrite=args.force, fan_in_fan_out=args.fan_in_fan_out)
     print(result)
     return 0
 
@@ -290,7 +298,8 @@ def _convert(args: argparse.Namespace) -> int:
         return 2
     result = convert_files(args.src, args.dst, to=args.to, like=args.like, base=args.base, base_out=args.base_out,
                            gpt2=args.gpt2, n_head=args.n_head, alpha=args.alpha, seed=args.seed,
-                           max_shard_size=args.max_shard_size, progress=not args.quiet, overwrite=args.force)
+                           max_shard_size=args.max_shard_size, progress=not args.quiet, overwrite=args.force,
+                           fan_in_fan_out=args.fan_in_fan_out)
     print(result)
     return 0
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora_ckpt._version import __version__
-from lora_ckpt.errors import CheckpointFileError
+from lora_ckpt.errors import CheckpointFileError, brief
 
 __all__ = ["FORMAT_VERSION", "META_KEY", "FileMeta"]
 
@@ -55,7 +55,7 @@ class FileMeta:
             return None
         try:
             raw = json.loads(header[META_KEY])
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:  # RecursionError: nested past the parser's limit
             raise CheckpointFileError(f"{where}: lora_ckpt metadata is not valid JSON ({e}); the file is corrupt") from None
         return cls.from_dict(raw, stored=stored, where=where)
 
@@ -67,29 +67,33 @@ class FileMeta:
             raise bad.error(f"is a {type(raw).__name__}, not an object")
         version = raw.get("format_version", FORMAT_VERSION)
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise bad.error(f"format_version {version!r} is not a positive integer")
-        if version > FORMAT_VERSION:
-            raise CheckpointFileError(
-                f"{where}: written by lora_ckpt {raw.get('lora_ckpt_version', '?')} in metadata format {version}, "
-                f"which lora_ckpt {__version__} does not read; upgrade lora-ckpt"
-            )
+            raise bad.error(f"format_version {brief(version)} is not a positive integer")
         written = raw.get("lora_ckpt_version", "0")
+        if version > FORMAT_VERSION:
+            shown = written if isinstance(written, str) and len(written) <= 40 else brief(written)
+            raise CheckpointFileError(
+                f"{where}: written by lora_ckpt {shown if 'lora_ckpt_version' in raw else '?'} in metadata format "
+                f"{version}, which lora_ckpt {__version__} does not read; upgrade lora-ckpt"
+            )
         layout = raw.get("layout")
-        bad.check(isinstance(written, str), f"lora_ckpt_version {written!r} is not a string")
-        bad.check(layout is None or isinstance(layout, str), f"layout {layout!r} is not a string")
+        bad.check(isinstance(written, str), f"lora_ckpt_version {brief(written)} is not a string")
+        bad.check(layout is None or isinstance(layout, str), f"layout {brief(layout)} is not a string")
         alpha = _alpha(raw.get("alpha"), bad)
-        aliases = raw.get("aliases") or {}
-        bad.check(isinstance(aliases, Mapping) and all(isinstance(k, str) and isinstance(v, str)
-                                                        for k, v in aliases.items()),
-                  "aliases is not an object of key -> key")
-        aliases = dict(aliases) if isinstance(aliases, Mapping) else {}
+        aliases = raw.get("aliases")
+        if aliases is None:
+            aliases = {}
+        elif not (isinstance(aliases, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items())):
+            bad.add("aliases is not an object of key -> key")
+            aliases = {}
+        aliases = dict(aliases)
         stored_set = set(stored)
         for alias, key in aliases.items():
             if alias in stored_set:
-                bad.add(f"alias {alias!r} names a tensor the file stores")
+                bad.add(f"alias {brief(alias)} names a tensor the file stores")
             elif key not in stored_set:
-                bad.add(f"alias {alias!r} points at {key!r}, which the file does not store")
-        tied = raw.get("tied") or []
+                bad.add(f"alias {brief(alias)} points at {brief(key)}, which the file does not store")
+        tied = raw.get("tied")
+        tied = [] if tied is None else tied
         groups: list[tuple[str, ...]] = []
         if isinstance(tied, list) and all(isinstance(g, list) and all(isinstance(k, str) for k in g) for g in tied):
             groups = [tuple(g) for g in tied]
@@ -118,7 +122,7 @@ class FileMeta:
         for group in self.tied:
             missing = [k for k in group if k not in known]
             if missing:
-                bad.add(f"tied group {list(group)} names {missing}, which the file neither stores nor aliases")
+                bad.add(f"tied group {brief(list(group))} names {brief(missing)}, which the file neither stores nor aliases")
         bad.raise_any()
 
     def ordered(self, keys: Collection[str]) -> list[str]:
@@ -157,18 +161,23 @@ def _alpha(value: object, bad: _Problems) -> float | dict[str, float] | None:
         out: dict[str, float] = {}
         for name, a in value.items():
             if not isinstance(name, str) or not _is_scale(a):
-                bad.add(f"alpha of {name!r} is {a!r}, not a finite number")
+                bad.add(f"alpha of {brief(name)} is {brief(a)}, not a finite number")
             else:
                 out[name] = float(a)
         return out
     if not _is_scale(value):
-        bad.add(f"alpha {value!r} is not a finite number")
+        bad.add(f"alpha {brief(value)} is not a finite number")
         return None
     return float(value)  # type: ignore[arg-type]
 
 
 def _is_scale(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 class _Problems:

@@ -19,7 +19,7 @@ import torch
 
 from lora_ckpt.checkpoint import Checkpoint
 from lora_ckpt.convert import LoadReport, convert_state_dict, fresh_factors
-from lora_ckpt.errors import LayoutError
+from lora_ckpt.errors import AlphaError, LayoutError
 from lora_ckpt.formats.gpt2 import hf_to_nanogpt, nanogpt_lora_to_peft
 from lora_ckpt.formats.hf import write_model_folder
 from lora_ckpt.formats.peft import load_peft_adapter, write_peft_adapter
@@ -76,12 +76,14 @@ def merge_files(
     device: str | None = None,
     progress: bool = False,
     overwrite: bool = False,
+    fan_in_fan_out: bool | None = None,
     options: StreamOptions | None = None,
 ) -> FileResult:
     """Merge a LoRA checkpoint (``adapter=None``) or an adapter into its base ``source``, writing ``dst``.
 
     ``dst`` is a ``.safetensors`` file or a model folder (streamed, memory bounded by the largest tensor)
     or a ``.pt`` checkpoint (in memory, other checkpoint entries kept). ``tied="tie"`` runs in memory.
+    ``fan_in_fan_out``: whether base weights are stored (in, out) (GPT-2's ``Conv1D``) where no config says.
 
     Raises:
         LoraCkptError: any input problem, before anything is written; OSError from the file system.
@@ -92,12 +94,13 @@ def merge_files(
         out = Output.prepare(dst, overwrite=overwrite, inputs=[src.path, ad.path if ad else None])
         streams = out.folder or (out.path.suffix not in _PICKLES and tied == "untie")
         if ad is not None:
-            return _merge_adapter(src, ad, out, alpha, dtype, tied, max_shard_size, device, progress, options, streams)
+            return _merge_adapter(src, ad, out, alpha, dtype, tied, max_shard_size, device, progress, options, streams,
+                                  fan_in_fan_out)
         if streams:
             layout = detect_layout(src.meta_tensors())
             updated = _tied_updates(src, layout)
             report = stream_merge(src, out, alpha=alpha, dtype=dtype, max_shard_size=max_shard_size, device=device,
-                                  progress=progress, layout=layout, options=options)
+                                  progress=progress, layout=layout, fan_in_fan_out=fan_in_fan_out, options=options)
             result = FileResult(report.files, True, len(report.merged), report.bytes, report.seconds,
                                 left_out=report.left_out)
             dropped = _standard_extra(src.recorded(), out.path)[1]
@@ -105,7 +108,8 @@ def merge_files(
             ckpt = src.load()
             layout = detect_layout(ckpt.state_dict)  # on the tensors themselves: their ties are part of the layout
             updated = _tied_updates(src, layout)
-            merged = merge_lora(ckpt.state_dict, alpha=ckpt.resolve_alpha(alpha), tied=tied, dtype=dtype, layout=layout)
+            merged = merge_lora(ckpt.state_dict, alpha=ckpt.resolve_alpha(alpha), tied=tied, dtype=dtype, layout=layout,
+                                fan_in_fan_out=fan_in_fan_out)
             extra, dropped = _standard_extra(ckpt, out.path)
             with out.writing() as tmp:
                 write_checkpoint(tmp, merged, extra=extra, suffix=out.path.suffix)
@@ -133,10 +137,11 @@ def _merge_adapter(
     progress: bool,
     options: StreamOptions | None,
     streams: bool,
+    fan_in_fan_out: bool | None,
 ) -> FileResult:
     if streams:
         report = stream_merge(base, out, adapter=adapter, alpha=alpha, dtype=dtype, max_shard_size=max_shard_size,
-                              device=device, progress=progress, options=options)
+                              device=device, progress=progress, fan_in_fan_out=fan_in_fan_out, options=options)
         result = FileResult(report.files, True, len(report.merged), report.bytes, report.seconds,
                             left_out=report.left_out, leftovers=list(out.removed))
         result.lines.append(
@@ -148,12 +153,14 @@ def _merge_adapter(
         if adapter.kind == "peft":
             peft = load_peft_adapter(adapter)
             if alpha is not None:
-                raise LayoutError(f"{adapter.path}: the alpha comes from adapter_config.json; do not pass alpha")
+                raise AlphaError(f"{adapter.path}: the alpha comes from adapter_config.json; do not pass alpha")
+            assert peft.settings is not None
             merged = merge_lora(peft.state_dict, base=base_sd, scales=peft.scales, layout=peft.layout, dtype=dtype,
-                                fan_in_fan_out=peft.fan_in_fan_out)
+                                fan_in_fan_out=_agree(fan_in_fan_out, peft.fan_in_fan_out, peft.settings.where))
         else:
             ck = adapter.load()
-            merged = merge_lora(ck.state_dict, base=base_sd, alpha=ck.resolve_alpha(alpha), dtype=dtype)
+            merged = merge_lora(ck.state_dict, base=base_sd, alpha=ck.resolve_alpha(alpha), dtype=dtype,
+                                fan_in_fan_out=fan_in_fan_out)
         left_out = _write_standard(out, merged, like=base.path)
         result = FileResult([out.path], False, left_out=left_out, leftovers=list(out.removed))
         result.lines.append(f"merged {adapter.path} into {base.path}: {out.path}")
@@ -231,9 +238,9 @@ def convert_files(
     if to == "standard":
         if base is not None:
             return merge_files(base, dst, adapter=source, alpha=alpha, max_shard_size=max_shard_size,
-                               progress=progress, overwrite=overwrite, options=options)
+                               progress=progress, overwrite=overwrite, fan_in_fan_out=fan_in_fan_out, options=options)
         return merge_files(source, dst, alpha=alpha, max_shard_size=max_shard_size, progress=progress,
-                           overwrite=overwrite, options=options)
+                           overwrite=overwrite, fan_in_fan_out=fan_in_fan_out, options=options)
     target_layout = "nanogpt_lora" if to == "nanogpt" else to
     if target_layout not in LAYOUTS:
         raise LayoutError(f"unknown target layout {to!r}; known: standard, nanogpt, {', '.join(LAYOUTS)}")

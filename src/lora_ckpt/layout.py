@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 
 from lora_ckpt._table import render_html, render_text
-from lora_ckpt.errors import LayoutError, ShapeError
+from lora_ckpt.errors import LayoutError, ShapeError, brief
 
 __all__ = [
     "FORMULAS",
@@ -32,6 +32,7 @@ __all__ = [
     "PEFT",
     "TORCHTUNE",
     "WRAPPER_PREFIXES",
+    "check_dense",
     "detect_layout",
     "split_prefix",
     "tied_groups",
@@ -159,6 +160,9 @@ _UNSUPPORTED = {
     "lokr_w1": "LoKr (LyCORIS) adapters are not supported",
     "ia3_l": "IA3 adapters are not supported",
 }
+# Components that name LoRA factors in some layout: in a state dict of another layout they are a mix, never plain keys.
+_FOREIGN_MARKERS = frozenset({"lora_A", "lora_B", "lora_a", "lora_b", "lora_down", "lora_up", "lora_embedding_A",
+                              "lora_embedding_B", "lora_magnitude_vector"})
 _KOHYA_NAME = re.compile(r"^(lora_unet|lora_te\d?|lora_transformer)_")
 _PEFT_ADAPTER_PART = re.compile(
     r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.(?!(?:weight|bias)$)([^.]+)"
@@ -350,14 +354,28 @@ def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str
 
 
 def tied_groups(tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[str, ...], ...]:
-    """Groups of keys whose tensors are the same view of the same storage (tied weights); meta and empty skipped."""
+    """Groups of keys whose tensors are the same view of the same storage (tied weights); meta, empty, sparse and
+    nested tensors skipped."""
     groups: dict[tuple[object, ...], list[str]] = defaultdict(list)
     for key, t in tensors.items():
-        if t.device.type == "meta" or t.numel() == 0:
+        if t.layout != torch.strided or t.is_nested or t.device.type == "meta" or t.numel() == 0:
             continue
         ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         groups[ident].append(key)
     return tuple(tuple(g) for g in groups.values() if len(g) > 1)
+
+
+def check_dense(tensors: Mapping[str, torch.Tensor], *, where: str = "") -> None:
+    """Raise :class:`LayoutError` naming the keys whose tensors are sparse or nested: lora_ckpt reads dense tensors only.
+
+    ``where`` prefixes the message (``"model.pt: "``).
+    """
+    odd = [k for k, t in tensors.items() if t.layout != torch.strided or t.is_nested]
+    if odd:
+        raise LayoutError(
+            f"{where}keys {brief(odd[:5])} hold sparse or nested tensors; lora_ckpt reads dense tensors only "
+            "(convert sparse ones with .to_dense())"
+        )
 
 
 def _evidence(key: str) -> str | None:
@@ -463,7 +481,7 @@ def _split_roles(
                         modules[name]["_embedding"] = key
                     owner[key] = name
                     break
-    markers = {s.split(".")[0] for s in suffixes if s not in ("weight", "bias")}
+    markers = {s.split(".")[0] for s in suffixes if s not in ("weight", "bias")} | _FOREIGN_MARKERS
     for key, n in normal.items():
         if key not in owner and markers & set(n.split(".")):
             problems.append(f"{key}: unrecognised {spec.name} key; expected <module>.{{{', '.join(suffixes)}}}")
@@ -590,7 +608,8 @@ def detect_layout(
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
         hint = " (this looks like a checkpoint dict: pass checkpoint['model'])" if "model" in state_dict else ""
-        raise LayoutError(f"values are not tensors for keys {bad[:5]}{hint}")
+        raise LayoutError(f"values are not tensors for keys {brief(bad[:5])}{hint}")
+    check_dense(state_dict)
     prefix, tensors = _strip_prefix(state_dict)
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     dtypes = {k: t.dtype for k, t in tensors.items()}

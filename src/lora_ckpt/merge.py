@@ -10,11 +10,13 @@ from typing import Literal
 
 import torch
 
+from lora_ckpt.checks import check_alpha
 from lora_ckpt.errors import AlphaError, KeyMismatchError, LayoutError, ShapeError
 from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LoraModule, detect_layout, split_prefix
 
 __all__ = [
-    "Alpha", "Factors", "MergePlan", "Step", "merge_lora", "merge_module", "merge_rows", "module_factors", "orientation",
+    "Alpha", "Factors", "MergePlan", "Step", "merge_lora", "merge_module", "check_finite", "merge_rows", "module_factors",
+    "orientation",
     "plan_merge", "settle_orientation",
     "resolve_base_names", "resolve_scales",
 ]
@@ -66,7 +68,12 @@ def resolve_scales(
 
 def _kohya_alpha(m: LoraModule, tensors: Mapping[str, torch.Tensor]) -> float:
     key = m.key_map.get("alpha")
-    return float(tensors[key].item()) if key is not None else float(m.rank)
+    if key is None:
+        return float(m.rank)
+    t = tensors[key]
+    if t.numel() != 1 or t.device.type == "meta" or t.is_complex():
+        raise AlphaError(f"{key}: a kohya alpha is one number, got a {t.dtype} tensor of shape {tuple(t.shape)}")
+    return check_alpha(t.item(), where=key, fix="pass alpha=<float> (CLI: --alpha) to override it")
 
 
 def _accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -193,7 +200,21 @@ def merge_module(
         merged = _merge_dora(module, tensors, base2, left, right, scale, acc, transposed).to(out_dtype)
     else:
         merged = merge_rows(base2, left, right, scale, acc, out_dtype)
+    check_finite(module.name, merged, base2, scale)
     return merged.view(base.shape) if base is not None and base.dim() == 4 else merged
+
+
+def check_finite(name: str, merged: torch.Tensor, base: torch.Tensor | None, scale: float) -> None:
+    """Raise if a merge made infinities or NaNs that its base did not have (overflow in the output dtype)."""
+    if merged.device.type == "meta" or bool(torch.isfinite(merged).all()):
+        return
+    if base is not None and not bool(torch.isfinite(base).all()):
+        return  # the base had them already: the merge did not make them
+    raise ShapeError(
+        f"{name}: the merged weight has non-finite values in {str(merged.dtype).replace('torch.', '')} (the update, "
+        f"scaled by {scale:g}, overflows it); merge into a wider dtype (dtype=torch.float32, CLI: --dtype fp32) "
+        "or check the alpha"
+    )
 
 
 def merge_rows(
@@ -335,6 +356,10 @@ def merge_lora(
         >>> "transformer.h.0.attn.c_attn.weight" in merged, any("lora_" in k for k in merged)
         (True, False)
     """
+    empty = [k for k, v in (*state_dict.items(), *(base or {}).items()) if v.device.type == "meta"]
+    if empty:
+        raise LayoutError(f"{empty[:3]} {'is a meta tensor' if len(empty) == 1 else 'are meta tensors'} (no data); "
+                          "load the real weights (e.g. model.to_empty() then load them) before merging")
     plan = plan_merge(
         state_dict, alpha=alpha, base=base, tied=tied, dtype=dtype, layout=layout, scales=scales,
         fan_in_fan_out=fan_in_fan_out,
@@ -424,6 +449,7 @@ def plan_merge(
     if tied not in ("untie", "tie"):
         raise ValueError(f"tied must be 'untie' or 'tie', got {tied!r}")
     tensors = {k[len(layout.prefix) :]: v for k, v in state_dict.items()}
+    _check_factors(layout, tensors)
     scales = dict(scales) if scales is not None else resolve_scales(layout, alpha, tensors)
     if layout.needs_base or base is not None:
         if base is None:
@@ -471,7 +497,39 @@ def plan_merge(
             steps.append(replace(merged[std], key=out_key))
         else:
             steps.append(Step(out_key, "copy", key))
+    _check_unique(steps, tensors)
     return MergePlan(steps, tensors, tensors, dtype, fan_in_fan_out)
+
+
+def _check_unique(steps: list[Step], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Two inputs that would make the same output key (a stray plain weight beside a LoRA module) are refused."""
+    seen: dict[str, Step] = {}
+    clashes = []
+    for step in steps:
+        if step.key in seen:
+            clashes.append(f"{step.key} (from {seen[step.key].source or seen[step.key].key} and "
+                           f"{step.source or step.key})")
+        seen[step.key] = step
+    if clashes:
+        raise LayoutError(
+            "two entries would become the same key: " + "; ".join(clashes[:4])
+            + "; the state dict mixes a LoRA module with a plain weight of the same name: drop the stray one"
+        )
+
+
+def _check_factors(layout: Layout, tensors: Mapping[str, torch.Tensor]) -> None:
+    """LoRA factors must be real floating-point tensors with data."""
+    bad = []
+    for m in layout.modules:
+        for key in m.factor_keys:
+            t = tensors.get(key)
+            if t is None or m.key_map.get("alpha") == key:
+                continue
+            if not t.is_floating_point():
+                bad.append(f"{key} is {t.dtype}")
+    if bad:
+        raise LayoutError("LoRA factors must be floating point: " + "; ".join(bad[:4])
+                          + "; integer, bool or complex factors are not a LoRA update (dequantize them first)")
 
 
 # A module PEFT trains in full (``modules_to_save``) is wrapped in a live model: ``lm_head.original_module.weight``
@@ -534,6 +592,13 @@ def _plan_onto_base(
         std = re.sub(r"\.modules_to_save\.[^.]+\.", ".", std)
         if std not in plain:
             unknown.append(key)
+        elif std in replaced:
+            raise LayoutError(f"{replaced[std]} and {key} both replace the base's {std}; keep one")
+        elif tuple(tensors[key].shape) != tuple(plain[std].shape):
+            raise ShapeError(
+                f"{key}: the adapter's full tensor {tuple(tensors[key].shape)} would replace the base's {std} "
+                f"{tuple(plain[std].shape)}; a modules_to_save copy has the base's shape: is this its base model?"
+            )
         replaced[std] = key
     if unknown:
         raise KeyMismatchError(f"the adapter holds {unknown[:5]}, which the base does not have; is this its base model?")

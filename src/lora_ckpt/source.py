@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from lora_ckpt.checkpoint import Checkpoint, checkpoint_from_dict
-from lora_ckpt.errors import CheckpointFileError, LayoutError, LoraCkptError, UnsafeCheckpointError
+from lora_ckpt.errors import CheckpointFileError, LayoutError, LoraCkptError, UnsafeCheckpointError, brief
 from lora_ckpt.filemeta import FileMeta
 from lora_ckpt.output import PathLike
 
@@ -99,7 +99,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise ValueError(f"the key {k!r} appears twice")
+            raise ValueError(f"the key {brief(k)} appears twice")
         out[k] = v
     return out
 
@@ -109,6 +109,14 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file (after links); False where the system cannot say (a name too long …)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def contained(folder: Path, name: object, *, what: str) -> Path:
     """Return ``folder / name`` if it stays inside ``folder`` after resolving links; raise naming ``what`` otherwise.
 
@@ -116,16 +124,21 @@ def contained(folder: Path, name: object, *, what: str) -> Path:
     (``…/snapshots/<rev>/``) may point into its repository's ``blobs`` folder, as the cache does.
     """
     if not isinstance(name, str) or not name or "\0" in name:
-        raise CheckpointFileError(f"{folder}: {what} names {name!r}, which is not a file name")
+        raise CheckpointFileError(f"{folder}: {what} names {brief(name)}, which is not a file name")
     rel = PurePosixPath(name)
     if rel.is_absolute() or PureWindowsPath(name).drive or PureWindowsPath(name).is_absolute() or ".." in rel.parts:
-        raise CheckpointFileError(f"{folder}: {what} names {name!r}, outside the folder; refusing to read it")
+        raise CheckpointFileError(f"{folder}: {what} names {brief(name)}, outside the folder; refusing to read it")
     path = folder / rel
-    real, root = path.resolve(), folder.resolve()
+    try:
+        real, root = path.resolve(), folder.resolve()
+    except (OSError, RuntimeError) as e:  # a link loop (RuntimeError before Python 3.13), a name too long
+        raise CheckpointFileError(
+            f"{folder}: {what} {brief(name)} cannot be resolved ({_first_line(e)}); refusing to read it"
+        ) from None
     roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
     if not any(real == r or r in real.parents for r in roots):
         raise CheckpointFileError(
-            f"{folder}: {what} {name!r} is a link to {real}, outside the folder; refusing to read it"
+            f"{folder}: {what} {brief(name)} is a link to {real}, outside the folder; refusing to read it"
         )
     return path
 
@@ -186,17 +199,23 @@ def _entry(path: Path, key: str, info: object, data_start: int) -> tuple[Entry, 
 
     if not isinstance(info, dict):
         raise bad("not an object")
-    dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+    name = info.get("dtype")
+    dtype = SAFETENSORS_DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
-        raise bad(f"dtype {info.get('dtype')!r} is not one lora_ckpt reads")
+        raise bad(f"dtype {brief(name)} is not one lora_ckpt reads")
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+        raise bad(f"shape {brief(shape)} is not a list of non-negative integers")
+    elements = 1
+    for d in shape:  # torch's strides count a 0 as 1: (0, 2**62, 4) cannot be made either
+        elements *= max(d, 1)
+        if elements >= 2**63:
+            raise bad(f"shape {brief(shape)} is too large for a tensor")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
-        raise bad(f"data_offsets {offsets!r} is not two non-negative integers")
+        raise bad(f"data_offsets {brief(offsets)} is not two non-negative integers")
     begin, stop = offsets
     if stop - begin != math.prod(shape) * dtype.itemsize:
-        raise bad(f"data_offsets {offsets} do not hold a {info['dtype']} tensor of shape {shape}")
+        raise bad(f"data_offsets {brief(offsets)} do not hold a {name} tensor of shape {brief(shape)}")
     return Entry(path, dtype, tuple(shape), key, data_start + begin), (begin, stop)
 
 
@@ -239,6 +258,8 @@ class Source:
             raise CheckpointFileError(f"{p}: no such file or folder")
         if not p.is_file():
             raise CheckpointFileError(f"{p}: not a regular file")
+        if p.name in ADAPTER_WEIGHTS and (p.parent / ADAPTER_CONFIG).is_file():
+            return cls._open_folder(p.parent)  # an adapter file named directly: its config beside it rules
         kind, entries, meta, loaded = _open_file(p)
         return cls(p, kind, [p], entries, meta=meta, loaded=loaded)
 
@@ -270,9 +291,9 @@ class Source:
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointFileError(f"{index_path}: not a valid index (no 'weight_map' object of key -> file name)")
         shards = {name: contained(folder, name, what=f"{index} shard") for name in sorted(set(weight_map.values()))}
-        missing = [n for n, f in shards.items() if not f.is_file()]
+        missing = [n for n, f in shards.items() if not _is_file(f)]
         if missing:
-            raise CheckpointFileError(f"{index_path}: names shard(s) {missing[:3]} that are not in {folder}")
+            raise CheckpointFileError(f"{index_path}: names shard(s) {brief(missing[:3])} that are not in {folder}")
         entries: dict[str, Entry] = {}
         metas: list[FileMeta] = []
         loaded: dict[str, torch.Tensor] = {}

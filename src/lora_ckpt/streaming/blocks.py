@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lora_ckpt.merge import Factors, MergePlan, Step, merge_rows, module_factors
+from lora_ckpt.merge import Factors, MergePlan, Step, check_finite, merge_rows, module_factors
 from lora_ckpt.source import Source
 from lora_ckpt.streaming.writer import BufferPool, OutFile, StreamOptions, row_blocks
 
@@ -97,6 +97,7 @@ class BlockMerger:
             flat = out.flatten(1) if out.dim() == 4 else out
             if self.copy_stream is None:
                 merge_rows(base, fac.left[a:b], fac.right, step.scale, fac.acc, fac.out_dtype, out=flat)
+                check_finite(step.module.name if step.module else step.key, flat, base, step.scale)
             else:
                 ready = self._merge_on_gpu(base, fac, a, b, step.scale, flat)
         if src is not None and src[1] is not None:

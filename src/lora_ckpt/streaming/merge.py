@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from lora_ckpt.checkpoint import Checkpoint
-from lora_ckpt.errors import AlphaError, CheckpointFileError
+from lora_ckpt.errors import AlphaError, CheckpointFileError, LayoutError
 from lora_ckpt.filemeta import FileMeta
 from lora_ckpt.formats.peft import load_peft_adapter
 from lora_ckpt.io import as_checkpoint
@@ -48,6 +48,7 @@ def stream_merge(
     progress: bool = False,
     overwrite: bool = False,
     layout: Layout | None = None,
+    fan_in_fan_out: bool | None = None,
     options: StreamOptions | None = None,
 ) -> StreamReport:
     """Merge file to file with bounded memory; return what was written.
@@ -60,6 +61,7 @@ def stream_merge(
     source folder are copied). It may not be, hold or lie inside an input (see :class:`~lora_ckpt.output.Output`).
     The result is bit-identical to :func:`~lora_ckpt.merge_lora` in memory. With ``device="cuda"`` the
     blocks are merged on the GPU. ``layout``: the source's layout, when the caller detected it already.
+    ``fan_in_fan_out``: whether base weights are stored (in, out) (GPT-2's ``Conv1D``) where no config says.
     ``options``: block and chunk sizes, direct I/O (see :class:`~lora_ckpt.streaming.StreamOptions`).
     While it runs, torch uses one intra-op thread (restored afterwards), leaving the other cores to the writers.
 
@@ -74,7 +76,8 @@ def stream_merge(
         target = out if isinstance(out, Output) else Output.prepare(
             out, overwrite=overwrite, inputs=[src.path, *_paths(adapter)]
         )
-        plan, model_args = plan_stream_merge(src, adapter, alpha=alpha, dtype=dtype, layout=layout)
+        plan, model_args = plan_stream_merge(src, adapter, alpha=alpha, dtype=dtype, layout=layout,
+                                             fan_in_fan_out=fan_in_fan_out)
         aliases = {s.key: s.source for s in plan.steps if s.op == "alias" and s.source is not None}
         meta = FileMeta(layout="standard", order=tuple(s.key for s in plan.steps), aliases=aliases,
                         tied=tie_metadata(aliases),
@@ -133,6 +136,7 @@ def plan_stream_merge(
     alpha: Alpha | None,
     dtype: torch.dtype | None,
     layout: Layout | None = None,
+    fan_in_fan_out: bool | None = None,
 ) -> tuple[MergePlan, dict[str, Any]]:
     """The merge plan over the source's ``meta`` tensors, and the source's ``model_args`` (or {})."""
     meta = src.meta_tensors()
@@ -140,7 +144,8 @@ def plan_stream_merge(
         layout = layout or detect_layout(meta)
         small = read_factors(src, layout)
         info = src.recorded()
-        plan = plan_merge({**meta, **small}, alpha=info.resolve_alpha(alpha), dtype=dtype, layout=layout)
+        plan = plan_merge({**meta, **small}, alpha=info.resolve_alpha(alpha), dtype=dtype, layout=layout,
+                          fan_in_fan_out=fan_in_fan_out)
         model_args = info.extra.get("model_args")
         return plan, dict(model_args) if isinstance(model_args, Mapping) else {}
     if isinstance(adapter, Source) and adapter.kind == "peft" or (
@@ -149,11 +154,17 @@ def plan_stream_merge(
         peft = load_peft_adapter(adapter)  # type: ignore[arg-type]
         if alpha is not None:
             raise AlphaError(f"{peft.path}: the alpha comes from adapter_config.json; do not pass alpha")
+        if fan_in_fan_out is not None and fan_in_fan_out != peft.fan_in_fan_out:
+            raise LayoutError(
+                f"fan_in_fan_out={fan_in_fan_out} contradicts fan_in_fan_out={peft.fan_in_fan_out} in {peft.path}; drop "
+                "the argument (CLI: --fan-in-fan-out / --no-fan-in-fan-out) to use the recorded value"
+            )
         plan = plan_merge(peft.state_dict, base=meta, scales=peft.scales, layout=peft.layout, dtype=dtype,
                           fan_in_fan_out=peft.fan_in_fan_out)
         return plan, {}
     ck = adapter.load() if isinstance(adapter, Source) else as_checkpoint(adapter)  # type: ignore[arg-type]
-    return plan_merge(ck.state_dict, base=meta, alpha=ck.resolve_alpha(alpha), dtype=dtype), {}
+    return plan_merge(ck.state_dict, base=meta, alpha=ck.resolve_alpha(alpha), dtype=dtype,
+                      fan_in_fan_out=fan_in_fan_out), {}
 
 
 def tie_metadata(aliases: Mapping[str, str]) -> tuple[tuple[str, ...], ...]:
