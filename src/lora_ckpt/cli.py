@@ -286,6 +286,8 @@ def _merge(args: argparse.Namespace) -> int:
                          max_shard_size=args.max_shard_size, device=args.device, progress=not args.quiet,
                          overwrite=args.force, fan_in_fan_out=args.fan_in_fan_out)
     print(result)
+    for line in result.warnings:
+        print(f"lora-ckpt: warning: {line}", file=sys.stderr)
     return 0
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lora_ckpt._table import render_html, render_text
-from lora_ckpt.errors import KeyMismatchError, LayoutError, ShapeError
+from lora_ckpt.errors import AlphaError, KeyMismatchError, LayoutError, ShapeError
 from lora_ckpt.io import Checkpoint
 from lora_ckpt.layout import Layout, LoraModule, detect_layout, matches_any
 from lora_ckpt.merge import Alpha, merge_module, resolve_scales
@@ -71,8 +71,10 @@ class _Plan:
         scales: Mapping[str, float],
         model_alphas: Mapping[str, float],
         report: LoadReport,
+        keep_factors: bool = False,
     ) -> None:
         self.src, self.dst, self.tensors, self.scales = src, dst, tensors, scales
+        self.keep_factors = keep_factors
         self.model_alphas, self.report = model_alphas, report
         self.values: dict[str, torch.Tensor] = {}
         self.sources: dict[str, str] = {}
@@ -106,6 +108,12 @@ class _Plan:
 
     def _lora_to_lora(self, s: LoraModule, d: LoraModule) -> None:
         model_alpha = self.model_alphas.get(d.name)
+        if model_alpha is None and self.keep_factors and s.has_factors and s.kind == d.kind and s.rank == d.rank:
+            raise AlphaError(
+                f"{d.name}: the model's module records no alpha (as alpha, lora_alpha or scaling), so it cannot be "
+                f"told whether the checkpoint's rank-{s.rank} factors keep their scale in it; pass model_alpha=<the "
+                "alpha the model was built with> (merging them into main_weight would reset the trained factors)"
+            )
         same_scale = not s.has_factors or (
             d.rank > 0 and model_alpha is not None and self.scales[s.name] == model_alpha / d.rank
         )
@@ -195,6 +203,7 @@ def convert_state_dict(
     alpha: Alpha | None = None,
     target_alpha: Alpha | None = None,
     ignore: Iterable[str] = (),
+    keep_factors: bool = False,
 ) -> Conversion:
     """Return ``checkpoint``'s weights converted to ``target``'s layout (keys without prefix), and a report.
 
@@ -208,6 +217,8 @@ def convert_state_dict(
         target_alpha: the target's alpha per module (or one float): factors are copied only where
             the target's ``alpha / rank`` equals the source's; unknown means merge.
         ignore: glob patterns of keys that need not be used or supplied.
+        keep_factors: refuse (rather than merge) a module whose factors could be copied but whose target
+            alpha is unknown: a live model's trained factors are not reset behind the user's back.
 
     Raises:
         KeyMismatchError, ShapeError, AlphaError, LayoutError.
@@ -222,7 +233,7 @@ def convert_state_dict(
         dst_alphas = dict(target_alpha or {})
     else:
         dst_alphas = {m.name: float(target_alpha) for m in dst.modules if m.has_factors}
-    plan = _Plan(src, dst, tensors, _scales(src, ckpt, alpha), dst_alphas, report)
+    plan = _Plan(src, dst, tensors, _scales(src, ckpt, alpha), dst_alphas, report, keep_factors)
     values, sources = plan.build()
     _check_strict(src, dst, values, plan.used, ignore, report)
     _check_shapes(dst, values)

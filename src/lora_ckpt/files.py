@@ -25,7 +25,7 @@ from lora_ckpt.formats.hf import write_model_folder
 from lora_ckpt.formats.peft import load_peft_adapter, write_peft_adapter
 from lora_ckpt.io import write_checkpoint
 from lora_ckpt.layout import LAYOUTS, Layout, detect_layout, tied_groups
-from lora_ckpt.merge import Alpha, merge_lora
+from lora_ckpt.merge import Alpha, merge_lora, plan_merge
 from lora_ckpt.output import FILE_SUFFIXES, Output, PathLike, write_together
 from lora_ckpt.relayout import convert_layout
 from lora_ckpt.source import Source
@@ -40,7 +40,8 @@ _PICKLES = FILE_SUFFIXES[1:]
 class FileResult:
     """What a file operation wrote: the outputs, how, and what the user should know about it.
 
-    ``lines`` is the human summary (one fact per line); ``leftovers`` what was cleaned up from
+    ``lines`` is the human summary (one fact per line); ``warnings`` what may surprise (a zero update, tied
+    keys written apart), for stderr; ``leftovers`` what was cleaned up from
     interrupted runs; ``conversion`` the key-by-key report of a conversion to a template's layout.
     """
 
@@ -50,6 +51,7 @@ class FileResult:
     bytes: int = 0
     seconds: float = 0.0
     lines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     left_out: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
     conversion: LoadReport | None = None
@@ -58,7 +60,7 @@ class FileResult:
         """The result as JSON-able values."""
         return {"outputs": [str(p) for p in self.outputs], "streamed": self.streamed, "merged": self.merged,
                 "bytes": self.bytes, "seconds": round(self.seconds, 3), "left_out": self.left_out,
-                "leftovers": self.leftovers, "summary": self.lines}
+                "leftovers": self.leftovers, "summary": self.lines, "warnings": self.warnings}
 
     def __str__(self) -> str:
         return "\n".join(self.lines)
@@ -103,22 +105,36 @@ def merge_files(
                                   progress=progress, layout=layout, fan_in_fan_out=fan_in_fan_out, options=options)
             result = FileResult(report.files, True, len(report.merged), report.bytes, report.seconds,
                                 left_out=report.left_out)
+            inert = report.inert
             dropped = _standard_extra(src.recorded(), out.path)[1]
         else:
             ckpt = src.load()
             layout = detect_layout(ckpt.state_dict)  # on the tensors themselves: their ties are part of the layout
             updated = _tied_updates(src, layout)
+            plan = plan_merge(ckpt.state_dict, alpha=ckpt.resolve_alpha(alpha), tied=tied, dtype=dtype, layout=layout,
+                              fan_in_fan_out=fan_in_fan_out)
             merged = merge_lora(ckpt.state_dict, alpha=ckpt.resolve_alpha(alpha), tied=tied, dtype=dtype, layout=layout,
                                 fan_in_fan_out=fan_in_fan_out)
             extra, dropped = _standard_extra(ckpt, out.path)
             with out.writing() as tmp:
                 write_checkpoint(tmp, merged, extra=extra, suffix=out.path.suffix)
-            result = FileResult([out.path], False, sum(m.has_factors for m in layout.modules))
+            result = FileResult([out.path], False, len(plan.merged_modules()))
+            inert = plan.inert_modules()
         result.leftovers = list(out.removed)
-        result.lines.append(f"merged {result.merged} LoRA module(s) of {source} into {dst}")
+        present = sum(m.has_factors for m in layout.modules)
+        result.lines.append(f"merged {result.merged} LoRA module(s) of {source} into {dst}"
+                            + (f" ({present} present)" if present != result.merged else ""))
         for group in updated:
             how = "untied: each key keeps its own value" if tied == "untie" else "tied to the merged weight"
             result.lines.append(f"tied group {' = '.join(group)}: {how}")
+        if updated and tied == "untie":
+            keys = " and ".join(updated[0][:2])
+            result.warnings.append(
+                f"{out.path} keeps {keys} apart, because the update landed on one of them; a model that ties them "
+                "(karpathy's nanoGPT does) would keep only one in load_state_dict and compute something else: load "
+                "it with lora_ckpt.load_into(model, path, tied='untie'), or merge with --tied tie to keep them tied"
+            )
+        _warn_inert(result, inert)
         if dropped:
             result.lines.append(f"left out: {', '.join(dropped)} (they do not apply to merged weights)")
         return result
@@ -144,6 +160,7 @@ def _merge_adapter(
                               device=device, progress=progress, fan_in_fan_out=fan_in_fan_out, options=options)
         result = FileResult(report.files, True, len(report.merged), report.bytes, report.seconds,
                             left_out=report.left_out, leftovers=list(out.removed))
+        inert = report.inert
         result.lines.append(
             f"merged {adapter.path} into {base.path}: {out.path} ({len(report.merged)} weights merged, "
             f"{report.bytes / 1e9:.2f} GB in {len(report.files)} file(s), {report.seconds:.1f} s)"
@@ -155,18 +172,37 @@ def _merge_adapter(
             if alpha is not None:
                 raise AlphaError(f"{adapter.path}: the alpha comes from adapter_config.json; do not pass alpha")
             assert peft.settings is not None
-            merged = merge_lora(peft.state_dict, base=base_sd, scales=peft.scales, layout=peft.layout, dtype=dtype,
-                                fan_in_fan_out=_agree(fan_in_fan_out, peft.fan_in_fan_out, peft.settings.where))
+            plan = plan_merge(peft.state_dict, base=base_sd, scales=peft.scales, layout=peft.layout, dtype=dtype,
+                              fan_in_fan_out=_agree(fan_in_fan_out, peft.fan_in_fan_out, peft.settings.where))
         else:
             ck = adapter.load()
-            merged = merge_lora(ck.state_dict, base=base_sd, alpha=ck.resolve_alpha(alpha), dtype=dtype,
-                                fan_in_fan_out=fan_in_fan_out)
-        left_out = _write_standard(out, merged, like=base.path)
-        result = FileResult([out.path], False, left_out=left_out, leftovers=list(out.removed))
+            plan = plan_merge(ck.state_dict, base=base_sd, alpha=ck.resolve_alpha(alpha), dtype=dtype,
+                              fan_in_fan_out=fan_in_fan_out)
+        left_out = _write_standard(out, plan.execute(plan.big), like=base.path)
+        result = FileResult([out.path], False, len(plan.merged_modules()), left_out=left_out,
+                            leftovers=list(out.removed))
+        inert = plan.inert_modules()
         result.lines.append(f"merged {adapter.path} into {base.path}: {out.path}")
+    _warn_inert(result, inert)
     if result.left_out:
         result.lines.append(f"not copied from {base.path}: {', '.join(result.left_out)} (not part of a model folder)")
     return result
+
+
+def _warn_inert(result: FileResult, inert: list[str]) -> None:
+    """Say so when merged modules carry a zero update (every lora_B entry 0, or a scale of 0)."""
+    if not inert:
+        return
+    if len(inert) == result.merged:
+        result.warnings.append(
+            f"every merged module's update is zero ({len(inert)} of {len(inert)}: lora_B all 0 or a scale of 0), so the "
+            "output equals the base; was the adapter trained, and is the alpha right?"
+        )
+    else:
+        result.warnings.append(
+            f"{len(inert)} of {result.merged} merged modules carry a zero update (lora_B all 0 or a scale of 0): "
+            f"{', '.join(inert[:3])}{' …' if len(inert) > 3 else ''}"
+        )
 
 
 def _write_standard(out: Output, sd: Mapping[str, torch.Tensor], *, like: Path | None) -> list[str]:

@@ -421,6 +421,21 @@ class MergePlan:
         assert src is not None
         return _merged_bias(step.module, self.adapter, src, step.scale, self.dtype)
 
+    def merged_modules(self) -> list[str]:
+        """The names of the modules whose update this plan merges."""
+        return [s.module.name for s in self.steps if s.op == "merge" and s.module is not None]
+
+    def inert_modules(self) -> list[str]:
+        """Merged modules whose update is zero (every ``lora_B`` entry 0, or a scale of 0): merging changes nothing."""
+        out = []
+        for s in self.steps:
+            if s.op != "merge" or s.module is None:
+                continue
+            b = self.adapter.get(s.module.b_key)
+            if s.scale == 0 or (b is not None and b.device.type != "meta" and not bool(b.any())):
+                out.append(s.module.name)
+        return out
+
     def execute(self, big: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run the plan in memory: a new dict in the plan's key order."""
         done = {s.key: self.compute(s, big) for s in self.steps if s.op != "alias"}

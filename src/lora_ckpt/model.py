@@ -6,6 +6,7 @@ Works on modules following the nanoGPT LoRA convention (``LoRALinear``/``LoRAEmb
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -13,12 +14,13 @@ import torch
 from torch import nn
 
 from lora_ckpt.convert import LoadReport, convert_state_dict
-from lora_ckpt.errors import KeyMismatchError, TiedWeightError
+from lora_ckpt.checks import check_alpha
+from lora_ckpt.errors import AlphaError, KeyMismatchError, TiedWeightError
 from lora_ckpt.io import Checkpoint, PathLike, as_checkpoint
-from lora_ckpt.layout import detect_layout, matches_any
-from lora_ckpt.merge import Alpha, merge_lora
+from lora_ckpt.layout import Layout, detect_layout, matches_any
+from lora_ckpt.merge import Alpha, merge_lora, resolve_scales
 
-__all__ = ["load_into", "merged_state_dict", "module_alphas", "unwrap"]
+__all__ = ["load_into", "merged_state_dict", "module_alphas", "module_scales", "unwrap"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -34,26 +36,76 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def module_alphas(model: nn.Module) -> dict[str, float]:
-    """Return ``{module name: alpha}`` for each LoRA module of ``model`` that has factors."""
+    """Return ``{module name: alpha}`` for each LoRA module of ``model`` that has factors and records its scale.
+
+    The scale is read from the module: ``alpha`` or ``lora_alpha`` (divided by the rank), ``scaling`` (a
+    number, or PEFT's per-adapter dict). Module names are those :func:`~lora_ckpt.detect_layout` gives.
+    """
+    inner = unwrap(model)
+    sd = inner.state_dict()
+    layout = detect_layout(sd)
+    return {name: scale * layout.module(name).rank for name, scale in module_scales(inner, layout).items()}
+
+
+def module_scales(model: nn.Module, layout: Layout) -> dict[str, float]:
+    """``{module name: scale}`` for the LoRA modules of ``layout`` whose live module records its scale."""
+    live = dict(unwrap(model).named_modules())
+    prefix = layout.spec.key_prefix if layout.spec is not None else ""
     out: dict[str, float] = {}
-    for name, mod in unwrap(model).named_modules():
-        if isinstance(getattr(mod, "lora_A", None), nn.Module) and hasattr(mod, "alpha"):
-            out[name] = float(mod.alpha)
+    for m in layout.modules:
+        if not m.has_factors:
+            continue
+        mod = live.get(m.name) or live.get(prefix + m.name)
+        scale = _scale_of(mod, m.name, m.rank) if mod is not None else None
+        if scale is not None:
+            out[m.name] = scale
     return out
+
+
+def _scale_of(mod: nn.Module, name: str, rank: int) -> float | None:
+    fix = "pass alpha=... to say what it is"
+    scaling = getattr(mod, "scaling", None)
+    if isinstance(scaling, Mapping):  # PEFT's LoraLayer: {adapter name: scale}
+        if len(scaling) != 1:
+            raise AlphaError(f"{name}: the module holds adapters {sorted(scaling)}; merge with one adapter active")
+        return check_alpha(next(iter(scaling.values())), where=f"{name}.scaling", fix=fix)
+    for attr in ("alpha", "lora_alpha"):
+        value = getattr(mod, attr, None)
+        if value is not None:
+            return check_alpha(value.item() if isinstance(value, torch.Tensor) else value,
+                               where=f"{name}.{attr}", fix=fix) / rank
+    if scaling is not None:
+        return check_alpha(scaling.item() if isinstance(scaling, torch.Tensor) else scaling,
+                           where=f"{name}.scaling", fix=fix)
+    return None
+
+
+def _live_orientation(model: nn.Module) -> bool | None:
+    """PEFT layers record whether their base is stored (in, out); None where no module says."""
+    said = {bool(mod.fan_in_fan_out) for mod in unwrap(model).modules()
+            if isinstance(getattr(mod, "fan_in_fan_out", None), bool) and hasattr(mod, "lora_A")}
+    return said.pop() if len(said) == 1 else None
 
 
 def merged_state_dict(
     model: nn.Module,
     *,
+    alpha: Alpha | None = None,
     device: torch.device | str | None = "cpu",
     dtype: torch.dtype | None = None,
     tied: Literal["untie", "tie"] = "untie",
 ) -> dict[str, torch.Tensor]:
     """Return the deployable standard state dict of a live LoRA model, without changing the model.
 
-    Alphas come from the modules' ``alpha`` attributes. Sharp edge: entries that need no merge share
-    memory with the model when ``device`` is the model's own (as ``state_dict()`` does); merged
-    weights are new tensors. See :func:`~lora_ckpt.merge_lora` for ``tied`` and ``dtype``.
+    Scales come from the modules (``alpha``, ``lora_alpha`` or ``scaling`` attributes, PEFT's
+    ``scaling`` dicts); ``alpha`` (one float or per module) is for modules that record none, and an
+    ``alpha`` that contradicts a recorded one is an error. PEFT layers also say how their base is stored
+    (``fan_in_fan_out``). Sharp edge: entries that need no merge share memory with the model when
+    ``device`` is the model's own (as ``state_dict()`` does); merged weights are new tensors. See
+    :func:`~lora_ckpt.merge_lora` for ``tied`` and ``dtype``.
+
+    Raises:
+        AlphaError: a module's scale is neither recorded nor given, or the two disagree.
 
     Example:
         >>> from lora_ckpt.testing import make_gpt, make_tokens
@@ -66,9 +118,31 @@ def merged_state_dict(
     with torch.no_grad():
         sd = inner.state_dict()
         layout = detect_layout(sd)
-        out = merge_lora(sd, alpha=module_alphas(inner), tied=tied, dtype=dtype, layout=layout) if layout.is_lora else dict(sd)
+        if not layout.is_lora:
+            out = dict(sd)
+        else:
+            scales = _scales(layout, module_scales(inner, layout), alpha)
+            out = merge_lora(sd, scales=scales, tied=tied, dtype=dtype, layout=layout,
+                             fan_in_fan_out=_live_orientation(inner))
         if device is not None:
             out = {k: v.to(device) for k, v in out.items()}
+    return out
+
+
+def _scales(layout: Layout, recorded: Mapping[str, float], alpha: Alpha | None) -> dict[str, float]:
+    """Every module's scale: recorded by the module, else from ``alpha``; raise where neither or they disagree."""
+    given = resolve_scales(layout, alpha) if alpha is not None else {}
+    clash = [n for n in recorded if n in given and not math.isclose(given[n], recorded[n], rel_tol=1e-6)]
+    if clash:
+        raise AlphaError(f"alpha={alpha} gives {clash[0]} the scale {given[clash[0]]:g}, but the module records "
+                         f"{recorded[clash[0]]:g}; drop alpha to use the recorded scales")
+    out = {**given, **recorded}
+    missing = [m.name for m in layout.modules if m.has_factors and m.name not in out]
+    if missing:
+        raise AlphaError(
+            f"{', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}: the module records no alpha (as alpha, "
+            "lora_alpha or scaling); pass alpha=<float> or a per-module mapping"
+        )
     return out
 
 
@@ -77,6 +151,7 @@ def load_into(
     checkpoint: Checkpoint | Mapping[str, Any] | PathLike,
     *,
     alpha: Alpha | None = None,
+    model_alpha: Alpha | None = None,
     ignore: Iterable[str] = (),
     tied: Literal["error", "untie", "tie"] = "error",
 ) -> LoadReport:
@@ -98,6 +173,9 @@ def load_into(
         checkpoint: a file path, a nanoGPT checkpoint dict, a state dict or a :class:`Checkpoint`.
         alpha: the checkpoint's LoRA alpha; recorded values (file metadata, ``model_args``) are used
             when omitted, and a value that contradicts them is an error.
+        model_alpha: the model's own alpha (float or per module) for LoRA modules that record none (as
+            ``alpha``, ``lora_alpha`` or ``scaling``); without it such a module is an error, never a silent
+            reset of its trained factors.
         ignore: glob patterns of keys (without prefix) that need not be used or supplied.
         tied: ``"error"``, ``"untie"`` or ``"tie"``, see above.
 
@@ -115,8 +193,15 @@ def load_into(
     inner = unwrap(model)
     ignore = tuple(ignore)
     model_sd = inner.state_dict()
+    model_layout = detect_layout(model_sd)
+    recorded = {n: sc * model_layout.module(n).rank for n, sc in module_scales(inner, model_layout).items()}
+    if model_alpha is not None:
+        given = model_alpha if isinstance(model_alpha, Mapping) else {
+            m.name: float(model_alpha) for m in model_layout.modules if m.has_factors}
+        recorded = {**{k: check_alpha(v, where=f"model_alpha[{k!r}]", fix="pass finite numbers") for k, v in given.items()},
+                    **recorded}
     conversion = convert_state_dict(
-        as_checkpoint(checkpoint), model_sd, alpha=alpha, target_alpha=module_alphas(inner), ignore=ignore
+        as_checkpoint(checkpoint), model_layout, alpha=alpha, target_alpha=recorded, ignore=ignore, keep_factors=True
     )
     values, sources, report = conversion.values, conversion.sources, conversion.report
     untie = _resolve_ties(inner, values, sources, tied, report)

@@ -90,6 +90,7 @@ def stream_merge(
         if not isinstance(source, Source):
             src.close()
     report.merged = [s.key for s in plan.steps if s.op == "merge"]
+    report.inert = plan.inert_modules()
     report.seconds = time.perf_counter() - started
     return report
 

@@ -76,7 +76,8 @@ class StreamOptions:
 @dataclass
 class StreamReport:
     """What a streamed merge or conversion wrote: the files, tensor and byte counts, the merged keys,
-    seconds taken, for a conversion to a template's layout its key-by-key report, and what was left out."""
+    seconds taken, for a conversion to a template's layout its key-by-key report, what was left out, and the
+    merged modules whose update is zero (``inert``: every ``lora_B`` 0 or a scale of 0)."""
 
     files: list[Path]
     tensors: int
@@ -85,6 +86,7 @@ class StreamReport:
     seconds: float = 0.0
     conversion: Any = None
     left_out: list[str] = field(default_factory=list)
+    inert: list[str] = field(default_factory=list)
 
 
 class BufferPool:
