@@ -1230,10 +1230,13 @@ PEFT_POOL: list[Any] = ["LORA", "lora", "LOHA", "PREFIX_TUNING", None, 0, -1, 1,
                         {"*": 1}, {"a{99999999999}": 1}, {"\\": 2}, {"": 2}, {".*": 0}, {".*": -2},
                         {"model.layers.0.self_attn.q_proj": 2}, {"(" * 500 + ")" * 500: 2},
                         {"(.*)*z": 2}, {"(a|a)*b": 1}, {"(\\w+\\.?)+z": 2}, {".*.*.*.*.*.*.*.*.*.*.*.*z": 2},
+                        {"(?i)q_proj": 2}, {"(?P<idx>q)_proj": 2}, {"q_proj|": 2}, {"\\1": 2}, {"(?=": 2},
+                        ["(?i)q_proj"], "(?i).*proj", "(?P<idx>layers)", [0, -1, 10**400], "layers",
                         ["q_proj"], ["experts"], [0, 1], "all-linear", {"r": 2}, *RAW_JSON]
 PEFT_KEYS = ["r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "peft_type", "target_parameters",
              "use_qalora", "layer_replication", "trainable_token_indices", "fan_in_fan_out", "use_dora",
-             "modules_to_save", "lora_bias", "target_modules"]
+             "modules_to_save", "lora_bias", "target_modules", "exclude_modules", "layers_to_transform",
+             "layers_pattern", "task_type", "alpha_pattern"]
 
 
 class AdapterFormat(Format):

@@ -416,7 +416,7 @@ sys.exit(main(sys.argv[1:]))
     res = subprocess.run([sys.executable, "-c", script, "merge", str(proj / "base"), str(proj / "adapter"),
                           str(tmp_path / "o"), "--quiet"], capture_output=True, text=True)
     assert res.returncode == code, res.stderr
-    assert res.stderr == "lora-ckpt: interrupted; nothing was written and the inputs are unchanged\n"
+    assert res.stderr == "lora-ckpt: interrupted; what was not finished was removed, and the inputs are unchanged\n"
     assert not (tmp_path / "o").exists() and not _leftovers(tmp_path) and _digest(proj) == before
 
 

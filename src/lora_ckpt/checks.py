@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from lora_ckpt.errors import AlphaError, LayoutError
+from lora_ckpt.errors import AlphaError, LayoutError, brief
 
 __all__ = ["MATCH_SECONDS", "Patterns", "check_alpha", "check_rank"]
 
@@ -37,18 +37,23 @@ def check_alpha(value: object, *, where: str, fix: str) -> float:
     that settles it. Large values are accepted here; a merge whose result overflows is refused there.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise AlphaError(f"{where} is {value!r}, not a number; {fix}")
-    if not math.isfinite(value):
-        raise AlphaError(f"{where} is {value!r}, not a finite number; {fix}")
+        raise AlphaError(f"{where} is {brief(value)}, not a number; {fix}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        raise AlphaError(f"{where} is {brief(value)}, too large for a float; {fix}") from None
+    if not finite:
+        raise AlphaError(f"{where} is {brief(value)}, not a finite number; {fix}")
     return float(value)
 
 
 def check_rank(value: object, *, where: str) -> int:
     """Return ``value`` if it is a positive integer (``8`` or ``8.0``, not ``8.7``, ``True`` or ``"8"``); raise otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise AlphaError(f"{where} is {value!r}, not a positive integer rank")
+    finite = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))  # no float(10**400)
+    if isinstance(value, bool) or not finite:
+        raise AlphaError(f"{where} is {brief(value)}, not a positive integer rank")
     if value != int(value) or value <= 0:
-        raise AlphaError(f"{where} is {value!r}, not a positive integer rank")
+        raise AlphaError(f"{where} is {brief(value)}, not a positive integer rank")
     return int(value)
 
 
@@ -65,16 +70,19 @@ class Patterns:
         self.compiled: dict[str, re.Pattern[str]] = {}
         for p in patterns:
             if not isinstance(p, str):
-                raise LayoutError(f"{where}: {field} holds {p!r}, not a pattern string")
+                raise LayoutError(f"{where}: {field} holds {brief(p)}, not a pattern string")
             if _NESTED.search(p):
                 raise LayoutError(
-                    f"{where}: the {field} pattern {p!r} nests quantifiers and can take exponential time to match; "
+                    f"{where}: the {field} pattern {brief(p)} nests quantifiers and can take exponential time to "
+                    "match; "
                     "rewrite it without a repeated group of repeats (e.g. '.*' instead of '(.*)*')"
                 )
             try:
                 self.compiled[p] = re.compile(p)
-            except re.error as e:
-                raise LayoutError(f"{where}: the {field} pattern {p!r} is not a valid regular expression ({e})") from None
+            except (re.error, OverflowError, RecursionError) as e:  # a repeat count past 2**32, 1000 nested groups
+                raise LayoutError(
+                    f"{where}: the {field} pattern {brief(p)} is not a valid regular expression ({e})"
+                ) from None
         self.current = ""
 
     def run(self, fn: Callable[[], T]) -> T:
@@ -96,7 +104,14 @@ class Patterns:
         """The first pattern (in order) that matches the end of ``name`` at a component boundary (PEFT's rule)."""
         for p in self.compiled:
             self.current = p
-            if re.match(rf"(.*\.)?({p})$", name):
+            try:
+                found = re.match(rf"(.*\.)?({p})$", name)
+            except (re.error, RecursionError) as e:  # inline flags (?i): valid alone, not inside PEFT's wrapping
+                raise LayoutError(
+                    f"{self.where}: the {self.field} pattern {brief(p)} cannot be matched as PEFT matches patterns, "
+                    f"inside (.*\\.)?(...)$ ({e})"
+                ) from None
+            if found:
                 return p
         return None
 

@@ -8,6 +8,7 @@ untouched). Torch is imported only by the commands that need it, so ``--help`` a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -148,10 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return {"inspect": _inspect, "merge": _merge, "convert": _convert, "demo": _demo}[args.command](args)
     except Interrupted as e:
-        print("lora-ckpt: interrupted; nothing was written and the inputs are unchanged", file=sys.stderr)
+        print(_INTERRUPTED, file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
-        print("lora-ckpt: interrupted; nothing was written and the inputs are unchanged", file=sys.stderr)
+        print(_INTERRUPTED, file=sys.stderr)
         return 130
     except BrokenPipeError:
         _quiet_stdout()  # the reader went away (`| head`): nothing more to say
@@ -165,6 +166,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         _restore_signals(previous)
+
+
+_INTERRUPTED = "lora-ckpt: interrupted; what was not finished was removed, and the inputs are unchanged"
+
+
+def run() -> None:
+    """The console script: :func:`main`, then exit without letting a late Ctrl-C print a traceback at shutdown."""
+    code = main()
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
 
 
 def _one_line(e: Exception) -> str:
@@ -324,4 +336,4 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

@@ -82,7 +82,8 @@ class FileMeta:
         aliases = raw.get("aliases")
         if aliases is None:
             aliases = {}
-        elif not (isinstance(aliases, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items())):
+        elif not (isinstance(aliases, Mapping)
+                  and all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items())):
             bad.add("aliases is not an object of key -> key")
             aliases = {}
         aliases = dict(aliases)
@@ -122,7 +123,8 @@ class FileMeta:
         for group in self.tied:
             missing = [k for k in group if k not in known]
             if missing:
-                bad.add(f"tied group {brief(list(group))} names {brief(missing)}, which the file neither stores nor aliases")
+                bad.add(f"tied group {brief(list(group))} names {brief(missing)}, which the file neither stores "
+                        "nor aliases")
         bad.raise_any()
 
     def ordered(self, keys: Collection[str]) -> list[str]:

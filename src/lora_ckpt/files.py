@@ -19,7 +19,7 @@ import torch
 
 from lora_ckpt.checkpoint import Checkpoint
 from lora_ckpt.convert import LoadReport, convert_state_dict, fresh_factors
-from lora_ckpt.errors import AlphaError, LayoutError
+from lora_ckpt.errors import AlphaError, CheckpointFileError, LayoutError
 from lora_ckpt.formats.gpt2 import hf_to_nanogpt, nanogpt_lora_to_peft
 from lora_ckpt.formats.hf import write_model_folder
 from lora_ckpt.formats.peft import load_peft_adapter, write_peft_adapter
@@ -95,6 +95,9 @@ def merge_files(
         ad = stack.enter_context(Source.open(adapter)) if adapter is not None else None
         out = Output.prepare(dst, overwrite=overwrite, inputs=[src.path, ad.path if ad else None])
         streams = out.folder or (out.path.suffix not in _PICKLES and tied == "untie")
+        if max_shard_size is not None and not out.folder:
+            raise CheckpointFileError(f"{out.path}: a sharded output is a folder; give a folder name (no suffix) "
+                                      "or drop --max-shard-size")
         if ad is not None:
             return _merge_adapter(src, ad, out, alpha, dtype, tied, max_shard_size, device, progress, options, streams,
                                   fan_in_fan_out)
@@ -358,10 +361,10 @@ def _convert_in_memory(
     if writes_base and base_out is None:
         raise LayoutError(f"{src.path} holds base weights, which {to} keeps apart; pass --base-out PATH")
     inputs = [src.path, base]
-    out = Output.prepare(dst, overwrite=overwrite, folder=True if to == "peft" else None, inputs=[*inputs, base_out])
+    out = Output.prepare(dst, overwrite=overwrite, folder=True if to == "peft" else None, inputs=inputs, siblings=[base_out])
     outputs = [out]
     if writes_base:
-        outputs.insert(0, Output.prepare(base_out, overwrite=overwrite, inputs=[*inputs, dst]))  # type: ignore[arg-type]
+        outputs.insert(0, Output.prepare(base_out, overwrite=overwrite, inputs=inputs, siblings=[dst]))  # type: ignore[arg-type]
     with write_together(*outputs) as staged:
         if writes_base:
             assert rel.base is not None

@@ -366,7 +366,7 @@ def tied_groups(tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[str, ...], .
 
 
 def check_dense(tensors: Mapping[str, torch.Tensor], *, where: str = "") -> None:
-    """Raise :class:`LayoutError` naming the keys whose tensors are sparse or nested: lora_ckpt reads dense tensors only.
+    """Raise :class:`LayoutError` naming the keys whose tensors are sparse or nested (lora_ckpt reads dense ones only).
 
     ``where`` prefixes the message (``"model.pt: "``).
     """

@@ -79,10 +79,12 @@ class Output:
         overwrite: bool = False,
         folder: bool | None = None,
         inputs: Iterable[PathLike | None] = (),
+        siblings: Iterable[PathLike | None] = (),
     ) -> Output:
         """Return the checked output for ``path``; nothing is written yet.
 
         ``folder`` defaults to whether the name lacks a checkpoint suffix (:data:`FILE_SUFFIXES`).
+        ``siblings`` are the other outputs of the same command, which it may not be, hold or lie inside either.
         Leftovers of interrupted runs writing the same path are cleaned up here (see :func:`clean_leftovers`).
 
         Raises:
@@ -97,11 +99,14 @@ class Output:
         parent = p.parent
         if not parent.is_dir():
             raise CheckpointFileError(f"{p}: the folder {parent} does not exist")
-        _check_containment(p, inputs)
+        _check_containment(p, inputs, "the input", "lora-ckpt never writes over its inputs")
+        _check_containment(p, siblings, "the other output", "a command's outputs are apart")
         removed = tuple(clean_leftovers(p))
         if os.path.lexists(p):
             if not overwrite:
-                raise CheckpointFileError(f"{p}: already exists; pass overwrite=True (CLI: --force) to replace it")
+                hint = (" (it holds a PEFT adapter: to merge one, give BASE ADAPTER DST)"
+                        if folder is None and (p / "adapter_config.json").is_file() else "")
+                raise CheckpointFileError(f"{p}: already exists{hint}; pass overwrite=True (CLI: --force) to replace it")
             _check_replaceable(p, is_folder)
         return cls(p, is_folder, overwrite, removed)
 
@@ -186,7 +191,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _check_containment(out: Path, inputs: Iterable[PathLike | None]) -> None:
+def _check_containment(out: Path, inputs: Iterable[PathLike | None], what: str, rule: str) -> None:
     target = out.resolve()
     for given in inputs:
         if given is None or not isinstance(given, (str, os.PathLike)):
@@ -200,10 +205,7 @@ def _check_containment(out: Path, inputs: Iterable[PathLike | None]) -> None:
             how = "contains"
         else:
             continue
-        raise CheckpointFileError(
-            f"{out}: the output {how} the input {given}; lora-ckpt never writes over its inputs: "
-            "choose an output path outside them"
-        )
+        raise CheckpointFileError(f"{out}: the output {how} {what} {given}; {rule}: choose an output path outside them")
 
 
 def _check_replaceable(p: Path, folder: bool) -> None:

@@ -99,8 +99,8 @@ def nanogpt_lora_to_peft(
     from lora_ckpt.relayout import convert_layout
 
     inputs = list(inputs)
-    base_out = Output.prepare(base_dir, overwrite=overwrite, folder=True, inputs=[*inputs, adapter_dir])
-    adapter_out = Output.prepare(adapter_dir, overwrite=overwrite, folder=True, inputs=[*inputs, base_dir])
+    base_out = Output.prepare(base_dir, overwrite=overwrite, folder=True, inputs=inputs, siblings=[adapter_dir])
+    adapter_out = Output.prepare(adapter_dir, overwrite=overwrite, folder=True, inputs=inputs, siblings=[base_dir])
     rel = convert_layout(state_dict, "peft", alpha=alpha)
     assert rel.base is not None
     hf = nanogpt_to_hf(rel.base)

@@ -74,7 +74,7 @@ def stream_convert(
     try:
         inputs = [src.path, like.path if isinstance(like, Source) else like]
         target = Output.prepare(out, overwrite=overwrite, folder=True if to == "peft" else None,
-                                inputs=[*inputs, base_out])
+                                inputs=inputs, siblings=[base_out])
         if not apart and target.path.suffix != ".safetensors":
             raise CheckpointFileError(f"{target.path}: a streamed LoRA checkpoint is a .safetensors file")
         report = _convert(src, target, to, like, alpha, base_out, max_shard_size, seed, progress, overwrite,
@@ -230,7 +230,7 @@ def _write_apart(
     outputs = [target]
     base_target = None
     if base and base_out is not None:
-        base_target = Output.prepare(base_out, overwrite=overwrite, inputs=[*inputs, target.path])
+        base_target = Output.prepare(base_out, overwrite=overwrite, inputs=inputs, siblings=[target.path])
         outputs.insert(0, base_target)
     report = StreamReport([], 0, 0)
     with write_together(*outputs) as staged:
