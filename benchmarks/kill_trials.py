@@ -15,11 +15,11 @@
    (d) the same command again (with ``--force`` where an output exists) exits 0, reports on stderr each
        leftover it removed or put back, leaves no ``.lora-ckpt-`` entry, and its output is the reference.
 4. ``--signal-trials`` SIGTERM and as many SIGINT trials, sent at a random moment after the command has
-   installed its signal handlers: exit 143 / 130, stderr exactly one line and no traceback, no
-   leftovers at all, inputs unchanged, the output absent (new) or the old one (replace). A signal that
-   arrives after ``main()`` has returned (the CLI restored the default handlers; the interpreter and
-   torch take a few tenths of a second to exit) kills the process with no message while the new output is
-   already installed: counted apart, as "late".
+   installed its signal handlers (seen in /proc/PID/status): exit 143 / 130, stderr exactly one line and no
+   traceback, no leftovers at all, inputs unchanged, the output absent (new) or the old one (replace).
+   Where the new output was already in place when the signal was sent, exit 0 is right; dying by the
+   signal ("late") or exiting 143 / 130 saying it was interrupted ("mislabeled") are counted apart, as is
+   a signal sent before that which the merge survives to exit 0 ("lost").
 
 Prints a row per trial and a summary; exits 1 on any violation.
 
@@ -56,7 +56,6 @@ KINDS = {  # name -> (output name, extra arguments)
     "sharded": ("merged", ["--max-shard-size", "100MB"]),
     "file": ("merged.safetensors", []),
 }
-INTERRUPTED = "lora-ckpt: interrupted; nothing was written and the inputs are unchanged"
 LEFTOVER_LINE = re.compile(r"^lora-ckpt: (removed (?P<name>\S+), left by|put back (?P<target>.+), moved aside by) "
                            r"an interrupted run \(pid (?P<pid>\d+)\)$")
 
@@ -66,7 +65,9 @@ VIOLATIONS = {
     "exit": "signal trial: exit code not 143 / 130",
     "stderr": "signal trial: stderr not exactly one line / a traceback",
     "leftover_sig": "signal trial: leftovers after SIGTERM / SIGINT",
-    "late": "signal trial: died by the signal (-15 / -2, no message) after main() returned, new output in place",
+    "lost": "signal trial: sent while the merge ran, before its output was in place, yet exit 0 (signal lost)",
+    "late": "signal trial: sent after the new output was in place; died by it (-15 / -2), no message",
+    "mislabeled": "signal trial: sent after the new output was in place; exit 143 / 130 saying interrupted",
     "stray": "unexpected entries beside the output (not a staging name)",
     "rerun_exit": "(d) rerun did not exit 0",
     "rerun_report": "(d) rerun did not report exactly the leftovers it cleaned",
@@ -157,6 +158,15 @@ def timed_reference(args: list[str], out: Path) -> tuple[int, str, float, float,
     if installed_at != installed_at and os.path.lexists(out):
         installed_at = secs
     return proc.returncode, proc.stderr.read() if proc.stderr else "", secs, staged_at, installed_at
+
+
+def installed_now(out: Path, old_ino: int | None) -> bool:
+    """Whether a new output is in place: ``out`` exists (a new output) or is no longer the old one (replace)."""
+    try:
+        st = out.lstat()
+    except FileNotFoundError:
+        return False
+    return old_ino is None or st.st_ino != old_ino
 
 
 def handler_installed(pid: int) -> bool:
@@ -383,6 +393,7 @@ def kill_trial(s: Setup, trial: Trial, rng: random.Random) -> None:
 def signal_trial(s: Setup, trial: Trial, rng: random.Random) -> None:
     parent, out = prepare_dir(s, trial)
     sig = signal.SIGTERM if trial.sig == "TERM" else signal.SIGINT
+    old_ino = out.lstat().st_ino if trial.replace else None
     proc = start(s, trial, out)
     t0 = time.perf_counter()
     while not handler_installed(proc.pid) and proc.poll() is None:
@@ -392,36 +403,51 @@ def signal_trial(s: Setup, trial: Trial, rng: random.Random) -> None:
     # a moment in the rest of the run, as long as the reference took after the same point
     trial.delay = ready + rng.uniform(0.0, max(0.0, s.seconds[trial.kind] - ready))
     time.sleep(max(0.0, trial.delay - (time.perf_counter() - t0)))
-    if proc.poll() is None:
+    alive = proc.poll() is None
+    installed = installed_now(out, old_ino)  # checked just before the signal: was the new output in place?
+    if alive:
         proc.send_signal(sig)
     else:
         trial.notes.append("finished before the signal")
     _, err = proc.communicate()
     trial.rc = proc.returncode
-    finished = trial.rc == 0 and "finished before the signal" in trial.notes
-
     trial.state = output_state(s, trial, out)
-    # the signal reached the process after main() had returned (its handlers restored, the interpreter
-    # exiting): it dies by the signal's default action, says nothing, and the new output is in place
-    late = trial.rc == -sig and not err.strip() and trial.state == "new"
-    expected_state = "new" if finished else ("old" if trial.replace else "absent")
-    if late:
-        trial.violations.append("late")
-    elif trial.state != expected_state:
-        trial.violations.append("partial")
-        trial.notes.append(f"output {trial.state}, expected {expected_state}")
-    if not s.inputs_unchanged():
-        trial.violations.append("inputs")
-    if not finished and not late:
-        want = 143 if trial.sig == "TERM" else 130
+    want = 143 if trial.sig == "TERM" else 130
+    lines = err.strip("\n").splitlines()
+    one_line = len(lines) == 1 and "Traceback" not in err and lines[0].startswith("lora-ckpt: interrupted")
+    if not alive or (installed and trial.rc == 0):
+        # the work was done before the signal: exit 0 and the new output is right
+        if installed and alive:
+            trial.notes.append("signal after the install; exit 0")
+        if trial.rc != 0:
+            trial.violations.append("exit")
+        if trial.state != "new":
+            trial.violations.append("partial")
+    elif installed:
+        # the new output was in place before the signal: it cannot be undone, but the exit should not claim so
+        if trial.rc == -sig and not err.strip():
+            trial.violations.append("late")
+        elif trial.rc == want and one_line:
+            trial.violations.append("mislabeled")
+        else:
+            trial.violations.append("exit")
+            trial.notes.append(f"stderr: {err.strip()[-400:]!r}")
+        if trial.state != "new":
+            trial.violations.append("partial")
+    elif trial.rc == 0 and trial.state == "new":
+        trial.violations.append("lost")  # the signal reached a running merge and changed nothing
+    else:
+        expected_state = "old" if trial.replace else "absent"
+        if trial.state != expected_state:
+            trial.violations.append("partial")
+            trial.notes.append(f"output {trial.state}, expected {expected_state}")
         if trial.rc != want:
             trial.violations.append("exit")
-        lines = err.strip("\n").splitlines()
-        if len(lines) != 1 or "Traceback" in err:
+        if not one_line:
             trial.violations.append("stderr")
             trial.notes.append(f"stderr: {err.strip()[-400:]!r}")
-        elif lines[0] != INTERRUPTED:
-            trial.notes.append(f"stderr line: {lines[0]!r}")
+    if not s.inputs_unchanged():
+        trial.violations.append("inputs")
     left = any_lora_ckpt_entries(parent)
     trial.leftovers = len(left)
     trial.leftover_bytes = sum(size_of(p) for p in left)

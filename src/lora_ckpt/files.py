@@ -357,7 +357,7 @@ def _convert_in_memory(
             base_sd = hf_to_nanogpt(base_sd)
     rel = convert_layout(sd, to, alpha=rec_alpha, scales=scales, base=base_sd, fan_in_fan_out=fan_in_fan_out,
                          task_type=task_type)
-    writes_base = rel.base is not None and base is None
+    writes_base = bool(rel.base) and base is None
     if writes_base and base_out is None:
         raise LayoutError(f"{src.path} holds base weights, which {to} keeps apart; pass --base-out PATH")
     inputs = [src.path, base]

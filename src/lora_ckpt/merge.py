@@ -15,7 +15,7 @@ from lora_ckpt.errors import AlphaError, KeyMismatchError, LayoutError, ShapeErr
 from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LoraModule, detect_layout, split_prefix
 
 __all__ = [
-    "Alpha", "Factors", "MergePlan", "Step", "merge_lora", "merge_module", "check_finite", "merge_rows", "module_factors",
+    "Alpha", "Factors", "MergePlan", "Step", "merge_lora", "merge_module", "check_finite", "check_scale", "merge_rows", "module_factors",
     "orientation",
     "plan_merge", "settle_orientation",
     "resolve_base_names", "resolve_scales",
@@ -195,6 +195,7 @@ def merge_module(
         _require_float(module, base)
     f = module_factors(module, tensors, base, dtype=dtype, fan_in_fan_out=fan_in_fan_out)
     left, right, acc, out_dtype, transposed = f.left, f.right, f.acc, f.out_dtype, f.transposed
+    check_scale(module.name, scale, acc)
     base2 = None if base is None else (base.flatten(1) if base.dim() == 4 else base)
     if module.is_dora:
         merged = _merge_dora(module, tensors, base2, left, right, scale, acc, transposed).to(out_dtype)
@@ -202,6 +203,15 @@ def merge_module(
         merged = merge_rows(base2, left, right, scale, acc, out_dtype)
     check_finite(module.name, merged, base2, scale)
     return merged.view(base.shape) if base is not None and base.dim() == 4 else merged
+
+
+def check_scale(name: str, scale: float, acc: torch.dtype) -> None:
+    """Raise if ``scale`` does not fit the dtype the update is accumulated in (an absurd alpha)."""
+    if not math.isfinite(scale) or abs(scale) > torch.finfo(acc).max:
+        raise AlphaError(
+            f"{name}: the scale {scale:g} (alpha / rank) does not fit {str(acc).replace('torch.', '')}, the dtype the "
+            "update is accumulated in; check the alpha"
+        )
 
 
 def check_finite(name: str, merged: torch.Tensor, base: torch.Tensor | None, scale: float) -> None:

@@ -119,13 +119,20 @@ def convert_layout(
     settled = settle_orientation([(m, weights[m.name]) for m in layout.modules
                                   if m.has_factors and weights[m.name] is not None], fan_in_fan_out)
     keep_orientation = target is PEFT  # PEFT records it (fan_in_fan_out); every other layout is (out, in)
+    if settled and not keep_orientation:
+        raise LayoutError(
+            f"the base weights are stored (in, out) as GPT-2's Conv1D keeps them, and {to} has no way to record that "
+            "(its modules are nn.Linear, (out, in)); turning only the LoRA modules' weights would leave the others "
+            "(in, out) in one file: for GPT-2 use the --gpt2 conversion (lora_ckpt.formats.gpt2), which turns every "
+            "Conv1D weight, or keep the PEFT layout"
+        )
     for m in layout.modules:
         owned.update(m.keys)
         name = names.get(m.name, m.name)
         kind = "embedding" if m.kind in ("embedding", "lora_only_embedding") else "linear"
         weight = weights[m.name]
-        if weight is not None and m.has_factors and not keep_orientation and orientation(m, weight, settled):
-            weight = weight.T.contiguous()
+        if weight is not None and m.has_factors:
+            orientation(m, weight, settled)  # a weight that fits neither way is an error here
         bias = tensors.get(m.bias_key) if m.has_bias else None
         if bias is None and plain_base is not None and not m.has_base:
             bias = plain_base.get(f"{name}.bias")

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lora_ckpt.merge import Factors, MergePlan, Step, check_finite, merge_rows, module_factors
+from lora_ckpt.merge import Factors, MergePlan, Step, check_finite, check_scale, merge_rows, module_factors
 from lora_ckpt.source import Source
 from lora_ckpt.streaming.writer import BufferPool, OutFile, StreamOptions, row_blocks
 
@@ -60,6 +60,7 @@ class BlockMerger:
             assert step.module is not None
             fac = module_factors(step.module, self.plan.adapter, src_meta, dtype=self.plan.dtype,
                                  fan_in_fan_out=self.plan.fan_in_fan_out, device=self.device or "cpu")
+            check_scale(step.module.name, step.scale, fac.acc)
             if self.compute_stream is not None:  # the factors were made on the default stream
                 self.compute_stream.wait_stream(torch.cuda.current_stream(self.device))
         same = fac is None and src_meta is not None and src_meta.dtype == meta_out.dtype and not step.from_adapter
