@@ -372,3 +372,24 @@ def test_merged_forward_equals_the_peft_forward_or_a_typed_error(layers, rank, a
         with torch.no_grad():
             torch.testing.assert_close(plain.to(dtype)(x), expected, **tol)
     assert math.isfinite(float(expected.float().abs().max()))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(to=st.sampled_from(["nanogpt_lora", "peft", "torchtune", "loralib", "minlora", "kohya"]),
+       attn_rank=st.integers(1, 6), wte_rank=st.sampled_from([None, 1, 3]), alpha=st.sampled_from([0.5, 4.0, 16.0]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 50))
+def test_every_layout_merges_to_the_lora_forward_or_a_typed_error(to, attn_rank, wte_rank, alpha, dtype, seed):
+    lora = make_gpt(seed=seed, attn_rank=attn_rank, wte_rank=wte_rank, alpha=alpha, randomize=True, dtype=dtype)
+    with torch.no_grad():
+        expected = lora(TOKENS)
+    try:
+        rel = convert_layout(lora.state_dict(), to, alpha=alpha)
+        merged = merge_lora(rel.state_dict, alpha=rel.alpha, base=rel.base)
+    except LoraCkptError:
+        assert to in ("torchtune", "kohya") and wte_rank is not None  # they have no LoRA embeddings: refused, named
+        return
+    plain = make_gpt(seed=seed + 100, dtype=dtype)
+    load_into(plain, merged, tied="untie")
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(TOKENS), expected, **tol)
