@@ -14,8 +14,9 @@
    (c) leftovers ``.OUT.lora-ckpt-*`` beside the output (count, bytes);
    (d) the same command again (with ``--force`` where an output exists) exits 0, reports on stderr each
        leftover it removed or put back, leaves no ``.lora-ckpt-`` entry, and its output is the reference.
-4. ``--signal-trials`` SIGTERM and as many SIGINT trials, sent at a random moment after the command has
-   installed its signal handlers (seen in /proc/PID/status): exit 143 / 130, stderr exactly one line and no
+4. ``--signal-trials`` SIGTERM and as many SIGINT trials, sent at a random moment between when the command
+   has installed its signal handlers (seen in /proc/PID/status) and when the reference had its output in
+   place: exit 143 / 130, stderr exactly one line and no
    traceback, no leftovers at all, inputs unchanged, the output absent (new) or the old one (replace).
    Where the new output was already in place when the signal was sent, exit 0 is right; dying by the
    signal ("late") or exiting 143 / 130 saying it was interrupted ("mislabeled") are counted apart, as is
@@ -200,6 +201,7 @@ class Setup:
     old: dict[str, Path] = field(default_factory=dict)  # kind -> a complete old output (copied per trial)
     old_hashes: dict[str, dict[str, str]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # kind -> reference duration
+    installed_at: dict[str, float] = field(default_factory=dict)  # kind -> when the reference output appeared
 
     def input_state(self) -> tuple[dict[str, str], dict[str, list[str]]]:
         files = {}
@@ -236,7 +238,7 @@ def build(work: Path) -> Setup:
             ["merge", str(base), str(adapter), str(out), "--quiet", *extra], out)
         if rc != 0:
             sys.exit(f"reference merge ({kind}) failed with exit {rc}: {err}")
-        s.ref[kind], s.seconds[kind] = tree_hashes(out) or {}, secs
+        s.ref[kind], s.seconds[kind], s.installed_at[kind] = tree_hashes(out) or {}, secs, installed_at
         old = refs / kind / f"old-{name}"
         rc, _, err, _ = run_cli(["merge", str(base), str(adapter_old), str(old), "--quiet", *extra])
         if rc != 0:
@@ -400,8 +402,9 @@ def signal_trial(s: Setup, trial: Trial, rng: random.Random) -> None:
         time.sleep(0.002)
     ready = time.perf_counter() - t0
     trial.notes.append(f"handlers at {ready:.2f} s")
-    # a moment in the rest of the run, as long as the reference took after the same point
-    trial.delay = ready + rng.uniform(0.0, max(0.0, s.seconds[trial.kind] - ready))
+    # a moment while the merge works: up to when the reference had its output in place
+    end = s.installed_at[trial.kind] if s.installed_at[trial.kind] == s.installed_at[trial.kind] else s.seconds[trial.kind]
+    trial.delay = ready + rng.uniform(0.0, max(0.0, end - ready))
     time.sleep(max(0.0, trial.delay - (time.perf_counter() - t0)))
     alive = proc.poll() is None
     installed = installed_now(out, old_ino)  # checked just before the signal: was the new output in place?

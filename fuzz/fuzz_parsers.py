@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import io
 import json
 import math
@@ -223,7 +224,7 @@ class Mutator:
                 buf[pos] ^= 1 << r.randrange(8)
                 done.append(f"flip@{pos}")
             elif op == 1:
-                buf[pos] = r.choice([0, 1, 0x7F, 0x80, 0xFF, ord("{"), ord("}"), ord('"'), ord("\\"), ord("."), ord("9")])
+                buf[pos] = r.choice([0, 1, 0x7F, 0x80, 0xFF, *b'{}"\\.9'])
                 done.append(f"set@{pos}")
             elif op == 2:
                 cut = r.randrange(len(buf) + 1)
@@ -252,8 +253,8 @@ class Mutator:
                 buf[pos:] = other[j : j + r.randint(0, len(other))]
                 done.append(f"splice@{pos}")
             elif op == 8:
-                token = r.choice([b"{", b"}", b"[", b"]", b'"', b"\\", b"\xff", b"\x80", b"\xc3", b"\xed\xa0\x80", b"NaN",
-                                  b"1e999", b"..", b"/", b"\0", b",", b":", b"-", b"PK\x03\x04"])
+                token = r.choice([b"{", b"}", b"[", b"]", b'"', b"\\", b"\xff", b"\x80", b"\xc3", b"\xed\xa0\x80",
+                                  b"NaN", b"1e999", b"..", b"/", b"\0", b",", b":", b"-", b"PK\x03\x04"])
                 buf[pos:pos] = token
                 done.append(f"token@{pos}")
             elif op == 9:
@@ -322,7 +323,8 @@ class Mutator:
             elif op == 7 and isinstance(value, list) and value:
                 i = r.randrange(len(value))
                 choice = r.randrange(3)
-                new_list = value + [value[i]] if choice == 0 else value[:i] + value[i + 1 :] if choice == 1 else r.sample(value, len(value))
+                edits = [value + [value[i]], value[:i] + value[i + 1 :], r.sample(value, len(value))]
+                new_list = edits[choice]
                 root = replace_at(root, path, new_list)
                 done.append(f"list-edit{choice} {where}")
             elif op == 8:
@@ -369,10 +371,12 @@ class Mutator:
             return r.choice([str(value), float(value) if abs(value) < 2**1000 else INF, -value, value + 1, value - 1,
                              value * 2**40, [value], True])
         if isinstance(value, float):
-            return r.choice([str(value), -value, value * 1e300, int(value) if math.isfinite(value) else 10**400, [value]])
+            as_int = int(value) if math.isfinite(value) else 10**400
+            return r.choice([str(value), -value, value * 1e300, as_int, [value]])
         if isinstance(value, str):
+            number = int(value) if value.isascii() and value.isdigit() else 0
             return r.choice([[value], value * 2, value[::-1], value.encode("utf-8", "surrogatepass").decode("latin-1"),
-                             "../" + value, "/" + value, value + "\0", int(value) if value.isascii() and value.isdigit() else 0])
+                             "../" + value, "/" + value, value + "\0", number])
         return r.choice(SCALARS)
 
 
@@ -383,14 +387,13 @@ def tensor_pool() -> list[torch.Tensor]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # prototype / deprecation notes of sparse CSR, nested and quantized tensors
         base = torch.arange(16.0).reshape(4, 4)
-        pool = [torch.zeros(()), torch.zeros(0), torch.zeros(0, 3), torch.zeros(3, 0), torch.zeros(2, 2, 2),
-                torch.zeros(1, 1, 1, 1), torch.zeros(4, 8, 1, 1), torch.zeros(8, 2, 3, 3), torch.ones(4, 4, dtype=torch.bool),
-                torch.ones(4, 4, dtype=torch.int64), torch.ones(4, 4, dtype=torch.uint8), torch.ones(4, 4, dtype=torch.complex64),
-                torch.ones(4, 4, dtype=torch.float16), torch.ones(4, 4, dtype=torch.bfloat16),
+        shapes = [(), (0,), (0, 3), (3, 0), (2, 2, 2), (1, 1, 1, 1), (4, 8, 1, 1), (8, 2, 3, 3), (1, 1, 1, 1, 1, 1)]
+        dtypes = [torch.bool, torch.int64, torch.uint8, torch.complex64, torch.float16, torch.bfloat16]
+        pool = [*(torch.zeros(s) for s in shapes), *(torch.ones(4, 4, dtype=d) for d in dtypes),
                 torch.ones(4, 4).to(torch.float8_e4m3fn), torch.empty(4, 4, device="meta"), base.to_sparse(),
                 base.to_sparse_csr(), torch.quantize_per_tensor(base, 0.1, 0, torch.qint8),
                 torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)]), base.t(), base[1:, 1:], base[::2],
-                torch.zeros(1).expand(2**31, 2**31), torch.nn.Parameter(torch.zeros(2, 2)), torch.zeros(1, 1, 1, 1, 1, 1)]
+                torch.zeros(1).expand(2**31, 2**31), torch.nn.Parameter(torch.zeros(2, 2))]
     return pool
 
 
@@ -412,7 +415,7 @@ def tensor_variants(t: torch.Tensor, rng: random.Random, others: list[torch.Tens
         if choice == 4:
             return t.unsqueeze(-1).unsqueeze(-1)
         if choice == 5:
-            return t.to(rng.choice([torch.float16, torch.bfloat16, torch.int8, torch.bool, torch.float64, torch.complex64]))
+            return t.to(rng.choice([torch.half, torch.bfloat16, torch.int8, torch.bool, torch.double, torch.cfloat]))
         if choice == 6:
             return t.to("meta")
         if choice == 7 and t.dim() == 2 and t.numel():
@@ -502,8 +505,9 @@ def exploit_pickles(canary: Path) -> list[tuple[str, bytes]]:
     """Pickles that would create ``canary`` if anything ran their code: GLOBAL/STACK_GLOBAL/INST/OBJ/NEWOBJ/BUILD."""
     cmd = f"touch {canary}"
     code = f"open({str(canary)!r}, 'w').close()"
-    calls = [("os", "system", cmd), ("posix", "system", cmd), ("builtins", "exec", code), ("builtins", "eval", f"exec({code!r})"),
-             ("subprocess", "getoutput", cmd), ("pty", "spawn", cmd), ("torch.serialization", "os.system", cmd),
+    calls = [("os", "system", cmd), ("posix", "system", cmd), ("builtins", "exec", code),
+             ("builtins", "eval", f"exec({code!r})"), ("subprocess", "getoutput", cmd), ("pty", "spawn", cmd),
+             ("torch.serialization", "os.system", cmd),
              ("builtins", "getattr", "system"), ("__builtin__", "execfile", str(canary)), ("nt", "system", cmd)]
     out = []
     for mod, name, arg in calls:
@@ -513,7 +517,7 @@ def exploit_pickles(canary: Path) -> list[tuple[str, bytes]]:
         out.append((f"INST {mod}.{name}", b"(" + _unicode(arg) + b"i" + f"{mod}\n{name}\n".encode() + b"."))
         out.append((f"OBJ {mod}.{name}", b"(c" + f"{mod}\n{name}\n".encode() + _unicode(arg) + b"o."))
         out.append((f"NEWOBJ {mod}.{name}", b"\x80\x02c" + f"{mod}\n{name}\n".encode() + _unicode(arg) + b"\x85\x81."))
-    # allowed globals used as gadgets: OrderedDict BUILD with a __setstate__/__dict__ state, Tensor rebuild with os.system
+    # allowed globals as gadgets: OrderedDict BUILD with a __reduce__ state, a Tensor rebuild calling os.system
     out.append(("BUILD OrderedDict __dict__", b"\x80\x02ccollections\nOrderedDict\n)R}" + _unicode("__reduce__")
                 + b"cos\nsystem\ns\x86b."))
     out.append(("rebuild_from_type os.system", b"\x80\x02ctorch._tensor\n_rebuild_from_type_v2\n(cos\nsystem\n"
@@ -585,7 +589,7 @@ def splice_placeholder(data: bytes, ops: bytes) -> bytes:
 
 
 def save_spliced(obj: Any, ops: bytes, *, zip_format: bool) -> bytes:
-    """``torch.save`` of ``obj`` (holding :data:`PLACEHOLDER` once) with the placeholder's opcodes replaced by ``ops``."""
+    """``torch.save`` of ``obj`` (holding :data:`PLACEHOLDER` once), the placeholder's opcodes replaced by ``ops``."""
     raw = torch_save_bytes(obj, zip_format=zip_format)
     if not zip_format:
         return splice_placeholder(raw, ops)
@@ -605,7 +609,8 @@ def place_placeholder(mut: Mutator, obj: dict[str, Any]) -> tuple[dict[str, Any]
     except (KeyError, TypeError, IndexError):
         return _dict_set(obj, "x", PLACEHOLDER), "placeholder at x"
     if kind == "key" and isinstance(target, dict):
-        return replace_at(obj, path, _dict_set(target, PLACEHOLDER, r.choice([1, torch.zeros(2)]))), f"placeholder key in {path}"
+        new = _dict_set(target, PLACEHOLDER, r.choice([1, torch.zeros(2)]))
+        return replace_at(obj, path, new), f"placeholder key in {path}"
     if kind == "value" and path and isinstance(parent, dict):
         return replace_at(obj, path, PLACEHOLDER), f"placeholder at {path}"
     return _dict_set(obj, "x", PLACEHOLDER), "placeholder at x"
@@ -678,6 +683,8 @@ def _signature(exc: BaseException) -> str:
 
 
 _ARMED = {"on": False}
+#: Where the input being parsed is named, for a hang that ends the campaign (see :func:`time_limit`).
+CURRENT_INPUT: list[Path] = []
 
 
 def _on_watchdog(signum: int, frame: object) -> None:
@@ -686,35 +693,40 @@ def _on_watchdog(signum: int, frame: object) -> None:
         raise Hang("no answer within the time limit")
 
 
-def _watch(seconds: float, target: int, done: threading.Event, label: str) -> None:
-    if done.wait(seconds):
-        return
-    signal.pthread_kill(target, signal.SIGUSR1)
-    if done.wait(2 * seconds):
-        return
-    sys.stderr.write(f"\nhard hang: {label} ignored an interrupt for {2 * seconds:g} s; stopping the campaign\n")
-    os._exit(3)
+def _watch(seconds: float, target: int, done: threading.Event) -> None:
+    if not done.wait(seconds):
+        signal.pthread_kill(target, signal.SIGUSR1)
 
 
 @contextlib.contextmanager
 def time_limit(seconds: float, label: str = "a parse") -> Iterator[None]:
-    """Raise :class:`Hang` in this (main) thread once ``seconds`` have passed; exit the process if that does not help.
+    """Raise :class:`Hang` in this (main) thread once ``seconds`` have passed; end the process if that cannot work.
 
-    A watchdog thread sends SIGUSR1, which also interrupts blocking calls (a FIFO opened for reading) and
-    leaves SIGALRM to the code under test.
+    Three clocks, none of them SIGALRM (which lora_ckpt's pattern matching uses for its own limit): SIGPROF
+    after ``seconds`` of CPU time (delivered by the kernel, so it reaches a regex that holds the GIL); a
+    watchdog thread that sends SIGUSR1 after ``seconds`` of wall time (a blocked ``open`` of a FIFO uses
+    no CPU); and faulthandler, which prints every thread's stack and exits after three times as long,
+    for a loop in C that never looks at signals. ``label`` is written to :data:`CURRENT_INPUT` first.
     """
-    previous = signal.signal(signal.SIGUSR1, _on_watchdog)
+    if CURRENT_INPUT:
+        CURRENT_INPUT[0].write_text(label + "\n")
+    previous = {sig: signal.signal(sig, _on_watchdog) for sig in (signal.SIGUSR1, signal.SIGPROF)}
     done = threading.Event()
-    watchdog = threading.Thread(target=_watch, args=(seconds, threading.get_ident(), done, label), daemon=True)
+    watchdog = threading.Thread(target=_watch, args=(seconds, threading.get_ident(), done), daemon=True)
     _ARMED["on"] = True
+    signal.setitimer(signal.ITIMER_PROF, seconds)
+    faulthandler.dump_traceback_later(3 * seconds, exit=True)
     watchdog.start()
     try:
         yield
     finally:
         _ARMED["on"] = False
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        faulthandler.cancel_dump_traceback_later()
         done.set()
         watchdog.join()
-        signal.signal(signal.SIGUSR1, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
@@ -810,8 +822,9 @@ def prepare(root: Path) -> Seeds:
         save_checkpoint(files / "lora.safetensors", lora, alpha=8.0, extra={"model_args": model_args})
         save_checkpoint(files / "plain.safetensors", plain)
         odd = {"scalar": torch.tensor(3.0), "empty": torch.zeros(0, 4), "half": torch.ones(3, 2, dtype=torch.float16),
-               "bf": torch.ones(2, 2, dtype=torch.bfloat16), "i64": torch.arange(5), "flag": torch.ones(3, dtype=torch.bool),
-               "f8": torch.ones(2, 2).to(torch.float8_e4m3fn), "bytes": torch.arange(7, dtype=torch.uint8)}
+               "bf": torch.ones(2, 2, dtype=torch.bfloat16), "i64": torch.arange(5),
+               "flag": torch.ones(3, dtype=torch.bool), "f8": torch.ones(2, 2).to(torch.float8_e4m3fn),
+               "bytes": torch.arange(7, dtype=torch.uint8)}
         save_checkpoint(files / "odd.safetensors", odd)
         from safetensors.torch import save_file
 
@@ -866,8 +879,9 @@ def _load_and_detect(path: Path) -> object:
 
 HEADER_POOL: list[Any] = ["F32", "F16", "BF16", "I64", "BOOL", "U8", "F8_E4M3", "U64", "F4", "f32", "C64", "", "F32\0",
                           ["F32"], {"dtype": "F32"}, [], [0], [-1], [2**63], [2**64], [0, 2**70], [1.5], ["2"], [True],
-                          [1] * 80, [10**30, 0], [0, 0, 0], [4, 0], [0, 2**64], [-4, 0], [0, 2**63 - 1], [2**62, 2**62 + 4],
-                          {"format": "pt"}, {"format": ["pt"]}, {"lora_ckpt": 5}, {"lora_ckpt": "{"}, {"lora_ckpt": "[]"},
+                          [1] * 80, [10**30, 0], [0, 0, 0], [4, 0], [0, 2**64], [-4, 0], [0, 2**63 - 1],
+                          [2**62, 2**62 + 4], {"format": "pt"}, {"format": ["pt"]}, {"lora_ckpt": 5},
+                          {"lora_ckpt": "{"}, {"lora_ckpt": "[]"},
                           {"lora_ckpt": "null"}, {"lora_ckpt": '{"format_version": 2}'}, *RAW_JSON]
 
 
@@ -925,7 +939,8 @@ def _header_edit(header: Any, rng: random.Random) -> tuple[Any, str] | None:
     op = rng.randrange(5)
     if op == 0 and isinstance(shape, list) and all(isinstance(d, int) for d in shape):
         numel = math.prod(shape)
-        options = [list(reversed(shape)), [numel], shape + [1], [1] + shape, shape + [1, 1], [numel, 1, 1, 1], [0] + shape]
+        options = [list(reversed(shape)), [numel], shape + [1], [1] + shape, shape + [1, 1], [numel, 1, 1, 1],
+                   [0] + shape]
         info["shape"] = rng.choice(options)
         return _dict_set(header, key, info), f"reshape {key} {shape}->{info['shape']}"
     if op == 1 and len(entries) > 1:
@@ -1026,10 +1041,12 @@ class PickleFormat(Format):
         r = mut.rng
         seed_name = r.choice(list(self.seeds.pt_objects))
         obj = self.seeds.pt_objects[seed_name]
-        strategy = r.choices(["bytes", "object", "crafted", "exploit", "member"], [25, 35, 15, 10, 15 if self.zip_format else 0])[0]
+        weights = [25, 35, 15, 10, 15 if self.zip_format else 0]
+        strategy = r.choices(["bytes", "object", "crafted", "exploit", "member"], weights)[0]
         if strategy == "bytes":
             raw = torch_save_bytes(obj, zip_format=self.zip_format)
-            focus = (0, 1024) if self.zip_format else (0, len(raw) - sum(t.numel() * t.element_size() for t in _tensors(obj)))
+            data = sum(t.numel() * t.element_size() for t in _tensors(obj))
+            focus = (0, 1024) if self.zip_format else (0, len(raw) - data)  # data.pkl / the pickles before the data
             out, what = mut.bytes(raw, focus=focus, others=[raw])
         elif strategy == "object":
             for _ in range(20):
@@ -1080,8 +1097,9 @@ class PickleFormat(Format):
             del members[i]
             what = "drop"
         elif op == 2:
-            members[i] = (r.choice([name + "x", name.replace("archive", "other"), "../" + name, "/" + name.split("/", 1)[-1],
-                                    name.rsplit("/", 1)[0] + "/data/999"]), payload)
+            new_name = r.choice([name + "x", name.replace("archive", "other"), "../" + name,
+                                 "/" + name.split("/", 1)[-1], name.rsplit("/", 1)[0] + "/data/999"])
+            members[i] = (new_name, payload)
             what = f"rename to {members[i][0]}"
         elif op == 3:
             members.append((name, r.choice([b"", payload[: len(payload) // 2], payload + payload])))
@@ -1109,8 +1127,9 @@ class LegacyPickleFormat(PickleFormat):
     zip_format = False
 
 
-LINKS = ["link_in", "link_out", "link_passwd", "link_loop", "link_dir", "link_dangling", "link_parent/stolen.safetensors",
-         "link_dir/secret.txt", "config.json", "model.safetensors.index.json", "missing.safetensors", "sub", "fifo"]
+LINKS = ["link_in", "link_out", "link_passwd", "link_loop", "link_dir", "link_dangling",
+         "link_parent/stolen.safetensors", "link_dir/secret.txt", "config.json", "model.safetensors.index.json",
+         "missing.safetensors", "sub", "fifo"]
 
 
 class IndexFormat(Format):
@@ -1204,8 +1223,10 @@ class IndexFormat(Format):
             new = rng.choice(["renamed.safetensors", "ü.safetensors", "a b.safetensors", "x" * 200])
             (folder / shard).rename(folder / new)
         else:
-            new = rng.choice(["link_in", f"./{shard}", f"sub/{shard}", f"sub/../{shard}"]) if shard == self.shards[0] else shard
-        return {**index, "weight_map": {k: new if v == shard else v for k, v in wm.items()}}, f"mostly valid: {shard} -> {new}"
+            first = shard == self.shards[0]  # the one with a link and a copy in sub/
+            new = rng.choice(["link_in", f"./{shard}", f"sub/{shard}", f"sub/../{shard}"]) if first else shard
+        new_map = {k: new if v == shard else v for k, v in wm.items()}
+        return {**index, "weight_map": new_map}, f"mostly valid: {shard} -> {new}"
 
     def _shard_edit(self, index: Any, rng: random.Random) -> tuple[Any, str] | None:
         """Point one key's shard name at a hostile name (traversal, absolute, links out, …)."""
@@ -1257,7 +1278,8 @@ class AdapterFormat(Format):
         folder = work / "adapter"
         folder.mkdir()
         what = []
-        weights = r.choices(["safetensors", "bin", "damaged", "missing", "dir", "link-out", "link-loop"], [70, 8, 8, 3, 3, 5, 3])[0]
+        kinds = ["safetensors", "bin", "damaged", "missing", "dir", "link-out", "link-loop"]
+        weights = r.choices(kinds, [70, 8, 8, 3, 3, 5, 3])[0]
         target = folder / ("adapter_model.bin" if weights == "bin" else "adapter_model.safetensors")
         if weights == "safetensors":
             os.link(self.weights, target)
@@ -1317,8 +1339,10 @@ class CheckpointDictFormat(Format):
         return Case(f"{seed_name}: {what}", parse)
 
 
-FORMATS: dict[str, type[Format]] = {f.name: f for f in (SafetensorsFormat, MetadataFormat, PtZipFormat, LegacyPickleFormat,
-                                                          IndexFormat, AdapterFormat, CheckpointDictFormat)}
+FORMATS: dict[str, type[Format]] = {
+    f.name: f for f in (SafetensorsFormat, MetadataFormat, PtZipFormat, LegacyPickleFormat, IndexFormat, AdapterFormat,
+                        CheckpointDictFormat)
+}
 
 
 def make_case(fmt: Format, seed: int, index: int, work: Path) -> Case:
@@ -1359,7 +1383,8 @@ def run_format(
 
 
 def table(results: list[Result]) -> str:
-    head = ("format", "inputs", "typed errors", "accepted", "other exceptions", "hangs", "code ran", "long msgs", "seconds")
+    head = ("format", "inputs", "typed errors", "accepted", "other exceptions", "hangs", "code ran", "long msgs",
+            "seconds")
     rows = [head] + [(r.name, str(r.tried), str(r.typed), str(r.accepted), str(r.other), str(r.hangs), str(r.code_runs),
                       str(r.long_messages), f"{r.seconds:.1f}") for r in results]
     if len(results) > 1:
@@ -1367,7 +1392,8 @@ def table(results: list[Result]) -> str:
                                 ("tried", "typed", "accepted", "other", "hangs", "code_runs", "long_messages")),
                      f"{sum(r.seconds for r in results):.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -1398,7 +1424,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", type=int, help="run only input CASE of the one --format, and show what happened")
     parser.add_argument("--save", type=Path, help="copy the files of failing inputs here")
     parser.add_argument("--memory-gb", type=float, default=16.0, help="address-space limit, 0 for none (default 16)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="also show typed error classes and sample messages")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show typed error classes and sample messages")
     args = parser.parse_args(argv)
     if args.memory_gb:
         limit = int(args.memory_gb * 2**30)
@@ -1406,6 +1433,9 @@ def main(argv: list[str] | None = None) -> int:
     formats = args.format or list(FORMATS)
     with tempfile.TemporaryDirectory(prefix="lora-ckpt-fuzz-") as tmp:
         seeds = prepare(Path(tmp))
+        CURRENT_INPUT.append(Path(tmp) / "current-input.txt")
+        print(f"(should a hang ignore every signal, faulthandler ends the run with the stacks; "
+              f"{CURRENT_INPUT[0]} then names the input)", file=sys.stderr)
         if args.case is not None:
             if len(formats) != 1:
                 parser.error("--case needs exactly one --format")
