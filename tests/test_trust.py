@@ -434,3 +434,136 @@ def test_no_private_name_crosses_a_module_boundary():
                 crossing += [f"{path.name}: {node.module}.{a.name}" for a in node.names
                              if a.name.startswith("_") and a.name != "__version__"]
     assert crossing == []
+
+
+# --- found by the hostile review --------------------------------------------------------------------
+
+
+def _cache_like(proj: Path, root: Path) -> Path:
+    """A Hugging Face cache layout: snapshots/<rev>/ files are links into ../../blobs."""
+    (root / "snapshots" / "r").mkdir(parents=True)
+    (root / "blobs").mkdir()
+    for f in (proj / "base").iterdir():
+        (root / "blobs" / f.name).write_bytes(f.read_bytes())
+        (root / "snapshots" / "r" / f.name).symlink_to(Path("../../blobs") / f.name)
+    return root / "snapshots" / "r"
+
+
+@pytest.mark.parametrize("dst", ["blobs", "blobs/model-00001-of-00004.safetensors"])
+def test_the_files_an_input_resolves_to_are_inputs_too(proj, tmp_path, capsys, dst):
+    snapshot = _cache_like(proj, tmp_path / "cache")
+    assert Source.open(snapshot).files  # the cache layout is accepted as an input
+    before = _digest(tmp_path / "cache")
+    assert main(["merge", str(snapshot), str(proj / "adapter"), str(tmp_path / "cache" / dst), "--force", "--quiet"]) == 1
+    assert "lora-ckpt never writes over its inputs" in capsys.readouterr().err
+    assert _digest(tmp_path / "cache") == before
+
+
+def test_leftover_cleanup_never_touches_an_input(tmp_path, capsys):
+    lora = make_gpt(attn_rank=2, randomize=True)
+    src = save_checkpoint(tmp_path / "l.pt", lora.state_dict(), alpha=4.0)
+    named = tmp_path / ".m.safetensors.lora-ckpt-4194999-deadbeef.tmp"  # an input that looks like a leftover
+    named.write_bytes(src.read_bytes())
+    before = named.read_bytes()
+    assert main(["merge", str(named), str(tmp_path / "m.safetensors"), "--quiet"]) == 0
+    assert named.read_bytes() == before and "removed" not in capsys.readouterr().err
+
+
+def test_an_old_output_beside_an_existing_one_is_reported_not_deleted(tmp_path):
+    target = tmp_path / "out.safetensors"
+    target.write_bytes(b"current")
+    aside = tmp_path / ".out.safetensors.lora-ckpt-4194998-89abcdef.old"
+    aside.write_bytes(b"older")
+    assert "is an older output an interrupted run (pid 4194998) moved aside; remove it if you do not need it" in \
+        clean_leftovers(target)[0]
+    assert aside.read_bytes() == b"older"
+
+
+def test_a_staging_folder_locked_by_a_run_elsewhere_is_left_alone(tmp_path):
+    """A run in another PID namespace (a container on a shared volume) has a pid we cannot see: its lock says it lives."""
+    import fcntl
+
+    target = tmp_path / "o"
+    staging = tmp_path / ".o.lora-ckpt-4194997-0123abcd.tmp"
+    staging.mkdir()
+    fd = os.open(staging, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert clean_leftovers(target) == [] and staging.is_dir()
+    finally:
+        os.close(fd)
+    assert clean_leftovers(target) == [f"removed {staging.name}, left by an interrupted run (pid 4194997)"]
+
+
+@pytest.mark.parametrize("key", ["__metadata__", ""])
+def test_keys_a_safetensors_header_cannot_hold_are_refused(tmp_path, key):
+    lora = make_gpt(attn_rank=2, randomize=True).state_dict()
+    torch.save({"model": {**lora, key: torch.zeros(3)}}, tmp_path / "p.pt")
+    with pytest.raises(CheckpointFileError, match=rf"a safetensors file cannot hold a tensor named {key!r}"):
+        stream_merge(tmp_path / "p.pt", tmp_path / "o.safetensors", alpha=4.0)
+    with pytest.raises(CheckpointFileError, match="a safetensors file cannot hold a tensor named"):
+        save_checkpoint(tmp_path / "s.safetensors", {**lora, key: torch.zeros(3)})
+    path = _with_meta(tmp_path, {"format_version": 1, "aliases": {key: "other.weight"}})
+    with pytest.raises(CheckpointFileError, match=rf"alias {key!r} is not a key a state dict can hold"):
+        load_checkpoint(path)
+    assert not _leftovers(tmp_path)
+
+
+def test_a_full_disk_under_torch_save_is_one_line(tmp_path, monkeypatch, capsys):
+    lora = make_gpt(attn_rank=2, randomize=True)
+    src = save_checkpoint(tmp_path / "l.safetensors", lora.state_dict(), alpha=4.0)
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    assert main(["merge", str(src), str(tmp_path / "o.pt"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write ([enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0); is the disk full?" in err
+    assert err.count("\n") == 1 and not _leftovers(tmp_path) and not (tmp_path / "o.pt").exists()
+
+
+def test_force_replaces_only_regular_files(proj, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "model.safetensors")
+    assert main(["merge", str(proj / "base"), str(proj / "adapter"), str(out), "--force", "--quiet"]) == 1
+    assert "holds model.safetensors (not a regular file)" in capsys.readouterr().err
+    assert stat.S_ISFIFO((out / "model.safetensors").lstat().st_mode)
+
+
+def test_broken_factors_and_a_model_folder_with_a_stray_adapter_config(proj, tmp_path):
+    from lora_ckpt import merge_lora
+
+    lora = make_gpt(attn_rank=2, randomize=True).state_dict()
+    key = "transformer.h.0.attn.c_attn.lora_A.weight"
+    lora[key] = lora[key].clone()
+    lora[key][0, 0] = float("nan")
+    with pytest.raises(Exception, match=rf"{key} holds NaN or infinite values; the adapter is broken"):
+        merge_lora(lora, alpha=4.0)
+    (proj / "base" / "adapter_config.json").write_text("{}")
+    assert Source.open(proj / "base").kind == "folder"  # no adapter weights: the model folder it is
+    (proj / "base" / "adapter_model.safetensors").write_bytes((proj / "adapter" / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(CheckpointFileError, match="holds both a PEFT adapter .* and model weights"):
+        Source.open(proj / "base")
+
+
+def test_output_names_that_mislead(proj, tmp_path, capsys):
+    lora = make_gpt(attn_rank=2, randomize=True)
+    src = save_checkpoint(tmp_path / "l.pt", lora.state_dict(), alpha=4.0)
+    assert main(["merge", str(src), str(tmp_path / "x.safetensors") + "/", "--quiet"]) == 1
+    assert "names a folder (a trailing /) but the output is a file" in capsys.readouterr().err
+    assert main(["merge", str(src), str(tmp_path / "Y.SAFETENSORS"), "--quiet"]) == 0
+    assert (tmp_path / "Y.SAFETENSORS").is_file()
+    target = tmp_path / "s.safetensors"
+    target.write_bytes(b"old")
+    target.chmod(0o4755)
+    assert main(["merge", str(src), str(target), "--force", "--quiet"]) == 0
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755  # the mode kept, never a setuid bit
+
+
+def test_base_out_that_would_not_be_written_is_refused(proj, tmp_path, capsys):
+    assert main(["convert", str(proj / "adapter"), str(tmp_path / "a2"), "--to", "peft", "--base", str(proj / "base"),
+                 "--base-out", str(tmp_path / "b2"), "--quiet"]) == 1
+    assert "nothing to write there (the base weights stay in" in capsys.readouterr().err
+    assert not (tmp_path / "a2").exists() and not (tmp_path / "b2").exists()

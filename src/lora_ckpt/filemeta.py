@@ -89,7 +89,9 @@ class FileMeta:
         aliases = dict(aliases)
         stored_set = set(stored)
         for alias, key in aliases.items():
-            if alias in stored_set:
+            if alias in ("", "__metadata__"):
+                bad.add(f"alias {alias!r} is not a key a state dict can hold")
+            elif alias in stored_set:
                 bad.add(f"alias {brief(alias)} names a tensor the file stores")
             elif key not in stored_set:
                 bad.add(f"alias {brief(alias)} points at {brief(key)}, which the file does not store")

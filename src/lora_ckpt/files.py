@@ -93,7 +93,7 @@ def merge_files(
     with contextlib.ExitStack() as stack:
         src = stack.enter_context(Source.open(source))
         ad = stack.enter_context(Source.open(adapter)) if adapter is not None else None
-        out = Output.prepare(dst, overwrite=overwrite, inputs=[src.path, ad.path if ad else None])
+        out = Output.prepare(dst, overwrite=overwrite, inputs=[*src.paths(), *(ad.paths() if ad else [])])
         streams = out.folder or (out.path.suffix not in _PICKLES and tied == "untie")
         if max_shard_size is not None and not out.folder:
             raise CheckpointFileError(f"{out.path}: a sharded output is a folder; give a folder name (no suffix) "
@@ -350,9 +350,11 @@ def _convert_in_memory(
         sd, scales, rec_alpha = ckpt.state_dict, None, ckpt.resolve_alpha(alpha)
         extra = {k: v for k, v in ckpt.extra.items() if k != "optimizer"}
     base_sd = None
+    inputs: list[PathLike | None] = [*src.paths()]
     if base is not None:
         with Source.open(base) as base_src:
             base_sd = base_src.load().state_dict
+            inputs += base_src.paths()
         if gpt2:
             base_sd = hf_to_nanogpt(base_sd)
     rel = convert_layout(sd, to, alpha=rec_alpha, scales=scales, base=base_sd, fan_in_fan_out=fan_in_fan_out,
@@ -360,7 +362,9 @@ def _convert_in_memory(
     writes_base = bool(rel.base) and base is None
     if writes_base and base_out is None:
         raise LayoutError(f"{src.path} holds base weights, which {to} keeps apart; pass --base-out PATH")
-    inputs = [src.path, base]
+    if base_out is not None and not writes_base:
+        raise LayoutError(f"--base-out {base_out}: nothing to write there (the base weights stay in {base or src.path}); "
+                          "drop --base-out")
     out = Output.prepare(dst, overwrite=overwrite, folder=True if to == "peft" else None, inputs=inputs, siblings=[base_out])
     outputs = [out]
     if writes_base:
@@ -415,7 +419,7 @@ def _convert_like(src: Source, template: Source, dst: Path, alpha: Alpha | None,
     values = {**conversion.values, **fresh_factors(layout, conversion.report.initialised, seed=seed)}
     ordered = {layout.prefix + k: values[k] for k in layout.shapes}
     extra = {k: v for k, v in ckpt.extra.items() if k != "optimizer"}
-    out = Output.prepare(dst, overwrite=overwrite, folder=False, inputs=[src.path, template.path])
+    out = Output.prepare(dst, overwrite=overwrite, folder=False, inputs=[*src.paths(), *template.paths()])
     with out.writing() as tmp:
         write_checkpoint(tmp, ordered, alpha=t_ckpt.alpha, extra=extra if dst.suffix != ".safetensors" else None,
                          suffix=dst.suffix)

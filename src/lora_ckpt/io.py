@@ -9,7 +9,7 @@ damaged); lora_ckpt's metadata through :class:`~lora_ckpt.filemeta.FileMeta`.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,16 @@ from lora_ckpt.layout import Layout, detect_layout, tied_groups
 from lora_ckpt.output import FILE_SUFFIXES, Output, PathLike
 from lora_ckpt.source import Source
 
-__all__ = ["Checkpoint", "PathLike", "as_checkpoint", "file_meta", "load_checkpoint", "save_checkpoint",
-           "write_checkpoint"]
+__all__ = ["Checkpoint", "PathLike", "as_checkpoint", "check_safetensors_keys", "file_meta", "load_checkpoint",
+           "save_checkpoint", "write_checkpoint"]
+
+
+def check_safetensors_keys(keys: Iterable[str], where: object) -> None:
+    """Refuse keys a safetensors header cannot hold as tensor names (``__metadata__``, the empty string)."""
+    bad = [k for k in keys if k in ("", "__metadata__")]
+    if bad:
+        raise CheckpointFileError(f"{where}: a safetensors file cannot hold a tensor named {bad[0]!r}; rename or drop "
+                                  "it, or write a .pt file")
 
 
 def as_checkpoint(source: Checkpoint | Mapping[str, Any] | PathLike) -> Checkpoint:
@@ -151,12 +159,16 @@ def write_checkpoint(
         aliases = {alias: group[0] for group in meta.tied for alias in group[1:]}
         meta = FileMeta(layout=meta.layout, alpha=meta.alpha, tied=meta.tied, aliases=aliases,
                         order=tuple(state_dict), model_args=meta.model_args)
+        check_safetensors_keys(state_dict, path)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if k not in aliases}
         header = meta.to_header()
         try:
             save_file(tensors, str(path), metadata=header)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointFileError(f"{path}: cannot write safetensors ({e})") from None
+            raise CheckpointFileError(f"{path}: cannot write safetensors ({e}); is the disk full?") from None
     else:
         meta = file_meta(state_dict, alpha)
-        torch.save({"model": dict(state_dict), **extra, META_KEY: meta.to_dict()}, path)
+        try:
+            torch.save({"model": dict(state_dict), **extra, META_KEY: meta.to_dict()}, path)
+        except RuntimeError as e:  # torch's zip writer reports a full disk this way
+            raise CheckpointFileError(f"{path}: cannot write ({str(e).splitlines()[0]}); is the disk full?") from None

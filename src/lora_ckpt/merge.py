@@ -119,8 +119,8 @@ def orientation(module: LoraModule, base: torch.Tensor, fan_in_fan_out: bool | N
         expected = (cols, rows) if fan_in_fan_out else (rows, cols)
         if shape != expected:
             raise ShapeError(
-                f"{module.name}: base weight {shape} does not fit the adapter's update {(rows, cols)}"
-                f"{' with fan_in_fan_out=True' if fan_in_fan_out else ''}"
+                f"{module.name}: base weight {shape} does not fit the adapter's update {(rows, cols)} with "
+                f"fan_in_fan_out={fan_in_fan_out} (which stores it {expected}); is fan_in_fan_out right for this base?"
             )
         return fan_in_fan_out
     if shape == (rows, cols):
@@ -551,8 +551,8 @@ def _check_unique(steps: list[Step], tensors: Mapping[str, torch.Tensor]) -> Non
 
 
 def _check_factors(layout: Layout, tensors: Mapping[str, torch.Tensor]) -> None:
-    """LoRA factors must be real floating-point tensors with data."""
-    bad = []
+    """LoRA factors must be real floating-point tensors, with finite values where they have data."""
+    bad, broken = [], []
     for m in layout.modules:
         for key in m.factor_keys:
             t = tensors.get(key)
@@ -560,9 +560,14 @@ def _check_factors(layout: Layout, tensors: Mapping[str, torch.Tensor]) -> None:
                 continue
             if not t.is_floating_point():
                 bad.append(f"{key} is {t.dtype}")
+            elif t.device.type != "meta" and not _finite(t):
+                broken.append(key)
     if bad:
         raise LayoutError("LoRA factors must be floating point: " + "; ".join(bad[:4])
                           + "; integer, bool or complex factors are not a LoRA update (dequantize them first)")
+    if broken:
+        raise ShapeError(f"{', '.join(broken[:4])} {'holds' if len(broken) == 1 else 'hold'} NaN or infinite values; "
+                         "the adapter is broken (a diverged run?): merge a good checkpoint")
 
 
 # A module PEFT trains in full (``modules_to_save``) is wrapped in a live model: ``lm_head.original_module.weight``

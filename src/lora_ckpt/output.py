@@ -22,13 +22,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import fnmatch
 import logging
 import os
 import re
 import secrets
 import shutil
+import signal
 import stat
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +52,8 @@ FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 #: a folder only when every entry matches one of these (and none is a folder or a link).
 REPLACEABLE = (
     "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
-    "adapter_model.bin", "adapter_config.json", "config.json", "generation_config.json", "tokenizer*",
+    "adapter_model.bin", "adapter_config.json", "config.json", "generation_config.json", "tokenizer.json",
+    "tokenizer_config.json", "tokenizer.model",
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken",
     "spiece.model", "sentencepiece*.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
     "training_args.bin", "README.md",
@@ -95,13 +99,16 @@ class Output:
         p = Path(path)
         if p.name in ("", ".", "..") or Path(os.path.abspath(p)) == Path(os.path.abspath(p)).parent:
             raise CheckpointFileError(f"{p}: name a new file or folder for the output, not {str(p)!r}")
-        is_folder = (p.suffix not in FILE_SUFFIXES) if folder is None else folder
+        is_folder = (p.suffix.lower() not in FILE_SUFFIXES) if folder is None else folder
+        if not is_folder and str(path).endswith(("/", os.sep)):
+            raise CheckpointFileError(f"{path}: names a folder (a trailing /) but the output is a file; drop the /")
         parent = p.parent
         if not parent.is_dir():
             raise CheckpointFileError(f"{p}: the folder {parent} does not exist")
+        inputs = [i for i in inputs if isinstance(i, (str, os.PathLike))]
         _check_containment(p, inputs, "the input", "lora-ckpt never writes over its inputs")
         _check_containment(p, siblings, "the other output", "a command's outputs are apart")
-        removed = tuple(clean_leftovers(p))
+        removed = tuple(clean_leftovers(p, protect=inputs))
         if os.path.lexists(p):
             if not overwrite:
                 hint = (" (it holds a PEFT adapter: to merge one, give BASE ADAPTER DST)"
@@ -134,49 +141,111 @@ def write_together(*outputs: Output) -> Iterator[tuple[Path, ...]]:
         yield tuple(staged)
         for path in staged:
             _sync_tree(path)
-        undo: list[tuple[Output, Path]] = []
-        try:
-            for out, path in zip(outputs, staged):
-                _install(out, path)
-                undo.append((out, path))
-        except BaseException:
-            for out, path in reversed(undo):
-                _uninstall(out, path)
-            raise
-        for out, path in undo:  # the old outputs (now under the staging names), or nothing
-            _remove(path)
-            _sync_dir(out.path.parent)
+        with _signals_held():  # installing and clearing the old outputs runs to the end; a signal waits for it
+            undo: list[tuple[Output, Path]] = []
+            try:
+                for out, path in zip(outputs, staged):
+                    _install(out, path)
+                    undo.append((out, path))
+            except BaseException:
+                for out, path in reversed(undo):
+                    _uninstall(out, path)
+                raise
+            for out, path in undo:  # the old outputs (now under the staging names), or nothing
+                _remove(path)
+                _sync_dir(out.path.parent)
     finally:
         for path in staged:
+            _unlock(path)
             if os.path.lexists(path):
                 _remove(path)
 
 
-def clean_leftovers(target: Path) -> list[str]:
-    """Remove what runs that were killed left beside ``target``; return one line per thing done.
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Block SIGINT and SIGTERM in this thread for the block (where the platform can); deliver them after."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
-    A staging file or folder of a process that is gone is deleted; an old output moved aside (when the
-    swap is not atomic on this system) is put back if nothing took its place.
+
+def clean_leftovers(target: Path, *, protect: Iterable[PathLike] = ()) -> list[str]:
+    """Clean up what runs that were killed left beside ``target``; return one line per thing done.
+
+    A staging file or folder (``.tmp``) of a run that is gone (its process is not alive here and its lock is
+    free, so a run in another container or on another host is left alone) is deleted. An old output moved
+    aside (``.old``, where the swap is not atomic on this system) is put back if nothing took its place, and
+    otherwise only reported. Nothing in ``protect`` (the command's inputs) is ever touched.
     """
     done: list[str] = []
     try:
         entries = list(os.scandir(target.parent))
     except OSError:
         return done
+    kept = {Path(p).resolve() for p in protect}
     for entry in entries:
         m = _STAGING.match(entry.name)
         if m is None or m.group("name") != target.name or _alive(int(m.group("pid"))):
             continue
         path = Path(entry.path)
-        if m.group("kind") == "old" and not os.path.lexists(target):
+        if path.resolve() in kept or _locked(path):
+            continue
+        if m.group("kind") == "tmp":
+            _remove(path)
+            done.append(f"removed {path.name}, left by an interrupted run (pid {m.group('pid')})")
+        elif not os.path.lexists(target):
             os.rename(path, target)
             done.append(f"put back {target}, moved aside by an interrupted run (pid {m.group('pid')})")
         else:
-            _remove(path)
-            done.append(f"removed {path.name}, left by an interrupted run (pid {m.group('pid')})")
+            done.append(f"{path.name} beside {target.name} is an older output an interrupted run (pid "
+                        f"{m.group('pid')}) moved aside; remove it if you do not need it")
     for line in done:
         log.warning("%s", line)
     return done
+
+
+_LOCKS: dict[Path, int] = {}  # staging path -> the open descriptor holding its lock, while this process writes it
+
+
+def _lock(path: Path) -> None:
+    """Hold an exclusive lock on the staging path while writing it, so no other run takes it for a leftover."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return
+    _LOCKS[path] = fd
+
+
+def _unlock(path: Path) -> None:
+    fd = _LOCKS.pop(path, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _locked(path: Path) -> bool:
+    """Whether another run holds the staging path's lock (it is still writing it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _alive(pid: int) -> bool:
@@ -225,9 +294,10 @@ def _check_replaceable(p: Path, folder: bool) -> None:
         raise CheckpointFileError(f"{p}: is not a regular file; lora-ckpt replaces only regular files")
     if folder:
         foreign = sorted(
-            e.name + ("/" if e.is_dir(follow_symlinks=False) else "")
+            e.name + ("/" if e.is_dir(follow_symlinks=False) else " (a link)" if e.is_symlink() else
+                      "" if e.is_file(follow_symlinks=False) else " (not a regular file)")
             for e in os.scandir(p)
-            if e.is_dir(follow_symlinks=False) or e.is_symlink() or not _replaceable_name(e.name)
+            if not e.is_file(follow_symlinks=False) or not _replaceable_name(e.name)
         )
         if foreign:
             listed = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
@@ -252,6 +322,7 @@ def _stage(out: Output) -> Path:
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
             continue
+        _lock(path)
         return path
 
 
@@ -261,7 +332,7 @@ def _install(out: Output, staged: Path) -> None:
     After a swap the old output sits at ``staged`` (removed by the caller once every output is in place).
     """
     if out.overwrite and os.path.lexists(out.path):
-        os.chmod(staged, stat.S_IMODE(out.path.lstat().st_mode))  # a replaced output keeps its mode
+        os.chmod(staged, stat.S_IMODE(out.path.lstat().st_mode) & 0o777)  # a replaced output keeps its mode
         if _rename2(staged, out.path, _RENAME_EXCHANGE):
             return
         aside = staged.with_name(staged.name[: -len(".tmp")] + ".old")

@@ -265,7 +265,14 @@ class Source:
 
     @classmethod
     def _open_folder(cls, folder: Path) -> Source:
-        if (folder / ADAPTER_CONFIG).is_file():
+        has_adapter = any((folder / n).is_file() for n in ADAPTER_WEIGHTS)
+        has_model = any((folder / n).is_file() for n in (*SINGLE, *INDEXES))
+        if (folder / ADAPTER_CONFIG).is_file() and has_adapter and has_model:
+            raise CheckpointFileError(
+                f"{folder}: holds both a PEFT adapter ({ADAPTER_CONFIG}) and model weights; give the model and the "
+                "adapter as separate folders"
+            )
+        if (folder / ADAPTER_CONFIG).is_file() and not (has_model and not has_adapter):
             config = read_json(contained(folder, ADAPTER_CONFIG, what="the adapter config"), what="adapter config")
             name = next((n for n in ADAPTER_WEIGHTS if (folder / n).is_file()), None)
             if name is None:
@@ -328,6 +335,10 @@ class Source:
         return cls(folder, "folder", list(shards.values()), entries, meta=meta, loaded=ckpt)
 
     # --- what the input holds -------------------------------------------------------------------
+
+    def paths(self) -> list[Path]:
+        """The path given and every file read from it (resolved by outputs, so none is written over)."""
+        return [self.path, *self.files]
 
     def keys(self) -> list[str]:
         """Every key, aliases of tied tensors included, in the recorded order where there is one."""

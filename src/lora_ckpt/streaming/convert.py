@@ -72,7 +72,7 @@ def stream_convert(
     apart = to is not None and not LAYOUTS[to].base_in_file
     src = source if isinstance(source, Source) else Source.open(source)
     try:
-        inputs = [src.path, like.path if isinstance(like, Source) else like]
+        inputs: list[PathLike | None] = [*src.paths(), *(like.paths() if isinstance(like, Source) else [like])]
         target = Output.prepare(out, overwrite=overwrite, folder=True if to == "peft" else None,
                                 inputs=inputs, siblings=[base_out])
         if not apart and target.path.suffix != ".safetensors":

@@ -74,7 +74,7 @@ def stream_merge(
     src = source if isinstance(source, Source) else Source.open(source)
     try:
         target = out if isinstance(out, Output) else Output.prepare(
-            out, overwrite=overwrite, inputs=[src.path, *_paths(adapter)]
+            out, overwrite=overwrite, inputs=[*src.paths(), *_paths(adapter)]
         )
         plan, model_args = plan_stream_merge(src, adapter, alpha=alpha, dtype=dtype, layout=layout,
                                              fan_in_fan_out=fan_in_fan_out)
@@ -113,7 +113,7 @@ def _paths(*things: object) -> list[PathLike]:
     out: list[PathLike] = []
     for t in things:
         if isinstance(t, Source):
-            out.append(t.path)
+            out.extend(t.paths())
         elif isinstance(t, (str, os.PathLike)):
             out.append(t)
     return out

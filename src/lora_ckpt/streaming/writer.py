@@ -28,15 +28,27 @@ import torch
 from lora_ckpt.errors import CheckpointFileError
 from lora_ckpt.filemeta import FileMeta
 from lora_ckpt.formats.hf import copy_model_extras
+from lora_ckpt.io import check_safetensors_keys
 from lora_ckpt.output import Output
 from lora_ckpt.source import SAFETENSORS_DTYPES
 
-__all__ = ["BufferPool", "OutFile", "ShardedWriter", "StreamOptions", "StreamReport", "parse_size", "plan_shards", "row_blocks"]
+__all__ = [
+    "BufferPool", "OutFile", "ShardedWriter", "StreamOptions", "StreamReport", "human_size", "parse_size", "plan_shards",
+    "row_blocks",
+]
 
 log = logging.getLogger(__name__)
 
 _ST_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _ALIGN = 4096  # direct I/O needs addresses, offsets and lengths aligned to the device's block size
+
+
+def human_size(n: int) -> str:
+    """``n`` bytes in the largest decimal unit that keeps it at least 1 (``"1.23 GB"``, ``"96 kB"``)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
 
 
 def parse_size(size: int | str) -> int:
@@ -331,12 +343,14 @@ class ShardedWriter:
         ``into``: a staging path the caller got from :func:`~lora_ckpt.output.write_together` (for outputs
         installed in pairs); the caller installs it.
         """
+        check_safetensors_keys([k for k, _, _ in entries], self.output.path)
         sizes = [(k, math.prod(shape) * dtype.itemsize) for k, dtype, shape in entries]
         total = sum(n for _, n in sizes)
         free = shutil.disk_usage(self.output.path.parent).free
         if total + (64 << 20) > free:
             raise CheckpointFileError(
-                f"{self.output.path.parent}: {free / 1e9:.2f} GB free, the output needs {total / 1e9:.2f} GB"
+                f"{self.output.path.parent}: {human_size(free)} free, the output needs {human_size(total)} "
+                "(and 64 MB to spare); free some space or write elsewhere"
             )
         shards = plan_shards(sizes, self.max_bytes)
         n = len(shards)
