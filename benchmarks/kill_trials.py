@@ -286,7 +286,7 @@ class Trial:
 
 
 def start(s: Setup, trial: Trial, out: Path) -> subprocess.Popen[str]:
-    name, extra = KINDS[trial.kind]
+    _, extra = KINDS[trial.kind]
     cmd = [CLI, "merge", str(s.base), str(s.adapter), str(out), "--quiet", *extra]
     if trial.replace:
         cmd.append("--force")
@@ -344,7 +344,7 @@ def kill_trial(s: Setup, trial: Trial, rng: random.Random) -> None:
     trial.leftover_kinds = ",".join(sorted(p.name.rsplit(".", 1)[-1] for p in left))
 
     # (d) the same command again (with --force where an output exists now)
-    name, extra = KINDS[trial.kind]
+    _, extra = KINDS[trial.kind]
     existed = os.path.lexists(out)
     force = trial.replace or existed
     if force and not trial.replace:

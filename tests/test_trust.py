@@ -567,3 +567,25 @@ def test_base_out_that_would_not_be_written_is_refused(proj, tmp_path, capsys):
                  "--base-out", str(tmp_path / "b2"), "--quiet"]) == 1
     assert "nothing to write there (the base weights stay in" in capsys.readouterr().err
     assert not (tmp_path / "a2").exists() and not (tmp_path / "b2").exists()
+
+
+def test_a_signal_during_torch_import_is_not_lost(tmp_path):
+    """SIGTERM while the command imports torch (found by the kill trials: torch swallowed it and the merge ran)."""
+    src = save_checkpoint(tmp_path / "l.pt", make_gpt(attn_rank=2, randomize=True).state_dict(), alpha=4.0)
+    script = """
+import builtins, os, signal, sys
+real, fired = builtins.__import__, []
+def hook(name, *args, **kwargs):
+    if name == "numpy" and not fired:  # deep inside torch's import
+        fired.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(name, *args, **kwargs)
+builtins.__import__ = hook
+from lora_ckpt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+    res = subprocess.run([sys.executable, "-c", script, "merge", str(src), str(tmp_path / "o.safetensors"), "--quiet"],
+                         capture_output=True, text=True)
+    assert res.returncode == 143, res.stderr
+    assert res.stderr == "lora-ckpt: interrupted; what was not finished was removed, and the inputs are unchanged\n"
+    assert not (tmp_path / "o.safetensors").exists() and not _leftovers(tmp_path)

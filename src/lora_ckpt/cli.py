@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -145,8 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     debug = getattr(args, "debug", False)
     _log_to_stderr()
-    previous = _on_signals()
+    previous: dict[int, Any] = {}
     try:
+        _on_signals(_COMMAND_MODULES.get(args.command, ()), previous)
         return {"inspect": _inspect, "merge": _merge, "convert": _convert, "demo": _demo}[args.command](args)
     except Interrupted as e:
         print(_INTERRUPTED, file=sys.stderr)
@@ -174,8 +176,9 @@ _INTERRUPTED = "lora-ckpt: interrupted; what was not finished was removed, and t
 def run() -> None:
     """The console script: :func:`main`, then exit without letting a late Ctrl-C print a traceback at shutdown."""
     code = main()
-    with contextlib.suppress(ValueError):
+    with contextlib.suppress(ValueError):  # the work is done: shutting down (torch's takes a while) is not interrupted
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(code)
 
 
@@ -206,18 +209,35 @@ def _log_to_stderr() -> None:
         logger.addHandler(handler)
 
 
-def _on_signals() -> dict[int, Any]:
-    """SIGTERM (and SIGINT) raise :class:`Interrupted` in the main thread, so cleanup runs; returns the old handlers."""
+# What each command imports (torch among it) before its signal handlers go up: an exception raised inside
+# torch's own import machinery is swallowed or aborts the process, so signals wait until the imports are done.
+_COMMAND_MODULES = {"inspect": ("lora_ckpt.source", "lora_ckpt.layout"), "merge": ("lora_ckpt.files",),
+                    "convert": ("lora_ckpt.files",), "demo": ("lora_ckpt.demo",)}
+
+
+def _on_signals(modules: Sequence[str], previous: dict[int, Any]) -> None:
+    """Import ``modules`` with SIGINT/SIGTERM held, then make those signals raise :class:`Interrupted` in the main
+    thread (so cleanup runs); the old handlers go into ``previous``."""
+    import importlib
+
     def stop(signum: int, frame: object) -> None:
         raise Interrupted(signum)
 
-    previous: dict[int, Any] = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+    held = {signal.SIGTERM, signal.SIGINT}
+    main_thread = threading.current_thread() is threading.main_thread()
+    if not main_thread:  # main() called from a worker thread: leave signals alone
+        for name in modules:
+            importlib.import_module(name)
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
+    try:
+        for name in modules:
+            importlib.import_module(name)
+        for sig in held:
             previous[sig] = signal.signal(sig, stop)
-        except ValueError:  # not the main thread (main() called from a worker): leave signals alone
-            break
-    return previous
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came meanwhile is delivered now
 
 
 def _restore_signals(previous: dict[int, Any]) -> None:
