@@ -360,9 +360,13 @@ def test_merged_forward_equals_the_peft_forward_or_a_typed_error(layers, rank, a
     with torch.no_grad():
         expected = model(x)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
-    for merge in (lambda: merged_state_dict(model),
-                  lambda: merge_lora(model.state_dict(), scales={n: model.base_model.model[int(n)].scaling["default"]
-                                                                 for n in names})):
+    merges = [lambda: merged_state_dict(model)]  # a live model says each layer's orientation (its type)
+    if len({k for k, _, _ in sizes}) == 1:
+        # a bare state dict knows no types: square weights follow their siblings, which holds when every layer is
+        # of one kind (GPT-2's Conv1D family, or plain nn.Linear); a mix is documented as needing fan_in_fan_out
+        merges.append(lambda: merge_lora(model.state_dict(), scales={
+            n: model.base_model.model[int(n)].scaling["default"] for n in names}))
+    for merge in merges:
         try:
             merged = merge()
         except LoraCkptError:

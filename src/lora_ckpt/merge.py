@@ -15,7 +15,7 @@ from lora_ckpt.errors import AlphaError, KeyMismatchError, LayoutError, ShapeErr
 from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LoraModule, detect_layout, split_prefix
 
 __all__ = [
-    "Alpha", "Factors", "MergePlan", "Step", "merge_lora", "merge_module", "check_finite", "check_scale", "merge_rows", "module_factors",
+    "Alpha", "Factors", "MergePlan", "Orientation", "Step", "merge_lora", "merge_module", "check_finite", "check_scale", "merge_rows", "module_factors",
     "orientation",
     "plan_merge", "settle_orientation",
     "resolve_base_names", "resolve_scales",
@@ -23,6 +23,9 @@ __all__ = [
 
 #: One alpha for every module, or one per module name (without wrapper prefix).
 Alpha = float | Mapping[str, float]
+#: Whether base weights are stored (in, out) (GPT-2's ``Conv1D``): for every module, or per module name (as a live
+#: model's layers say it); None where no record exists.
+Orientation = bool | Mapping[str, bool] | None
 
 # Rows per block: a float32 block of about 8 MiB (2048 rows of a 1024-wide weight) was fastest on 2 cores.
 _BLOCK_BYTES = 8 << 20
@@ -81,8 +84,8 @@ def _accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def settle_orientation(
-    modules: list[tuple[LoraModule, torch.Tensor]], fan_in_fan_out: bool | None
-) -> bool | None:
+    modules: list[tuple[LoraModule, torch.Tensor]], fan_in_fan_out: Orientation
+) -> Orientation:
     """Decide once whether PEFT-layout bases are stored (in, out) (GPT-2's ``Conv1D``), for the square ones too.
 
     ``modules`` pairs each module with factors with its base weight (``meta`` is enough). A given
@@ -90,6 +93,13 @@ def settle_orientation(
     orientation, and a square weight takes the one every non-square sibling shows; with no siblings, or
     siblings that disagree, the merge is refused rather than guessed. Returns None when no weight needs it.
     """
+    if isinstance(fan_in_fan_out, Mapping):  # per module, from a live model's layers: each square one must be said
+        unsaid = [m.name for m, _ in modules if m.kind == "linear" and m.spec.name == "peft"
+                  and m.delta_shape[0] == m.delta_shape[1] and m.name not in fan_in_fan_out]
+        if unsaid:
+            raise LayoutError(f"{', '.join(unsaid[:3])}: no orientation recorded for this square weight; pass "
+                              "fan_in_fan_out=True/False for it")
+        return fan_in_fan_out
     if fan_in_fan_out is not None:
         return fan_in_fan_out
     linear = [(m, b) for m, b in modules if m.kind == "linear" and m.spec.name == "peft"]
@@ -109,8 +119,10 @@ def settle_orientation(
     )
 
 
-def orientation(module: LoraModule, base: torch.Tensor, fan_in_fan_out: bool | None) -> bool:
+def orientation(module: LoraModule, base: torch.Tensor, fan_in_fan_out: Orientation) -> bool:
     """Whether ``base`` stores the weight transposed (GPT-2's ``Conv1D``); raise if it fits neither way."""
+    if isinstance(fan_in_fan_out, Mapping):
+        fan_in_fan_out = fan_in_fan_out.get(module.name)
     rows, cols = module.delta_shape
     shape = tuple(base.shape[:2]) if base.dim() == 4 else tuple(base.shape)
     if module.kind != "linear":
@@ -147,7 +159,7 @@ def module_factors(
     base: torch.Tensor | None,
     *,
     dtype: torch.dtype | None = None,
-    fan_in_fan_out: bool | None = None,
+    fan_in_fan_out: Orientation = None,
     device: torch.device | str | None = None,
 ) -> Factors:
     """The module's factors in the accumulation dtype, oriented like ``base`` (which may be ``meta``)."""
@@ -171,7 +183,7 @@ def merge_module(
     *,
     base: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
-    fan_in_fan_out: bool | None = None,
+    fan_in_fan_out: Orientation = None,
 ) -> torch.Tensor:
     """Return the module's merged weight as a new tensor shaped like its base weight; inputs are not changed.
 
@@ -332,7 +344,7 @@ def merge_lora(
     dtype: torch.dtype | None = None,
     layout: Layout | str | None = None,
     scales: Mapping[str, float] | None = None,
-    fan_in_fan_out: bool | None = None,
+    fan_in_fan_out: Orientation = None,
 ) -> dict[str, torch.Tensor]:
     """Return the standard-layout state dict of a LoRA state dict; the inputs are never changed.
 
@@ -411,7 +423,7 @@ class MergePlan:
     big: Mapping[str, torch.Tensor]
     adapter: Mapping[str, torch.Tensor]
     dtype: torch.dtype | None
-    fan_in_fan_out: bool | None
+    fan_in_fan_out: Orientation
 
     def source(self, step: Step, big: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         if step.source is None:
@@ -469,7 +481,7 @@ def plan_merge(
     dtype: torch.dtype | None = None,
     layout: Layout | str | None = None,
     scales: Mapping[str, float] | None = None,
-    fan_in_fan_out: bool | None = None,
+    fan_in_fan_out: Orientation = None,
 ) -> MergePlan:
     """Check everything a merge needs and return its plan (see :func:`merge_lora` for the arguments).
 
@@ -587,7 +599,7 @@ def _require_float(m: LoraModule, base: torch.Tensor) -> None:
         )
 
 
-def _check_base(m: LoraModule, base: torch.Tensor, fan_in_fan_out: bool | None) -> None:
+def _check_base(m: LoraModule, base: torch.Tensor, fan_in_fan_out: Orientation) -> None:
     _require_float(m, base)
     orientation(m, base, fan_in_fan_out)
 
@@ -610,7 +622,7 @@ def _plan_onto_base(
     base: Mapping[str, torch.Tensor],
     scales: Mapping[str, float],
     dtype: torch.dtype | None,
-    fan_in_fan_out: bool | None,
+    fan_in_fan_out: Orientation,
 ) -> MergePlan:
     base_layout = detect_layout(base)
     if base_layout.is_lora:

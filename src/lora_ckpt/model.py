@@ -80,11 +80,17 @@ def _scale_of(mod: nn.Module, name: str, rank: int) -> float | None:
     return None
 
 
-def _live_orientation(model: nn.Module) -> bool | None:
-    """PEFT layers record whether their base is stored (in, out); None where no module says."""
-    said = {bool(mod.fan_in_fan_out) for mod in unwrap(model).modules()
-            if isinstance(getattr(mod, "fan_in_fan_out", None), bool) and hasattr(mod, "lora_A")}
-    return said.pop() if len(said) == 1 else None
+def _live_orientation(model: nn.Module, layout: Layout) -> dict[str, bool] | None:
+    """Per module, whether its base is stored (in, out), as PEFT's layers record it for their own type
+    (``Conv1D`` or ``nn.Linear``); None where no module says."""
+    live = dict(unwrap(model).named_modules())
+    prefix = layout.spec.key_prefix if layout.spec is not None else ""
+    said: dict[str, bool] = {}
+    for m in layout.modules:
+        mod = live.get(m.name) or live.get(prefix + m.name)
+        if mod is not None and isinstance(getattr(mod, "fan_in_fan_out", None), bool):
+            said[m.name] = bool(mod.fan_in_fan_out)
+    return said or None
 
 
 def merged_state_dict(
@@ -123,7 +129,7 @@ def merged_state_dict(
         else:
             scales = _scales(layout, module_scales(inner, layout), alpha)
             out = merge_lora(sd, scales=scales, tied=tied, dtype=dtype, layout=layout,
-                             fan_in_fan_out=_live_orientation(inner))
+                             fan_in_fan_out=_live_orientation(inner, layout))
         if device is not None:
             out = {k: v.to(device) for k, v in out.items()}
     return out

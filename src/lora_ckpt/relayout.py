@@ -119,6 +119,12 @@ def convert_layout(
     settled = settle_orientation([(m, weights[m.name]) for m in layout.modules
                                   if m.has_factors and weights[m.name] is not None], fan_in_fan_out)
     keep_orientation = target is PEFT  # PEFT records it (fan_in_fan_out); every other layout is (out, in)
+    if isinstance(settled, Mapping):  # per module (a live model): a config holds one value
+        values = set(settled.values())
+        if len(values) > 1:
+            raise LayoutError("the modules mix (in, out) Conv1D and (out, in) nn.Linear weights; one fan_in_fan_out "
+                              "cannot describe them: merge them instead")
+        settled = values.pop() if values else None
     if settled and not keep_orientation:
         raise LayoutError(
             f"the base weights are stored (in, out) as GPT-2's Conv1D keeps them, and {to} has no way to record that "
