@@ -157,3 +157,18 @@ def test_convert_to_peft_needs_base_out_for_base_weights(lora_file, tmp_path, ca
     ref = lora_ckpt.merge_lora(load_checkpoint(path).state_dict, alpha=8.0)
     for k, v in ref.items():
         torch.testing.assert_close(merged[k], v)
+
+
+def test_json_results_and_errors_and_python_m(lora_file, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    _, path = lora_file
+    assert main(["merge", str(path), str(tmp_path / "j.safetensors"), "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] is True and result["merged"] == 3 and result["outputs"] == [str(tmp_path / "j.safetensors")]
+    assert main(["merge", str(path), str(tmp_path / "j.safetensors"), "--json", "--quiet"]) == 1
+    error = json.loads(capsys.readouterr().out)
+    assert error["ok"] is False and error["kind"] == "CheckpointFileError" and "already exists" in error["error"]
+    res = subprocess.run([sys.executable, "-m", "lora_ckpt", "--version"], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith("lora-ckpt ")

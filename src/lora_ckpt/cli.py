@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", metavar="SIZE", type=_size, help="shard a folder output, e.g. 5GB")
     s.add_argument("--device", type=_device, help="merge on this device: cpu (default) or cuda[:N]")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--json", action="store_true", help="print the result (or the error) as JSON")
     s.add_argument("--dtype", choices=sorted(_DTYPES), help="dtype of the output's floating-point tensors")
     s.add_argument("--tied", choices=("untie", "tie"), default="untie",
                    help="when an update lands on a tied weight: keep exact function (untie) or tie to merged")
@@ -80,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed for fresh LoRA factors (--like)")
     s.add_argument("--max-shard-size", metavar="SIZE", type=_size, help="shard a --base-out folder, e.g. 5GB")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--json", action="store_true", help="print the result (or the error) as JSON")
     _add_common(s)
     _add_orientation(s)
 
@@ -164,7 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if debug or not isinstance(e, (LoraCkptError, OSError)):
             raise
-        print(f"lora-ckpt: error: {_one_line(e)}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"ok": False, "error": _one_line(e), "kind": type(e).__name__}))
+        else:
+            print(f"lora-ckpt: error: {_one_line(e)}", file=sys.stderr)
         return 1
     finally:
         _restore_signals(previous)
@@ -285,7 +290,7 @@ def _inspect(args: argparse.Namespace) -> int:
         "other_entries": sorted(map(str, ckpt.extra)),
     }
     if args.json:
-        print(json.dumps(info, indent=2, default=str))
+        print(json.dumps(info, indent=2, default=str, allow_nan=False))
         return 0
     print(f"{args.path}: {layout.summary()}")
     alpha = "unknown (pass --alpha to merge)" if ckpt.alpha is None else f"{_alpha_text(ckpt.alpha)} ({ckpt.alpha_source})"
@@ -317,6 +322,14 @@ def _merge(args: argparse.Namespace) -> int:
     result = merge_files(source, dst, adapter=adapter, alpha=args.alpha, dtype=_dtype(args.dtype), tied=args.tied,
                          max_shard_size=args.max_shard_size, device=args.device, progress=not args.quiet,
                          overwrite=args.force, fan_in_fan_out=args.fan_in_fan_out)
+    return _report(result, args)
+
+
+def _report(result: Any, args: argparse.Namespace) -> int:
+    """Print a file operation's result: its summary (warnings to stderr), or JSON with ``--json``."""
+    if args.json:
+        print(json.dumps({"ok": True, **result.to_dict()}, indent=2, allow_nan=False))
+        return 0
     print(result)
     for line in result.warnings:
         print(f"lora-ckpt: warning: {line}", file=sys.stderr)
@@ -334,8 +347,7 @@ def _convert(args: argparse.Namespace) -> int:
                            gpt2=args.gpt2, n_head=args.n_head, alpha=args.alpha, seed=args.seed,
                            max_shard_size=args.max_shard_size, progress=not args.quiet, overwrite=args.force,
                            fan_in_fan_out=args.fan_in_fan_out)
-    print(result)
-    return 0
+    return _report(result, args)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -181,7 +181,7 @@ def _merge_adapter(
             ck = adapter.load()
             plan = plan_merge(ck.state_dict, base=base_sd, alpha=ck.resolve_alpha(alpha), dtype=dtype,
                               fan_in_fan_out=fan_in_fan_out)
-        left_out = _write_standard(out, plan.execute(plan.big), like=base.path)
+        left_out = _write_standard(out, plan.execute(plan.big), like=base.path, dtype=dtype)
         result = FileResult([out.path], False, len(plan.merged_modules()), left_out=left_out,
                             leftovers=list(out.removed))
         inert = plan.inert_modules()
@@ -208,12 +208,14 @@ def _warn_inert(result: FileResult, inert: list[str]) -> None:
         )
 
 
-def _write_standard(out: Output, sd: Mapping[str, torch.Tensor], *, like: Path | None) -> list[str]:
+def _write_standard(
+    out: Output, sd: Mapping[str, torch.Tensor], *, like: Path | None, dtype: torch.dtype | None
+) -> list[str]:
     """Write a standard state dict to a file or model folder output; return the files of ``like`` left out."""
     left: list[str] = []
     with out.writing() as tmp:
         if out.folder:
-            write_model_folder(tmp, sd, like=like if like is not None and like.is_dir() else None)
+            left = write_model_folder(tmp, sd, like=like if like is not None and like.is_dir() else None, dtype=dtype)
         else:
             write_checkpoint(tmp, sd, suffix=out.path.suffix)
     return left

@@ -7,6 +7,7 @@ this module writes folders and says which of a model folder's other files belong
 from __future__ import annotations
 
 import fnmatch
+import json
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 from lora_ckpt.io import write_checkpoint
 from lora_ckpt.output import Output, PathLike
-from lora_ckpt.source import Source, contained
+from lora_ckpt.source import Source, contained, read_json
 
 __all__ = ["MODEL_EXTRAS", "copy_model_extras", "load_model_weights", "save_model_folder", "weight_files",
            "write_model_folder"]
@@ -40,9 +41,10 @@ def load_model_weights(path: PathLike) -> dict[str, torch.Tensor]:
         return source.load().state_dict
 
 
-def copy_model_extras(source: PathLike, folder: Path) -> list[str]:
+def copy_model_extras(source: PathLike, folder: Path, *, dtype: torch.dtype | None = None) -> list[str]:
     """Copy a model folder's configs and tokenizer files (:data:`MODEL_EXTRAS`) into ``folder``; return the
-    names of its other files, left out (optimizer states, logs …)."""
+    names of its other files, left out (optimizer states, logs …). With ``dtype`` (the weights were cast),
+    ``config.json`` says so (``torch_dtype``, and ``dtype`` where the config has it)."""
     src = Path(source)
     left_out: list[str] = []
     for f in sorted(src.iterdir()):
@@ -52,7 +54,16 @@ def copy_model_extras(source: PathLike, folder: Path) -> list[str]:
             if not _is_weights(f.name):
                 left_out.append(f.name)
             continue
-        shutil.copyfile(contained(src, f.name, what="the model file"), folder / f.name)
+        path = contained(src, f.name, what="the model file")
+        if f.name == "config.json" and dtype is not None:
+            config = read_json(path, what="model config")
+            name = str(dtype).removeprefix("torch.")
+            config["torch_dtype"] = name
+            if "dtype" in config:
+                config["dtype"] = name
+            (folder / f.name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            continue
+        shutil.copyfile(path, folder / f.name)
     return left_out
 
 
@@ -87,10 +98,11 @@ def write_model_folder(
     *,
     like: PathLike | None = None,
     files: Mapping[str, str] | None = None,
-) -> None:
-    """Fill the (staging) folder ``folder`` as :func:`save_model_folder` does."""
-    if like is not None and Path(like).is_dir():
-        copy_model_extras(like, folder)
+    dtype: torch.dtype | None = None,
+) -> list[str]:
+    """Fill the (staging) folder ``folder`` as :func:`save_model_folder` does; return the files of ``like`` left out."""
+    left_out = copy_model_extras(like, folder, dtype=dtype) if like is not None and Path(like).is_dir() else []
     for name, text in (files or {}).items():
         (folder / name).write_text(text)
     write_checkpoint(folder / "model.safetensors", dict(state_dict))
+    return left_out

@@ -83,7 +83,7 @@ def stream_merge(
                         tied=tie_metadata(aliases),
                         model_args={k: v for k, v in model_args.items() if not str(k).startswith("lora_")} or None)
         writer = ShardedWriter(target, max_shard_size=max_shard_size, options=options,
-                               pinned=dev is not None and dev.type == "cuda", extras_from=src.path)
+                               pinned=dev is not None and dev.type == "cuda", extras_from=src.path, extras_dtype=dtype)
         prefix = plan_prefix(src)
         report = write_plan(plan, src, prefix, writer, meta, device=dev, progress=progress, label="merging")
     finally:

@@ -315,6 +315,7 @@ class ShardedWriter:
         options: StreamOptions | None = None,
         pinned: bool = False,
         extras_from: Path | None = None,
+        extras_dtype: torch.dtype | None = None,
     ) -> None:
         self.output, self.options = output, options or StreamOptions()
         self.max_bytes = None if max_shard_size is None else parse_size(max_shard_size)
@@ -322,7 +323,7 @@ class ShardedWriter:
             raise CheckpointFileError(
                 f"{output.path}: a sharded output is a folder; give a folder name, not a .safetensors file"
             )
-        self.pinned, self.extras_from = pinned, extras_from
+        self.pinned, self.extras_from, self.extras_dtype = pinned, extras_from, extras_dtype
         self.chunks = BufferPool(3, self.options.chunk_bytes, pinned=pinned, aligned=True)  # one filling, two written
 
     @property
@@ -385,7 +386,7 @@ class ShardedWriter:
                     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
                     (staged / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
                 if self.extras_from is not None and self.extras_from.is_dir():
-                    left_out.extend(copy_model_extras(self.extras_from, staged))
+                    left_out.extend(copy_model_extras(self.extras_from, staged, dtype=self.extras_dtype))
 
         try:
             if into is not None:
