@@ -108,7 +108,7 @@ class Output:
         inputs = [i for i in inputs if isinstance(i, (str, os.PathLike))]
         _check_containment(p, inputs, "the input", "lora-ckpt never writes over its inputs")
         _check_containment(p, siblings, "the other output", "a command's outputs are apart")
-        removed = tuple(clean_leftovers(p, protect=inputs))
+        removed = tuple(clean_leftovers(p, protect=[i for i in inputs if i is not None]))
         if os.path.lexists(p):
             if not overwrite:
                 hint = (" (it holds a PEFT adapter: to merge one, give BASE ADAPTER DST)"

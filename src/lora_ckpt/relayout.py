@@ -116,8 +116,8 @@ def convert_layout(
     src_prefix = layout.spec.key_prefix
     names = resolve_base_names(layout, plain_base) if layout.spec is KOHYA and plain_base is not None else {}
     weights = {m.name: _weight(m, tensors, plain_base, names) for m in layout.modules}
-    settled = settle_orientation([(m, weights[m.name]) for m in layout.modules
-                                  if m.has_factors and weights[m.name] is not None], fan_in_fan_out)
+    settled = settle_orientation([(m, w) for m in layout.modules if m.has_factors and (w := weights[m.name]) is not None],
+                                 fan_in_fan_out)
     keep_orientation = target is PEFT  # PEFT records it (fan_in_fan_out); every other layout is (out, in)
     if isinstance(settled, Mapping):  # per module (a live model): a config holds one value
         values = set(settled.values())

@@ -78,7 +78,7 @@ class PeftConfig:
             _flag(raw, "use_rslora", w), _flag(raw, "use_dora", w), _flag(raw, "lora_bias", w),
             _flag(raw, "fan_in_fan_out", w),
             _names(raw, "target_modules", w, single=True), _names(raw, "exclude_modules", w, single=True),
-            layers, [pattern] if isinstance(pattern, str) else _names(raw, "layers_pattern", w, single=False),
+            layers, [pattern] if isinstance(pattern, str) else _names(raw, "layers_pattern", w, single=False),  # type: ignore[arg-type]
             _names(raw, "modules_to_save", w, single=False) or [],  # type: ignore[arg-type]
             _optional_str(raw, "task_type", w),
         )

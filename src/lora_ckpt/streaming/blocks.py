@@ -38,7 +38,8 @@ class BlockMerger:
         cuda = device is not None and device.type == "cuda"
         self.pool = BufferPool(2, options.block_bytes, pinned=cuda)  # source rows of the block being merged
         streams = options.streams or ((torch.cuda.Stream(device), torch.cuda.Stream(device)) if cuda else (None, None))
-        self.copy_stream, self.compute_stream = streams
+        self.copy_stream: Any = streams[0]
+        self.compute_stream: Any = streams[1]
 
     def emit(self, step: Step, meta_out: torch.Tensor, out: OutFile) -> int:
         """Append the output tensor of ``step`` to ``out``; returns its byte count.

@@ -382,7 +382,7 @@ class ShardedWriter:
                     file.close()
             if self.output.folder:
                 if n > 1:
-                    weight_map = {k: name for name, keys in zip(names, shards) for k in keys}
+                    weight_map = {k: name for name, keys in zip(names, shards, strict=True) for k in keys}
                     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
                     (staged / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
                 if self.extras_from is not None and self.extras_from.is_dir():
