@@ -325,7 +325,7 @@ class Source:
         absent = [k for k in weight_map if k not in entries]
         if absent:
             raise CheckpointFileError(
-                f"{index_path}: lists {absent[:3]} in {weight_map[absent[0]]}, which does not hold "
+                f"{index_path}: lists {brief(absent[:3])} in {weight_map[absent[0]]}, which does not hold "
                 f"{'it' if len(absent) == 1 else 'them'}; the shards are incomplete or the index is stale"
             )
         meta = metas[0] if metas else None
