@@ -397,3 +397,14 @@ def test_every_layout_merges_to_the_lora_forward_or_a_typed_error(to, attn_rank,
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
     with torch.no_grad():
         torch.testing.assert_close(plain(TOKENS), expected, **tol)
+
+
+def test_nested_pattern_bounds_name_the_pattern_that_ran_away(gpt2_adapter, monkeypatch):
+    """A rank_pattern that backtracks (but passes the static check) is named, not the alpha_pattern around it."""
+    import lora_ckpt.checks as checks
+
+    _, base, adapter = gpt2_adapter
+    monkeypatch.setattr(checks, "MATCH_SECONDS", 0.2)
+    _edit_config(adapter, rank_pattern={".*.*.*.*.*.*.*.*.*.*.*.*.*.*z": 2}, alpha_pattern={"c_attn": 8})
+    with pytest.raises(LayoutError, match=r"matching the rank_pattern pattern '\.\*\.\*.*z' took over 0.2 s"):
+        merge_adapter(base, adapter)

@@ -52,7 +52,8 @@ def check_rank(value: object, *, where: str) -> int:
     finite = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))  # no float(10**400)
     if isinstance(value, bool) or not finite:
         raise AlphaError(f"{where} is {brief(value)}, not a positive integer rank")
-    if value != int(value) or value <= 0:
+    assert isinstance(value, (int, float))
+    if value != int(value) or value <= 0:  # 8.0 is the rank 8; 8.7 is no rank
         raise AlphaError(f"{where} is {brief(value)}, not a positive integer rank")
     return int(value)
 
@@ -83,22 +84,33 @@ class Patterns:
                 raise LayoutError(
                     f"{where}: the {field} pattern {brief(p)} is not a valid regular expression ({e})"
                 ) from None
-        self.current = ""
 
     def run(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` (which matches these patterns) under the time bound."""
+        """Run ``fn`` (which matches these or other patterns) under the time bound; nested runs share one bound."""
         with _time_limit(MATCH_SECONDS):
             try:
                 return fn()
             except _RunAway:
+                field, pattern = _MATCHING[0]
                 raise LayoutError(
-                    f"{self.where}: matching the {self.field} pattern {self.current!r} took over {MATCH_SECONDS:g} s; "
+                    f"{self.where}: matching the {field} pattern {brief(pattern)} took over {MATCH_SECONDS:g} s; "
                     "simplify the pattern"
                 ) from None
 
+    @property
+    def current(self) -> str:
+        return _MATCHING[0][1]
+
+    @current.setter
+    def current(self, pattern: str) -> None:
+        _MATCHING[0] = (self.field, pattern)  # what a runaway match is reported as, wherever the bound was set
+
     def fullmatch(self, pattern: str, name: str) -> bool:
         self.current = pattern
-        return self.compiled[pattern].fullmatch(name) is not None
+        try:
+            return self.compiled[pattern].fullmatch(name) is not None
+        except (re.error, RecursionError) as e:
+            raise LayoutError(f"{self.where}: the {self.field} pattern {brief(pattern)} cannot be matched ({e})") from None
 
     def suffix(self, name: str) -> str | None:
         """The first pattern (in order) that matches the end of ``name`` at a component boundary (PEFT's rule)."""
@@ -120,16 +132,23 @@ class _RunAway(Exception):
     pass
 
 
+_MATCHING: list[tuple[str, str]] = [("", "")]  # (field, pattern) being matched now, for the runaway message
+
+
+def _alarm(signum: int, frame: object) -> None:
+    raise _RunAway()
+
+
 @contextmanager
 def _time_limit(seconds: float) -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+    """Raise :class:`_RunAway` in the block after ``seconds`` (SIGALRM), where that is possible and harmless:
+    the main thread on POSIX, no bound already running, and no alarm of the application's own pending."""
+    if (threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer")
+            or signal.getitimer(signal.ITIMER_REAL)[0] > 0 or signal.getsignal(signal.SIGALRM) is _alarm):
         yield
         return
 
-    def alarm(signum: int, frame: object) -> None:
-        raise _RunAway()
-
-    previous = signal.signal(signal.SIGALRM, alarm)
+    previous = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield

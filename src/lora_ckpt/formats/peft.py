@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lora_ckpt.checks import Patterns, check_alpha, check_rank
-from lora_ckpt.errors import AlphaError, CheckpointFileError, LayoutError, ShapeError
+from lora_ckpt.errors import AlphaError, CheckpointFileError, LayoutError, ShapeError, brief
 from lora_ckpt.io import write_checkpoint
 from lora_ckpt.layout import PEFT, Layout, detect_layout
 from lora_ckpt.output import Output, PathLike
@@ -90,7 +90,11 @@ class PeftConfig:
         patterns = Patterns("target_modules/exclude_modules", all_patterns, where=self.where)
         layer_patterns = Patterns("layers_pattern", list(self.layers_pattern or []), where=self.where)
         save = Patterns("modules_to_save", list(self.modules_to_save), where=self.where)
-        return patterns.run(lambda: {n: self._selects(n, patterns, layer_patterns, save) for n in names})
+        try:
+            return patterns.run(lambda: {n: self._selects(n, patterns, layer_patterns, save) for n in names})
+        except (re.error, RecursionError) as e:  # a pattern valid alone, not inside PEFT's own wrapping
+            raise LayoutError(f"{self.where}: the pattern {brief(patterns.current)} cannot be matched as PEFT "
+                              f"matches it ({e}); simplify it") from None
 
     def _selects(self, name: str, patterns: Patterns, layer_patterns: Patterns, save: Patterns) -> bool:
         ex = self.exclude_modules
