@@ -135,7 +135,8 @@ def test_conversions_carry_orientation_and_task_type(gpt2_adapter, tmp_path):
 def test_an_orientation_argument_that_contradicts_the_config_is_refused(gpt2_adapter, tmp_path, capsys):
     _, base, adapter = gpt2_adapter
     assert main(["merge", str(base), str(adapter), str(tmp_path / "o"), "--no-fan-in-fan-out", "--quiet"]) == 1
-    assert "fan_in_fan_out=False contradicts fan_in_fan_out=True in" in capsys.readouterr().err
+    assert "fan_in_fan_out=False contradicts the base model's type: transformer.h.0.attn.c_attn is stored (in, out)" \
+        in capsys.readouterr().err
 
 
 # --- PEFT config fields: obeyed or refused -------------------------------------------------------
@@ -408,3 +409,85 @@ def test_nested_pattern_bounds_name_the_pattern_that_ran_away(gpt2_adapter, monk
     _edit_config(adapter, rank_pattern={".*.*.*.*.*.*.*.*.*.*.*.*.*.*z": 2}, alpha_pattern={"c_attn": 8})
     with pytest.raises(LayoutError, match=r"matching the rank_pattern pattern '\.\*\.\*.*z' took over 0.2 s"):
         merge_adapter(base, adapter)
+
+
+
+# --- found by the hostile review of the numbers ------------------------------------------------------
+
+
+def _untied_gpt2():
+    base = _gpt2()
+    base.config.tie_word_embeddings = False
+    base.lm_head.weight = torch.nn.Parameter(base.lm_head.weight.detach().clone())
+    return base
+
+
+def test_conv1d_and_linear_in_one_adapter_follow_each_layer_type(tmp_path):
+    """PEFT decides per layer type (and rewrites the config's fan_in_fan_out to false for lm_head)."""
+    base = _untied_gpt2()
+    base.save_pretrained(tmp_path / "base")
+    model = _peft(base, r=4, lora_alpha=8, target_modules=["attn.c_proj", "lm_head"], fan_in_fan_out=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    from_live = merged_state_dict(model)  # each live layer says its own orientation
+    expected = _unload(model)
+    _close(from_live, expected)
+    _close(merge_adapter(tmp_path / "base", tmp_path / "adapter"), expected)  # config.json names gpt2
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "o"), "--quiet"]) == 0
+    _close(load_checkpoint(tmp_path / "o").state_dict, expected)
+    bare = save_checkpoint(tmp_path / "bare.safetensors", load_checkpoint(tmp_path / "base").state_dict)
+    with pytest.raises(LayoutError, match=r"transformer.h.0.attn.c_proj: a square weight, stored \(out, in\) by "
+                                          r"nn.Linear or \(in, out\) by GPT-2's Conv1D, and nothing here tells which"):
+        merge_adapter(bare, tmp_path / "adapter")  # a bare file says no type; the config was rewritten by PEFT
+    with pytest.raises(LayoutError, match=r"\(out, in\) siblings do not tell"):
+        merge_lora(live, alpha=8.0)  # the bare state dict: lm_head alone does not tell either
+
+
+def test_a_square_only_gpt2_adapter_whose_config_says_false_follows_the_model_type(tmp_path):
+    base = _gpt2()
+    base.save_pretrained(tmp_path / "base")
+    model = _peft(base, r=4, lora_alpha=8, target_modules=["attn.c_proj"], fan_in_fan_out=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "adapter")
+    _edit_config(tmp_path / "adapter", fan_in_fan_out=False)  # as another tool might write it
+    _close(merge_adapter(tmp_path / "base", tmp_path / "adapter"), _unload(model))
+
+
+def test_adapters_trained_against_a_changed_base_are_refused(gpt2_adapter):
+    _, base, adapter = gpt2_adapter
+    for init in ("pissa", "pissa_niter_4", "olora", "corda", "loftq"):
+        _edit_config(adapter, init_lora_weights=init)
+        with pytest.raises(LayoutError, match=rf"init_lora_weights='{init}' trains the adapter against a changed base"):
+            merge_adapter(base, adapter)
+
+
+def test_overlapping_patterns_with_different_values_are_refused(gpt2_adapter):
+    _, base, adapter = gpt2_adapter
+    _edit_config(adapter, alpha_pattern={"c_attn": 16, "h.0.attn.c_attn": 2})
+    with pytest.raises(LayoutError, match=r"transformer.h.0.attn.c_attn matches alpha_pattern entries \['c_attn', "
+                                          r"'h.0.attn.c_attn'\] with different values \[16.0, 2.0\]"):
+        merge_adapter(base, adapter)
+    _edit_config(adapter, alpha_pattern={"c_attn": 16, "h.0.attn.c_attn": 16})  # the same value: no doubt
+    assert merge_adapter(base, adapter)
+
+
+def test_a_fork_recording_alpha_and_a_different_scaling_is_refused():
+    lora = make_gpt(attn_rank=4, randomize=True, alpha=8.0)
+    for mod in lora.modules():
+        if getattr(mod, "lora_A", None) is not None and hasattr(mod, "alpha"):
+            mod.scaling = mod.alpha / math.sqrt(mod.rank)  # rsLoRA-style scaling beside the plain alpha
+    with pytest.raises(AlphaError, match=r"records scales that disagree \(alpha gives 2, scaling gives 4"):
+        merged_state_dict(lora)
+
+
+def test_load_into_another_rank_starts_the_model_factors_fresh():
+    trained = make_gpt(attn_rank=4, randomize=True, alpha=16.0)
+    model = make_gpt(seed=3, attn_rank=2, alpha=8.0, randomize=True)  # its own, non-zero factors
+    report = load_into(model, trained.state_dict(), alpha=16.0)
+    assert report.merged and all(".lora_" in k for k in report.initialised)
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS), trained(TOKENS), rtol=1e-5, atol=1e-5)

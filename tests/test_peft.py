@@ -162,7 +162,7 @@ def test_live_peft_model_with_modules_to_save_merges_like_merge_and_unload(tmp_p
     assert "base_model.model.lm_head.modules_to_save.default.weight" in live
     assert "base_model.model.lm_head.original_module.weight" in live
     expected = _logits(model)
-    ours = merge_lora(live, scales=load_peft_adapter(tmp_path / "adapter").scales)
+    ours = merge_lora(live, scales=load_peft_adapter(tmp_path / "adapter").scales, fan_in_fan_out=False)  # Llama: nn.Linear
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = model.merge_and_unload()

@@ -184,7 +184,8 @@ def test_square_modules_into_loralib_are_written_and_merge_with_kinds(tmp_path):
     write_llama_checkpoint(tmp_path / "base", shape, dtype=torch.float32)
     write_llama_adapter(tmp_path / "adapter", shape, rank=4, dtype=torch.float32)
     peft = load_peft_adapter(tmp_path / "adapter")
-    tune = convert_layout(peft.state_dict, "torchtune", scales=peft.scales, base=load_model_weights(tmp_path / "base"))
+    tune = convert_layout(peft.state_dict, "torchtune", scales=peft.scales, base=load_model_weights(tmp_path / "base"),
+                          fan_in_fan_out=False)  # a bare state dict: Llama keeps nn.Linear
     src = save_checkpoint(tmp_path / "tune.safetensors", tune.state_dict, alpha=tune.alpha)
     got = load_checkpoint(stream_convert(src, tmp_path / "loralib.safetensors", to="loralib").files[0])
     assert got.alpha == tune.alpha and got.metadata["layout"] is None

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 
 from lora_ckpt.errors import AlphaError
-from lora_ckpt.formats.hf import load_model_weights
-from lora_ckpt.formats.peft import is_peft_dir, load_peft_adapter
+from lora_ckpt.formats.peft import adapter_orientation, load_peft_adapter
 from lora_ckpt.io import Checkpoint, PathLike, as_checkpoint
+from lora_ckpt.layout import split_prefix
 from lora_ckpt.merge import Alpha, merge_lora
+from lora_ckpt.source import Source
 
 __all__ = ["merge_adapter"]
 
@@ -35,14 +36,20 @@ def merge_adapter(
         CheckpointFileError, LayoutError, ShapeError, AlphaError, KeyMismatchError: as the inputs are
             read and checked; nothing is computed before every module has been matched to the base.
     """
-    base_sd = dict(base) if isinstance(base, Mapping) else load_model_weights(base)
-    if isinstance(adapter, (str, os.PathLike)) and is_peft_dir(adapter):
+    model_config = None
+    if isinstance(base, Mapping):
+        base_sd = dict(base)
+    else:
+        with Source.open(base) as source:
+            base_sd, model_config = source.load().state_dict, source.model_config
+    if isinstance(adapter, (str, os.PathLike)) and Source.open(adapter).kind == "peft":
         peft = load_peft_adapter(adapter)
         if alpha is not None:
             raise AlphaError(f"{adapter}: the alpha comes from adapter_config.json; do not pass alpha")
+        plain = {split_prefix(k)[1]: v for k, v in base_sd.items()}
         return merge_lora(
             peft.state_dict, base=base_sd, scales=peft.scales, layout=peft.layout, dtype=dtype,
-            fan_in_fan_out=peft.fan_in_fan_out,
+            fan_in_fan_out=adapter_orientation(peft, plain, model_config=model_config),
         )
     ckpt = as_checkpoint(adapter)
     return merge_lora(ckpt.state_dict, base=base_sd, alpha=ckpt.resolve_alpha(alpha), dtype=dtype)

@@ -112,9 +112,18 @@ class Patterns:
         except (re.error, RecursionError) as e:
             raise LayoutError(f"{self.where}: the {self.field} pattern {brief(pattern)} cannot be matched ({e})") from None
 
-    def suffix(self, name: str) -> str | None:
-        """The first pattern (in order) that matches the end of ``name`` at a component boundary (PEFT's rule)."""
-        for p in self.compiled:
+    def suffixes(self, name: str) -> list[str]:
+        """Every pattern that matches the end of ``name`` at a component boundary (PEFT's rule), in order."""
+        out: list[str] = []
+        while (found := self.suffix(name, skip=len(out) and out[-1])) is not None:
+            out.append(found)
+        return out
+
+    def suffix(self, name: str, *, skip: str | int = 0) -> str | None:
+        """The first pattern (in order, after ``skip``) that matches the end of ``name`` at a component boundary."""
+        patterns = list(self.compiled)
+        start = patterns.index(skip) + 1 if isinstance(skip, str) and skip in self.compiled else 0
+        for p in patterns[start:]:
             self.current = p
             try:
                 found = re.match(rf"(.*\.)?({p})$", name)

@@ -27,7 +27,8 @@ class LoadReport:
 
     ``copied``: taken as they were; ``remapped``: standard weights put into ``main_weight``;
     ``merged``: weights that received a checkpoint's LoRA update; ``initialised``: LoRA factors
-    the checkpoint could not supply, left as the model initialised them; ``ignored``: keys passed
+    the checkpoint could not supply (``lora_B`` set to zero so their update is zero, ``lora_A`` left as the
+    model initialised it); ``ignored``: keys passed
     over by the ``ignore`` option; ``untied``: model keys given their own parameter.
     """
 

@@ -22,10 +22,10 @@ from lora_ckpt.convert import LoadReport, convert_state_dict, fresh_factors
 from lora_ckpt.errors import AlphaError, CheckpointFileError, LayoutError
 from lora_ckpt.formats.gpt2 import hf_to_nanogpt, nanogpt_lora_to_peft
 from lora_ckpt.formats.hf import write_model_folder
-from lora_ckpt.formats.peft import load_peft_adapter, write_peft_adapter
+from lora_ckpt.formats.peft import adapter_orientation, load_peft_adapter, write_peft_adapter
 from lora_ckpt.io import write_checkpoint
-from lora_ckpt.layout import LAYOUTS, Layout, detect_layout, tied_groups
-from lora_ckpt.merge import Alpha, merge_lora, plan_merge
+from lora_ckpt.layout import LAYOUTS, Layout, detect_layout, split_prefix, tied_groups
+from lora_ckpt.merge import Alpha, Orientation, merge_lora, plan_merge
 from lora_ckpt.output import FILE_SUFFIXES, Output, PathLike, write_together
 from lora_ckpt.relayout import convert_layout
 from lora_ckpt.source import Source
@@ -174,9 +174,9 @@ def _merge_adapter(
             peft = load_peft_adapter(adapter)
             if alpha is not None:
                 raise AlphaError(f"{adapter.path}: the alpha comes from adapter_config.json; do not pass alpha")
-            assert peft.settings is not None
+            turned = adapter_orientation(peft, base_sd, model_config=base.model_config, given=fan_in_fan_out)
             plan = plan_merge(peft.state_dict, base=base_sd, scales=peft.scales, layout=peft.layout, dtype=dtype,
-                              fan_in_fan_out=_agree(fan_in_fan_out, peft.fan_in_fan_out, peft.settings.where))
+                              fan_in_fan_out=turned)
         else:
             ck = adapter.load()
             plan = plan_merge(ck.state_dict, base=base_sd, alpha=ck.resolve_alpha(alpha), dtype=dtype,
@@ -337,13 +337,16 @@ def _convert_in_memory(
     overwrite: bool,
     fan_in_fan_out: bool | None,
 ) -> FileResult:
-    fan_in_fan_out, task_type = (False, None) if gpt2 else (fan_in_fan_out, None)
+    given = fan_in_fan_out
+    orientation: Orientation = False if gpt2 else fan_in_fan_out
+    task_type = None
+    adapter = None
     if src.kind == "peft":
         adapter = load_peft_adapter(src)
         sd, scales, rec_alpha, extra = adapter.state_dict, adapter.scales, None, {}
         assert adapter.settings is not None
-        if not gpt2:  # with --gpt2 the base is turned into nanoGPT's (out, in) weights first
-            fan_in_fan_out = _agree(fan_in_fan_out, adapter.settings.fan_in_fan_out, adapter.settings.where)
+        if not gpt2 and base is None:  # the factors alone: the config's value is carried as it is
+            orientation = _agree(given, adapter.settings.fan_in_fan_out, adapter.settings.where)
         task_type = adapter.settings.task_type
     else:
         ckpt = src.load()
@@ -357,9 +360,13 @@ def _convert_in_memory(
         with Source.open(base) as base_src:
             base_sd = base_src.load().state_dict
             inputs += base_src.paths()
+            model_config = base_src.model_config
         if gpt2:
             base_sd = hf_to_nanogpt(base_sd)
-    rel = convert_layout(sd, to, alpha=rec_alpha, scales=scales, base=base_sd, fan_in_fan_out=fan_in_fan_out,
+        elif adapter is not None:  # each weight as PEFT would load it: by the base model's layer types
+            plain = {split_prefix(k)[1]: v for k, v in base_sd.items()}
+            orientation = adapter_orientation(adapter, plain, model_config=model_config, given=given)
+    rel = convert_layout(sd, to, alpha=rec_alpha, scales=scales, base=base_sd, fan_in_fan_out=orientation,
                          task_type=task_type)
     writes_base = bool(rel.base) and base is None
     if writes_base and base_out is None:

@@ -90,8 +90,9 @@ def settle_orientation(
 
     ``modules`` pairs each module with factors with its base weight (``meta`` is enough). A given
     ``fan_in_fan_out`` (from a config or an argument) is kept. Otherwise non-square weights tell their own
-    orientation, and a square weight takes the one every non-square sibling shows; with no siblings, or
-    siblings that disagree, the merge is refused rather than guessed. Returns None when no weight needs it.
+    orientation, and a square weight is (in, out) when every non-square sibling is (GPT-2's Conv1D family has
+    no square nn.Linear); in every other case the merge is refused rather than guessed (a GPT-2 adapter on a
+    square Conv1D weight and its nn.Linear head would read as nn.Linear). Returns None when no weight needs it.
     """
     if isinstance(fan_in_fan_out, Mapping):  # per module, from a live model's layers: each square one must be said
         unsaid = [m.name for m, _ in modules if m.kind == "linear" and m.spec.name == "peft"
@@ -107,11 +108,12 @@ def settle_orientation(
     if not square:
         return None
     shown = {orientation(m, b, None) for m, b in linear if m.delta_shape[0] != m.delta_shape[1]}
-    if len(shown) == 1:
-        return shown.pop()
+    if shown == {True}:  # (in, out) weights: a Conv1D model (GPT-2's family, which has no square nn.Linear)
+        return True
     n = square[0].delta_shape[0]
     names = ", ".join(m.name for m in square[:3]) + (f" and {len(square) - 3} more" if len(square) > 3 else "")
-    why = "its non-square siblings disagree" if shown else "no non-square sibling shows the orientation"
+    why = ("its non-square siblings disagree" if len(shown) > 1 else "no non-square sibling shows the orientation"
+           if not shown else "(out, in) siblings do not tell: GPT-2 keeps square Conv1D weights beside an nn.Linear head")
     raise LayoutError(
         f"{names}: a square ({n}, {n}) weight reads the same stored (out, in) as nn.Linear keeps it or (in, out) as "
         f"GPT-2's Conv1D does, nothing records which, and {why}; pass fan_in_fan_out=True for Conv1D weights or "

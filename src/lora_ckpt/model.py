@@ -69,15 +69,20 @@ def _scale_of(mod: nn.Module, name: str, rank: int) -> float | None:
         if len(scaling) != 1:
             raise AlphaError(f"{name}: the module holds adapters {sorted(scaling)}; merge with one adapter active")
         return check_alpha(next(iter(scaling.values())), where=f"{name}.scaling", fix=fix)
+    said: dict[str, float] = {}
     for attr in ("alpha", "lora_alpha"):
         value = getattr(mod, attr, None)
         if value is not None:
-            return check_alpha(value.item() if isinstance(value, torch.Tensor) else value,
-                               where=f"{name}.{attr}", fix=fix) / rank
+            said[attr] = check_alpha(value.item() if isinstance(value, torch.Tensor) else value,
+                                     where=f"{name}.{attr}", fix=fix) / rank
     if scaling is not None:
-        return check_alpha(scaling.item() if isinstance(scaling, torch.Tensor) else scaling,
-                           where=f"{name}.scaling", fix=fix)
-    return None
+        said["scaling"] = check_alpha(scaling.item() if isinstance(scaling, torch.Tensor) else scaling,
+                                      where=f"{name}.scaling", fix=fix)
+    if len({round(v, 12) for v in said.values()}) > 1:
+        shown = ", ".join(f"{k} gives {v:g}" for k, v in said.items())
+        raise AlphaError(f"{name}: the module records scales that disagree ({shown}; alpha counts as alpha / rank "
+                         f"{rank}); pass alpha=... to say which one its forward uses")
+    return next(iter(said.values()), None)
 
 
 def _live_orientation(model: nn.Module, layout: Layout) -> dict[str, bool] | None:
@@ -210,12 +215,18 @@ def load_into(
         as_checkpoint(checkpoint), model_layout, alpha=alpha, target_alpha=recorded, ignore=ignore, keep_factors=True
     )
     values, sources, report = conversion.values, conversion.sources, conversion.report
+    by_key = model_layout.module_by_key
+    for key in report.initialised:  # a module the checkpoint cannot fill starts fresh: a zero update, whatever it held
+        m = by_key[key]
+        if key == m.b_key and m.has_base:
+            values[key] = torch.zeros_like(model_sd[model_layout.prefix + key])
     untie = _resolve_ties(inner, values, sources, tied, report)
     with torch.no_grad():
         for key in untie:
             _give_own_parameter(inner, key)
         result = inner.load_state_dict(values, strict=False)
-    unexpected_missing = [k for k in result.missing_keys if k not in report.initialised and not matches_any(k, ignore)]
+    fresh = set(report.initialised)
+    unexpected_missing = [k for k in result.missing_keys if k not in fresh and not matches_any(k, ignore)]
     if result.unexpected_keys or unexpected_missing:  # pragma: no cover - _check_strict covers these
         raise KeyMismatchError(f"load_state_dict disagreed: missing {unexpected_missing}, unexpected {result.unexpected_keys}")
     return report

@@ -14,7 +14,7 @@ import torch
 
 from lora_ckpt.errors import LayoutError
 from lora_ckpt.layout import FORMULAS, KOHYA, LAYOUTS, PEFT, Layout, LayoutSpec, LoraModule, detect_layout
-from lora_ckpt.merge import Alpha, orientation, resolve_base_names, resolve_scales, settle_orientation
+from lora_ckpt.merge import Alpha, Orientation, orientation, resolve_base_names, resolve_scales, settle_orientation
 
 __all__ = ["Relayout", "convert_layout"]
 
@@ -63,7 +63,7 @@ def convert_layout(
     scales: Mapping[str, float] | None = None,
     base: Mapping[str, torch.Tensor] | None = None,
     layout: Layout | str | None = None,
-    fan_in_fan_out: bool | None = None,
+    fan_in_fan_out: Orientation = None,
     task_type: str | None = None,
 ) -> Relayout:
     """Return ``state_dict`` in the LoRA layout ``to``, with the same modules, ranks and scales; nothing merged.

@@ -242,6 +242,13 @@ class Source:
         self.meta, self.loaded, self.config = meta, loaded, config
         self._fds: dict[Path, int] = {}
 
+    @property
+    def model_config(self) -> dict[str, Any] | None:
+        """A model folder's ``config.json`` (validated JSON object), or None where there is none."""
+        if self.kind != "folder" or not (self.path / "config.json").is_file():
+            return None
+        return read_json(contained(self.path, "config.json", what="the model config"), what="model config")
+
     @classmethod
     def open(cls, path: PathLike) -> Source:
         """Open the input at ``path`` (file, model folder or PEFT adapter folder) and check everything but its data.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -18,7 +19,7 @@ from lora_ckpt.io import write_checkpoint
 from lora_ckpt.output import Output, PathLike
 from lora_ckpt.source import Source, contained, read_json
 
-__all__ = ["MODEL_EXTRAS", "copy_model_extras", "load_model_weights", "save_model_folder", "weight_files",
+__all__ = ["CONV1D_MODULES", "MODEL_EXTRAS", "module_types", "copy_model_extras", "load_model_weights", "save_model_folder", "weight_files",
            "write_model_folder"]
 
 #: The files besides the weights that a model folder needs (configs, tokenizer): what a merged copy takes along.
@@ -27,6 +28,24 @@ MODEL_EXTRAS = (
     "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken", "spiece.model", "sentencepiece*.model",
     "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
 )
+
+
+#: Model types whose projections transformers stores as ``Conv1D`` ((in, out) weights), and which ones they are.
+CONV1D_MODULES = {
+    "gpt2": re.compile(r"(^|\.)(attn\.c_attn|attn\.q_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$"),
+    "imagegpt": re.compile(r"(^|\.)(attn\.c_attn|attn\.q_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$"),
+}
+
+
+def module_types(model_config: Mapping[str, object] | None, names: Iterable[str]) -> dict[str, bool] | None:
+    """For a model whose ``config.json`` names a known ``model_type``: per module name, whether transformers stores
+    its weight (in, out) (``Conv1D``); None where the type is not known. This is how PEFT itself decides, per layer."""
+    if model_config is None or not isinstance(model_config.get("model_type"), str):
+        return None
+    conv1d = CONV1D_MODULES.get(str(model_config["model_type"]))
+    if conv1d is None:
+        return {name: False for name in names}  # transformers' other models keep nn.Linear
+    return {name: conv1d.search(name) is not None for name in names}
 
 
 def weight_files(path: PathLike) -> list[Path]:

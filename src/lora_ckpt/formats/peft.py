@@ -19,11 +19,13 @@ import torch
 from lora_ckpt.checks import Patterns, check_alpha, check_rank
 from lora_ckpt.errors import AlphaError, CheckpointFileError, LayoutError, ShapeError, brief
 from lora_ckpt.io import write_checkpoint
+from lora_ckpt.formats.hf import module_types
 from lora_ckpt.layout import PEFT, Layout, detect_layout
+from lora_ckpt.merge import orientation
 from lora_ckpt.output import Output, PathLike
 from lora_ckpt.source import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Source
 
-__all__ = ["PeftAdapter", "PeftConfig", "is_peft_dir", "load_peft_adapter", "pattern_key", "peft_config", "save_peft_adapter",
+__all__ = ["PeftAdapter", "PeftConfig", "adapter_orientation", "is_peft_dir", "load_peft_adapter", "pattern_key", "peft_config", "save_peft_adapter",
            "write_peft_adapter"]
 
 CONFIG_NAME = ADAPTER_CONFIG
@@ -140,12 +142,19 @@ class PeftConfig:
         alphas = Patterns("alpha_pattern", list(self.alpha_pattern), where=self.where)
         out: dict[str, float] = {}
         problems: list[str] = []
+        ambiguous: list[str] = []
 
         def resolve() -> None:
             for m in layout.modules:
                 if not m.has_factors:
                     continue
-                rk, ak = ranks.suffix(m.name), alphas.suffix(m.name)
+                rks, aks = ranks.suffixes(m.name), alphas.suffixes(m.name)
+                for field, keys, values in (("rank_pattern", rks, self.rank_pattern),
+                                            ("alpha_pattern", aks, self.alpha_pattern)):
+                    if len({values[k] for k in keys}) > 1:  # PEFT saves patterns sorted: which one trained is lost
+                        ambiguous.append(f"{m.name} matches {field} entries {keys} with different values "
+                                         f"{[values[k] for k in keys]}")
+                rk, ak = (rks[0] if rks else None), (aks[0] if aks else None)
                 r = self.rank_pattern[rk] if rk is not None else self.r
                 alpha = self.alpha_pattern[ak] if ak is not None else self.lora_alpha
                 if r != m.rank:
@@ -153,6 +162,9 @@ class PeftConfig:
                 out[m.name] = alpha / math.sqrt(m.rank) if self.use_rslora else alpha / m.rank
 
         ranks.run(lambda: alphas.run(resolve))
+        if ambiguous:
+            raise LayoutError(f"{self.where}: " + "; ".join(ambiguous[:3]) + "; PEFT writes its patterns sorted, so "
+                              "which one applied in training cannot be told: keep one pattern per module")
         if problems:
             raise ShapeError("; ".join(problems) + f"; is {self.where} the adapter's own config?")
         return out
@@ -247,6 +259,53 @@ class PeftAdapter:
         return self.settings.fan_in_fan_out if self.settings is not None else bool(self.config.get("fan_in_fan_out"))
 
 
+def adapter_orientation(
+    adapter: PeftAdapter,
+    base: Mapping[str, torch.Tensor],
+    *,
+    model_config: Mapping[str, Any] | None = None,
+    given: bool | None = None,
+) -> dict[str, bool]:
+    """Per module, whether its base weight is stored (in, out), decided as PEFT decides it when it loads the adapter.
+
+    PEFT follows each layer's type (``Conv1D`` or ``nn.Linear``), whatever ``fan_in_fan_out`` says (it even
+    rewrites the saved value), so the config cannot decide a square weight. Where the base model's
+    ``config.json`` names its type, that decides every module. Otherwise a non-square weight shows its own
+    orientation, and a square one is (in, out) when all non-square weights are (GPT-2's Conv1D family), or as
+    ``given`` says; anything else is refused. ``given`` (an argument) must agree with the facts.
+    """
+    linear = [m for m in adapter.layout.modules if m.has_factors and m.kind == "linear"]
+    types = module_types(model_config, [m.name for m in linear])
+    if types is not None:
+        if given is not None and any(v != given for v in types.values()):
+            wrong = next(n for n, v in types.items() if v != given)
+            raise LayoutError(f"fan_in_fan_out={given} contradicts the base model's type: {wrong} is stored "
+                              f"{'(in, out)' if types[wrong] else '(out, in)'}; drop the argument")
+        return types
+    shown: dict[str, bool] = {}
+    for m in linear:
+        weight = base.get(f"{m.name}.weight")
+        if weight is not None and m.delta_shape[0] != m.delta_shape[1]:
+            shown[m.name] = orientation(m, weight, None)
+    votes = set(shown.values())
+    if given is not None and votes and votes != {given}:
+        raise LayoutError(f"fan_in_fan_out={given} contradicts the weights' shapes; drop the argument")
+    out = dict(shown)
+    settled = given if given is not None else True if votes == {True} else None
+    for m in linear:
+        if m.name in out or m.delta_shape[0] != m.delta_shape[1]:
+            continue  # shown by its shape, or a weight the base lacks (the merge names it)
+        if settled is None:
+            raise LayoutError(
+                f"{m.name}: a square weight, stored (out, in) by nn.Linear or (in, out) by GPT-2's Conv1D, and nothing "
+                "here tells which (PEFT decides by the layer's type, not by fan_in_fan_out); merge onto the base "
+                "model's folder, whose config.json names the type, or pass fan_in_fan_out= (CLI: --fan-in-fan-out / "
+                "--no-fan-in-fan-out)"
+            )
+        out[m.name] = settled
+    return out
+
+
 def is_peft_dir(path: PathLike) -> bool:
     """Whether ``path`` is a folder holding a PEFT adapter config."""
     return (Path(path) / CONFIG_NAME).is_file()
@@ -271,6 +330,13 @@ def _check_supported(config: Mapping[str, Any], where: str) -> None:
         raise LayoutError(
             f"{where}: target_parameters {config['target_parameters']} (LoRA on raw parameters, e.g. MoE experts) "
             "is not supported"
+        )
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+        raise LayoutError(
+            f"{where}: init_lora_weights={init!r} trains the adapter against a changed base (its residual), so merging "
+            "it into the original base weights gives another model; convert it to a plain LoRA adapter with PEFT "
+            "first (save_pretrained(..., path_initial_model_for_weight_conversion=...))"
         )
     for option in ("use_qalora", "layer_replication", "trainable_token_indices", "alora_invocation_tokens"):
         if config.get(option):

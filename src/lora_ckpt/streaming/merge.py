@@ -22,7 +22,7 @@ import torch
 from lora_ckpt.checkpoint import Checkpoint
 from lora_ckpt.errors import AlphaError, CheckpointFileError, LayoutError
 from lora_ckpt.filemeta import FileMeta
-from lora_ckpt.formats.peft import load_peft_adapter
+from lora_ckpt.formats.peft import adapter_orientation, load_peft_adapter
 from lora_ckpt.io import as_checkpoint
 from lora_ckpt.layout import Layout, detect_layout, split_prefix
 from lora_ckpt.merge import Alpha, MergePlan, Step, plan_merge
@@ -155,13 +155,10 @@ def plan_stream_merge(
         peft = load_peft_adapter(adapter)  # type: ignore[arg-type]
         if alpha is not None:
             raise AlphaError(f"{peft.path}: the alpha comes from adapter_config.json; do not pass alpha")
-        if fan_in_fan_out is not None and fan_in_fan_out != peft.fan_in_fan_out:
-            raise LayoutError(
-                f"fan_in_fan_out={fan_in_fan_out} contradicts fan_in_fan_out={peft.fan_in_fan_out} in {peft.path}; drop "
-                "the argument (CLI: --fan-in-fan-out / --no-fan-in-fan-out) to use the recorded value"
-            )
+        plain = {split_prefix(k)[1]: v for k, v in meta.items()}
+        turned = adapter_orientation(peft, plain, model_config=src.model_config, given=fan_in_fan_out)
         plan = plan_merge(peft.state_dict, base=meta, scales=peft.scales, layout=peft.layout, dtype=dtype,
-                          fan_in_fan_out=peft.fan_in_fan_out)
+                          fan_in_fan_out=turned)
         return plan, {}
     ck = adapter.load() if isinstance(adapter, Source) else as_checkpoint(adapter)  # type: ignore[arg-type]
     return plan_merge(ck.state_dict, base=meta, alpha=ck.resolve_alpha(alpha), dtype=dtype,
