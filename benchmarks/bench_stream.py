@@ -175,7 +175,8 @@ def convert(work: Path, repeat: int) -> None:
     from lora_ckpt.formats.peft import load_peft_adapter
 
     peft = load_peft_adapter(work / "madapter")
-    rel = convert_layout(peft.state_dict, "torchtune", scales=peft.scales, base=load_model_weights(work / "mbase"))
+    rel = convert_layout(peft.state_dict, "torchtune", scales=peft.scales, base=load_model_weights(work / "mbase"),
+                         fan_in_fan_out=False)  # a bare state dict records no layer types: Llama's are nn.Linear
     (work / "tune").mkdir()
     src = save_checkpoint(work / "tune" / "lora.safetensors", rel.state_dict, alpha=rel.alpha)
     largest = max(t.numel() * t.element_size() for t in rel.state_dict.values())
