@@ -589,3 +589,25 @@ sys.exit(main(sys.argv[1:]))
     assert res.returncode == 143, res.stderr
     assert res.stderr == "lora-ckpt: interrupted; what was not finished was removed, and the inputs are unchanged\n"
     assert not (tmp_path / "o.safetensors").exists() and not _leftovers(tmp_path)
+
+
+def test_a_signal_after_the_output_is_in_place_exits_0_and_says_so(tmp_path):
+    src = save_checkpoint(tmp_path / "l.pt", make_gpt(attn_rank=2, randomize=True).state_dict(), alpha=4.0)
+    script = """
+import os, signal, sys
+from lora_ckpt.cli import main
+from lora_ckpt.streaming.writer import ShardedWriter
+write = ShardedWriter.write
+def then_signal(self, *args, **kwargs):
+    report = write(self, *args, **kwargs)  # the output is installed when this returns
+    os.kill(os.getpid(), signal.SIGTERM)
+    return report
+ShardedWriter.write = then_signal
+sys.exit(main(sys.argv[1:]))
+"""
+    out = tmp_path / "o.safetensors"
+    res = subprocess.run([sys.executable, "-c", script, "merge", str(src), str(out), "--quiet"], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == f"lora-ckpt: interrupted after writing {out}, which is complete\n"
+    assert load_checkpoint(out).state_dict and not _leftovers(tmp_path)

@@ -149,15 +149,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     _log_to_stderr()
     previous: dict[int, Any] = {}
+    from lora_ckpt.output import installed
+
+    done_before = len(installed())
     try:
         _on_signals(_COMMAND_MODULES.get(args.command, ()), previous)
         return {"inspect": _inspect, "merge": _merge, "convert": _convert, "demo": _demo}[args.command](args)
-    except Interrupted as e:
+    except (Interrupted, KeyboardInterrupt) as e:
+        written = installed()[done_before:]
+        if written and args.command in ("merge", "convert"):  # the outputs were complete when the signal came
+            print(f"lora-ckpt: interrupted after writing {', '.join(map(str, written))}, which is complete",
+                  file=sys.stderr)
+            return 0
         print(_INTERRUPTED, file=sys.stderr)
-        return e.code
-    except KeyboardInterrupt:
-        print(_INTERRUPTED, file=sys.stderr)
-        return 130
+        return e.code if isinstance(e, Interrupted) else 130
     except BrokenPipeError:
         _quiet_stdout()  # the reader went away (`| head`): nothing more to say
         return 141

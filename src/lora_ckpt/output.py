@@ -39,7 +39,8 @@ from typing import Union
 
 from lora_ckpt.errors import CheckpointFileError
 
-__all__ = ["FILE_SUFFIXES", "REPLACEABLE", "Output", "PathLike", "clean_leftovers", "umask", "write_together"]
+__all__ = ["FILE_SUFFIXES", "REPLACEABLE", "Output", "PathLike", "clean_leftovers", "installed", "umask",
+           "write_together"]
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +155,20 @@ def write_together(*outputs: Output) -> Iterator[tuple[Path, ...]]:
             for out, path in undo:  # the old outputs (now under the staging names), or nothing
                 _remove(path)
                 _sync_dir(out.path.parent)
+            _INSTALLED.extend(out.path for out in outputs)
     finally:
         for path in staged:
             _unlock(path)
             if os.path.lexists(path):
                 _remove(path)
+
+
+_INSTALLED: list[Path] = []  # every output this process installed, in order
+
+
+def installed() -> tuple[Path, ...]:
+    """Every output this process has installed so far (so a caller interrupted afterwards can tell it finished)."""
+    return tuple(_INSTALLED)
 
 
 @contextlib.contextmanager
