@@ -83,7 +83,7 @@ def test_failures_exit_1_with_one_clear_line(lora_file, tmp_path, capsys):
     existing = save_checkpoint(tmp_path / "x.safetensors", {"w": torch.zeros(2)})
     assert main(["merge", str(path), str(existing)]) == 1
     err = capsys.readouterr().err
-    assert err == f"lora-ckpt: error: {existing}: already exists; pass overwrite=True (CLI: --force) to replace it\n"
+    assert err == f"lora-ckpt: error: {existing}: already exists; pass --force to replace it\n"  # CLI words only
     assert main(["merge", str(path), str(existing), "--force"]) == 0
     capsys.readouterr()
     assert main(["merge", str(path), str(tmp_path / "y.pt"), "--alpha", "3"]) == 1
@@ -172,3 +172,16 @@ def test_json_results_and_errors_and_python_m(lora_file, tmp_path, capsys):
     assert error["ok"] is False and error["kind"] == "CheckpointFileError" and "already exists" in error["error"]
     res = subprocess.run([sys.executable, "-m", "lora_ckpt", "--version"], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.startswith("lora-ckpt ")
+
+
+def test_cli_errors_name_flags_not_python_arguments(tmp_path, capsys):
+    from lora_ckpt.testing import make_lora_state_dict
+
+    raw = save_checkpoint(tmp_path / "raw.safetensors", make_lora_state_dict(rank=2))  # no alpha recorded
+    assert main(["merge", str(raw), str(tmp_path / "o.safetensors"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "pass --alpha A, or a per-module mapping" in err and "alpha=<float>" not in err
+    with pytest.raises(Exception, match=r"pass alpha=<float> \(CLI: --alpha A\)"):  # Python keeps both
+        from lora_ckpt import merge_lora
+
+        merge_lora(make_lora_state_dict(rank=2))

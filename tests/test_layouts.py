@@ -296,7 +296,7 @@ def test_layouts_mixed_in_one_dict():
 def test_adapter_only_needs_a_base_and_a_base_that_fits():
     sd = make_gpt(attn_rank=4, randomize=True).state_dict()
     r = convert_layout(sd, "peft", alpha=8.0)
-    with pytest.raises(LayoutError, match="this peft state dict holds adapters only; pass base="):
+    with pytest.raises(LayoutError, match="this peft state dict holds adapters only, with no base weights; give its base: base="):
         merge_lora(r.state_dict, alpha=r.alpha)
     bad = dict(r.base)
     bad["transformer.h.0.attn.c_attn.weight"] = torch.zeros(96, 31)

@@ -259,7 +259,7 @@ def test_symlinked_outputs_and_folders_named_like_files(proj, tmp_path, capsys):
     assert list(real.iterdir()) == []
     (tmp_path / "d.safetensors").mkdir()
     assert main(["merge", *args, str(tmp_path / "d.safetensors"), "--quiet"]) == 1
-    assert "d.safetensors: already exists; pass overwrite=True (CLI: --force)" in capsys.readouterr().err
+    assert "d.safetensors: already exists; pass --force to replace it" in capsys.readouterr().err
     assert main(["merge", *args, str(tmp_path / "d.safetensors"), "--force", "--quiet"]) == 1
     assert "d.safetensors: is a folder, and the output is a file; remove the folder" in capsys.readouterr().err
     assert not _leftovers(tmp_path)

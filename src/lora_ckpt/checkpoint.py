@@ -66,7 +66,7 @@ class Checkpoint:
                 where = f"{self.path}: " if self.path else ""
                 raise AlphaError(
                     f"{where}model_args['lora_alpha'] is {brief(value)}, not a finite number; pass the alpha yourself "
-                    "(alpha=..., CLI: --alpha) or fix model_args"
+                    "(pass alpha=... (CLI: --alpha A)) or fix model_args"
                 )
             self.alpha, self.alpha_source = float(value), "model_args['lora_alpha']"
         return self

@@ -192,9 +192,14 @@ def run() -> None:
     sys.exit(code)
 
 
+# Library messages name the Python argument with its flag beside it, ``alpha=<float> (CLI: --alpha A)``;
+# the command line shows the flag alone.
+_PYTHON_HINT = re.compile(r"\b\w+=[^\s,;()]*(?: \([^()]*\))? \(CLI: ([^)]*)\)")
+
+
 def _one_line(e: Exception) -> str:
     if not isinstance(e, OSError) or isinstance(e, BrokenPipeError):
-        return str(e)
+        return _PYTHON_HINT.sub(r"\1", str(e))
     where = f"{e.filename}: " if e.filename else ""
     hint = {
         errno.ENOSPC: "no space left on the device; free some space or write elsewhere",

@@ -50,8 +50,8 @@ def resolve_scales(
         names = [m.name for m in needing]
         raise AlphaError(
             f"the LoRA alpha is not known for {len(names)} module(s) ({', '.join(names[:3])}"
-            f"{', …' if len(names) > 3 else ''}); pass alpha=<float> or a per-module mapping "
-            "(nanoGPT stores it as checkpoint['model_args']['lora_alpha'])"
+            f"{', …' if len(names) > 3 else ''}); pass alpha=<float> (CLI: --alpha A), or a "
+            "per-module mapping (nanoGPT stores it as checkpoint['model_args']['lora_alpha'])"
         )
     if isinstance(alpha, Mapping):
         missing = [m.name for m in needing if m.name not in alpha]
@@ -116,8 +116,8 @@ def settle_orientation(
            if not shown else "(out, in) siblings do not tell: GPT-2 keeps square Conv1D weights beside an nn.Linear head")
     raise LayoutError(
         f"{names}: a square ({n}, {n}) weight reads the same stored (out, in) as nn.Linear keeps it or (in, out) as "
-        f"GPT-2's Conv1D does, nothing records which, and {why}; pass fan_in_fan_out=True for Conv1D weights or "
-        "False for nn.Linear (CLI: --fan-in-fan-out / --no-fan-in-fan-out)"
+        f"GPT-2's Conv1D does, nothing records which, and {why}; pass fan_in_fan_out=True (CLI: --fan-in-fan-out) "
+        "for Conv1D weights or fan_in_fan_out=False (CLI: --no-fan-in-fan-out) for nn.Linear"
     )
 
 
@@ -244,7 +244,7 @@ def check_finite(name: str, merged: torch.Tensor, base: torch.Tensor | None, sca
         return  # the base had them already: the merge did not make them
     raise ShapeError(
         f"{name}: the merged weight has non-finite values in {str(merged.dtype).replace('torch.', '')} (the update, "
-        f"scaled by {scale:g}, overflows it); merge into a wider dtype (dtype=torch.float32, CLI: --dtype fp32) "
+        f"scaled by {scale:g}, overflows it); merge into a wider dtype: dtype=torch.float32 (CLI: --dtype fp32) "
         "or check the alpha"
     )
 
@@ -501,7 +501,8 @@ def plan_merge(
     if layout.needs_base or base is not None:
         if base is None:
             raise LayoutError(
-                f"this {layout.kind} state dict holds adapters only; pass base=<the base model's state dict>"
+                f"this {layout.kind} state dict holds adapters only, with no base weights; give its base: base=... "
+                "(CLI: merge BASE ADAPTER DST)"
             )
         return _plan_onto_base(layout, tensors, base, scales, dtype, fan_in_fan_out)
 

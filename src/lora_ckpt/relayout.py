@@ -103,7 +103,7 @@ def convert_layout(
     scales = dict(scales) if scales is not None else resolve_scales(layout, alpha, tensors)
     plain_base = None if base is None else {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in base.items()}
     if layout.needs_base and target.base_in_file and plain_base is None:
-        raise LayoutError(f"{layout.kind} holds adapters only and {to} keeps base weights beside them; pass base=...")
+        raise LayoutError(f"{layout.kind} holds adapters only and {to} keeps base weights beside them; pass base=... (CLI: --base BASE)")
 
     problems = _inexpressible(layout, target)
     if problems:
