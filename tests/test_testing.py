@@ -25,3 +25,12 @@ def test_factories_are_seeded_and_randomize_only_touches_factors():
     randomize_lora(model, seed=3)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {f"transformer.h.{i}.attn.c_attn.lora_{x}.weight" for i in (0, 1) for x in "AB"}
+
+
+def test_the_pytest_plugin_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, lora_ckpt.pytest_plugin; print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"
