@@ -185,3 +185,12 @@ def test_cli_errors_name_flags_not_python_arguments(tmp_path, capsys):
         from lora_ckpt import merge_lora
 
         merge_lora(make_lora_state_dict(rank=2))
+
+
+def test_inspect_an_adapter_folder_shows_its_config_alpha(tmp_path, capsys):
+    from lora_ckpt.testing.llama import LlamaShape, write_llama_adapter
+
+    write_llama_adapter(tmp_path / "ad", LlamaShape(hidden=32, intermediate=64, layers=1, vocab=64), rank=4, alpha=16.0)
+    assert main(["inspect", str(tmp_path / "ad")]) == 0
+    assert "alpha: 16 (adapter_config.json)" in capsys.readouterr().out
+    assert repr(load_checkpoint(tmp_path / "ad")).startswith("Checkpoint(tensors=")

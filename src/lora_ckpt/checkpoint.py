@@ -36,6 +36,11 @@ class Checkpoint:
     path: Path | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        alpha = self.alpha if not isinstance(self.alpha, Mapping) else f"{{{len(self.alpha)} modules}}"
+        return (f"Checkpoint(tensors={len(self.state_dict)}, alpha={alpha}, alpha_source={self.alpha_source!r}, "
+                f"extra={sorted(map(str, self.extra))}, path={str(self.path) if self.path else None!r})")
+
     def resolve_alpha(self, alpha: float | Mapping[str, float] | None) -> float | Mapping[str, float] | None:
         """The alpha to merge with: ``alpha`` if given, else the recorded one; raise if they disagree."""
         if alpha is None or self.alpha is None:

@@ -282,6 +282,15 @@ def _inspect(args: argparse.Namespace) -> int:
 
     with Source.open(args.path) as source:
         ckpt = source.load()
+        if source.kind == "peft":  # the scales are its config's: PEFT's alpha per module, as merges use them
+            from lora_ckpt.formats.peft import load_peft_adapter
+
+            peft = load_peft_adapter(source)
+            ranks = {m.name: m.rank for m in peft.layout.modules if m.has_factors}
+            alphas = {n: s * (ranks[n] ** 0.5 if peft.settings and peft.settings.use_rslora else ranks[n])
+                      for n, s in peft.scales.items()}
+            ckpt.alpha, ckpt.alpha_source = alphas, "adapter_config.json" + (", rsLoRA" if peft.settings and
+                                                                                peft.settings.use_rslora else "")
     layout = detect_layout(ckpt.state_dict)
     sd = ckpt.state_dict
     unique = {id(t): t for t in sd.values()}.values()

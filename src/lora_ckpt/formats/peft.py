@@ -258,6 +258,10 @@ class PeftAdapter:
     def fan_in_fan_out(self) -> bool:
         return self.settings.fan_in_fan_out if self.settings is not None else bool(self.config.get("fan_in_fan_out"))
 
+    def __repr__(self) -> str:
+        return (f"PeftAdapter(path={str(self.path) if self.path else None!r}, tensors={len(self.state_dict)}, "
+                f"modules={len(self.scales)}, r={self.config.get('r')!r}, lora_alpha={self.config.get('lora_alpha')!r})")
+
 
 def adapter_orientation(
     adapter: PeftAdapter,
