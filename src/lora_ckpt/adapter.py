@@ -12,10 +12,10 @@ from lora_ckpt.errors import AlphaError
 from lora_ckpt.formats.peft import adapter_orientation, load_peft_adapter
 from lora_ckpt.io import Checkpoint, PathLike, as_checkpoint
 from lora_ckpt.layout import split_prefix
-from lora_ckpt.merge import Alpha, merge_lora
+from lora_ckpt.merge import Alpha, MergePlan, plan_merge, require_data
 from lora_ckpt.source import Source
 
-__all__ = ["merge_adapter"]
+__all__ = ["merge_adapter", "plan_adapter_merge"]
 
 
 def merge_adapter(
@@ -42,14 +42,38 @@ def merge_adapter(
     else:
         with Source.open(base) as source:
             base_sd, model_config = source.load().state_dict, source.model_config
-    if isinstance(adapter, (str, os.PathLike)) and Source.open(adapter).kind == "peft":
+    require_data(base_sd)
+    if isinstance(adapter, (str, os.PathLike)):
+        with Source.open(adapter) as ad:
+            plan = plan_adapter_merge(ad, base_sd, model_config=model_config, alpha=alpha, dtype=dtype)
+    else:
+        plan = plan_adapter_merge(adapter, base_sd, alpha=alpha, dtype=dtype)
+    return plan.execute(plan.big)
+
+
+def plan_adapter_merge(
+    adapter: Source | Checkpoint | Mapping[str, Any],
+    base: Mapping[str, torch.Tensor],
+    *,
+    model_config: Mapping[str, Any] | None = None,
+    alpha: Alpha | None = None,
+    dtype: torch.dtype | None = None,
+    fan_in_fan_out: bool | None = None,
+) -> MergePlan:
+    """The checked plan of merging ``adapter`` into the standard state dict ``base`` (real or ``meta`` tensors).
+
+    A PEFT adapter takes its scales from its config (``alpha`` is then an error) and each weight's orientation
+    as PEFT loads it (:func:`~lora_ckpt.formats.peft.adapter_orientation`, from ``model_config``, the base
+    model's ``config.json``); any other adapter takes ``alpha`` or the alpha it records.
+    """
+    if isinstance(adapter, Source) and adapter.kind == "peft":
         peft = load_peft_adapter(adapter)
         if alpha is not None:
-            raise AlphaError(f"{adapter}: the alpha comes from adapter_config.json; do not pass alpha")
-        plain = {split_prefix(k)[1]: v for k, v in base_sd.items()}
-        return merge_lora(
-            peft.state_dict, base=base_sd, scales=peft.scales, layout=peft.layout, dtype=dtype,
-            fan_in_fan_out=adapter_orientation(peft, plain, model_config=model_config),
-        )
-    ckpt = as_checkpoint(adapter)
-    return merge_lora(ckpt.state_dict, base=base_sd, alpha=ckpt.resolve_alpha(alpha), dtype=dtype)
+            raise AlphaError(f"{adapter.path}: the alpha comes from adapter_config.json; do not pass alpha")
+        plain = {split_prefix(k)[1]: v for k, v in base.items()}
+        turned = adapter_orientation(peft, plain, model_config=model_config, given=fan_in_fan_out)
+        return plan_merge(peft.state_dict, base=base, scales=peft.scales, layout=peft.layout, dtype=dtype,
+                          fan_in_fan_out=turned)
+    ck = adapter.load() if isinstance(adapter, Source) else as_checkpoint(adapter)
+    return plan_merge(ck.state_dict, base=base, alpha=ck.resolve_alpha(alpha), dtype=dtype,
+                      fan_in_fan_out=fan_in_fan_out)

@@ -15,11 +15,11 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from lora_ckpt.errors import AlphaError, LayoutError, brief
 
-__all__ = ["MATCH_SECONDS", "Patterns", "check_alpha", "check_rank"]
+__all__ = ["MATCH_SECONDS", "Patterns", "check_alpha", "check_rank", "unique_keys"]
 
 #: The most seconds spent matching one config's patterns against every module name.
 MATCH_SECONDS = 2.0
@@ -28,6 +28,16 @@ MATCH_SECONDS = 2.0
 _NESTED = re.compile(r"\((?:[^()\\]|\\.)*(?:[*+}]|\{\d*,\d*\})(?:[^()\\]|\\.)*\)(?:[*+]|\{\d*,?\d*\})")
 
 T = TypeVar("T")
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' ``object_pairs_hook`` that refuses a key given twice (JSON itself keeps the last silently)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"the key {brief(k)} appears twice")
+        out[k] = v
+    return out
 
 
 def check_alpha(value: object, *, where: str, fix: str) -> float:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora_ckpt._version import __version__
+from lora_ckpt.checks import unique_keys
 from lora_ckpt.errors import CheckpointFileError, brief
 
 __all__ = ["FORMAT_VERSION", "META_KEY", "FileMeta"]
@@ -54,7 +55,7 @@ class FileMeta:
         if not header or META_KEY not in header:
             return None
         try:
-            raw = json.loads(header[META_KEY], object_pairs_hook=_no_duplicates)
+            raw = json.loads(header[META_KEY], object_pairs_hook=unique_keys)
         except (TypeError, ValueError, RecursionError) as e:  # RecursionError: nested past the parser's limit
             raise CheckpointFileError(f"{where}: lora_ckpt metadata is not valid JSON ({e}); the file is corrupt") from None
         return cls.from_dict(raw, stored=stored, where=where)
@@ -156,15 +157,6 @@ class FileMeta:
         except (TypeError, ValueError) as e:
             raise CheckpointFileError(f"cannot record lora_ckpt metadata: {e}; is model_args JSON-serialisable?") from None
         return {"format": "pt", META_KEY: text}
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"the key {brief(k)} appears twice")
-        out[k] = v
-    return out
 
 
 def _alpha(value: object, bad: _Problems) -> float | dict[str, float] | None:

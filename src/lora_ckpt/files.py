@@ -19,17 +19,19 @@ import torch
 
 from lora_ckpt.checkpoint import Checkpoint
 from lora_ckpt.convert import LoadReport, convert_state_dict, fresh_factors
-from lora_ckpt.errors import AlphaError, CheckpointFileError, LayoutError
+from lora_ckpt.errors import CheckpointFileError, LayoutError
 from lora_ckpt.formats.gpt2 import hf_to_nanogpt, nanogpt_lora_to_peft
 from lora_ckpt.formats.hf import write_model_folder
+from lora_ckpt.adapter import plan_adapter_merge
 from lora_ckpt.formats.peft import adapter_orientation, load_peft_adapter, write_peft_adapter
 from lora_ckpt.io import write_checkpoint
 from lora_ckpt.layout import LAYOUTS, Layout, detect_layout, split_prefix, tied_groups
-from lora_ckpt.merge import Alpha, Orientation, merge_lora, plan_merge
+from lora_ckpt.merge import Alpha, Orientation, plan_merge
 from lora_ckpt.output import FILE_SUFFIXES, Output, PathLike, write_together
 from lora_ckpt.relayout import convert_layout
 from lora_ckpt.source import Source
 from lora_ckpt.streaming import StreamOptions, stream_convert, stream_merge
+from lora_ckpt.streaming.merge import tie_metadata
 
 __all__ = ["FileResult", "convert_files", "merge_files"]
 
@@ -116,8 +118,7 @@ def merge_files(
             updated = _tied_updates(src, layout)
             plan = plan_merge(ckpt.state_dict, alpha=ckpt.resolve_alpha(alpha), tied=tied, dtype=dtype, layout=layout,
                               fan_in_fan_out=fan_in_fan_out)
-            merged = merge_lora(ckpt.state_dict, alpha=ckpt.resolve_alpha(alpha), tied=tied, dtype=dtype, layout=layout,
-                                fan_in_fan_out=fan_in_fan_out)
+            merged = plan.execute(plan.big)  # a loaded file holds data (meta tensors are refused when it is read)
             extra, dropped = _standard_extra(ckpt, out.path)
             with out.writing() as tmp:
                 write_checkpoint(tmp, merged, extra=extra, suffix=out.path.suffix)
@@ -169,18 +170,8 @@ def _merge_adapter(
             f"{report.bytes / 1e9:.2f} GB in {len(report.files)} file(s), {report.seconds:.1f} s)"
         )
     else:
-        base_sd = base.load().state_dict
-        if adapter.kind == "peft":
-            peft = load_peft_adapter(adapter)
-            if alpha is not None:
-                raise AlphaError(f"{adapter.path}: the alpha comes from adapter_config.json; do not pass alpha")
-            turned = adapter_orientation(peft, base_sd, model_config=base.model_config, given=fan_in_fan_out)
-            plan = plan_merge(peft.state_dict, base=base_sd, scales=peft.scales, layout=peft.layout, dtype=dtype,
-                              fan_in_fan_out=turned)
-        else:
-            ck = adapter.load()
-            plan = plan_merge(ck.state_dict, base=base_sd, alpha=ck.resolve_alpha(alpha), dtype=dtype,
-                              fan_in_fan_out=fan_in_fan_out)
+        plan = plan_adapter_merge(adapter, base.load().state_dict, model_config=base.model_config, alpha=alpha,
+                                  dtype=dtype, fan_in_fan_out=fan_in_fan_out)
         left_out = _write_standard(out, plan.execute(plan.big), like=base.path, dtype=dtype)
         result = FileResult([out.path], False, len(plan.merged_modules()), left_out=left_out,
                             leftovers=list(out.removed))
@@ -226,10 +217,7 @@ def _tied_updates(src: Source, layout: Layout) -> list[tuple[str, ...]]:
     if src.kind == "pickle" and src.loaded is not None:
         groups: tuple[tuple[str, ...], ...] = tied_groups(src.loaded.state_dict)
     else:
-        by_key: dict[str, list[str]] = {}
-        for alias, key in src.aliases().items():
-            by_key.setdefault(key, [key]).append(alias)
-        groups = tuple(tuple(g) for g in by_key.values())
+        groups = tie_metadata(src.aliases())
     updated = {layout.prefix + m.weight_key for m in layout.modules if m.has_factors and m.has_base}
     return [g for g in groups if updated.intersection(g)]
 

@@ -17,7 +17,7 @@ from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LoraModule, detect_l
 __all__ = [
     "Alpha", "Factors", "MergePlan", "Orientation", "Step", "merge_lora", "merge_module", "check_finite", "check_scale", "merge_rows", "module_factors",
     "orientation",
-    "plan_merge", "settle_orientation",
+    "plan_merge", "require_data", "settle_orientation",
     "resolve_base_names", "resolve_scales",
 ]
 
@@ -388,15 +388,20 @@ def merge_lora(
         >>> "transformer.h.0.attn.c_attn.weight" in merged, any("lora_" in k for k in merged)
         (True, False)
     """
-    empty = [k for k, v in (*state_dict.items(), *(base or {}).items()) if v.device.type == "meta"]
-    if empty:
-        raise LayoutError(f"{empty[:3]} {'is a meta tensor' if len(empty) == 1 else 'are meta tensors'} (no data); "
-                          "load the real weights (e.g. model.to_empty() then load them) before merging")
+    require_data(state_dict, base or {})
     plan = plan_merge(
         state_dict, alpha=alpha, base=base, tied=tied, dtype=dtype, layout=layout, scales=scales,
         fan_in_fan_out=fan_in_fan_out,
     )
     return plan.execute(plan.big)
+
+
+def require_data(*state_dicts: Mapping[str, torch.Tensor]) -> None:
+    """Raise if a tensor to merge is a ``meta`` tensor (shapes only, no data): planning takes them, arithmetic not."""
+    empty = [k for sd in state_dicts for k, v in sd.items() if v.device.type == "meta"]
+    if empty:
+        raise LayoutError(f"{empty[:3]} {'is a meta tensor' if len(empty) == 1 else 'are meta tensors'} (no data); "
+                          "load the real weights (e.g. model.to_empty() then load them) before merging")
 
 
 @dataclass(frozen=True)

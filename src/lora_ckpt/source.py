@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from lora_ckpt.checkpoint import Checkpoint, checkpoint_from_dict
+from lora_ckpt.checks import unique_keys
 from lora_ckpt.errors import CheckpointFileError, LayoutError, LoraCkptError, UnsafeCheckpointError, brief
 from lora_ckpt.filemeta import FileMeta
 from lora_ckpt.output import PathLike
@@ -87,21 +88,12 @@ def read_json(path: Path, *, what: str) -> dict[str, Any]:
     except OSError as e:
         raise CheckpointFileError(f"{path}: cannot read the {what} ({e.strerror})") from None
     try:
-        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointFileError(f"{path}: the {what} is not valid UTF-8 JSON ({_first_line(e)})") from None
     if not isinstance(value, dict):
         raise CheckpointFileError(f"{path}: the {what} is a JSON {type(value).__name__}, not an object")
     return value
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"the key {brief(k)} appears twice")
-        out[k] = v
-    return out
 
 
 def _first_line(e: BaseException) -> str:
@@ -165,7 +157,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Entry], dict[str, str
     except OSError as e:
         raise CheckpointFileError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointFileError(f"{path}: corrupt safetensors header ({_first_line(e)})") from None
     if not isinstance(header, dict):

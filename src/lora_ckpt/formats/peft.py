@@ -149,10 +149,10 @@ class PeftConfig:
                 if not m.has_factors:
                     continue
                 rks, aks = ranks.suffixes(m.name), alphas.suffixes(m.name)
-                for field, keys, values in (("rank_pattern", rks, self.rank_pattern),
-                                            ("alpha_pattern", aks, self.alpha_pattern)):
+                for option, keys, values in (("rank_pattern", rks, self.rank_pattern),
+                                             ("alpha_pattern", aks, self.alpha_pattern)):
                     if len({values[k] for k in keys}) > 1:  # PEFT saves patterns sorted: which one trained is lost
-                        ambiguous.append(f"{m.name} matches {field} entries {keys} with different values "
+                        ambiguous.append(f"{m.name} matches {option} entries {keys} with different values "
                                          f"{[values[k] for k in keys]}")
                 rk, ak = (rks[0] if rks else None), (aks[0] if aks else None)
                 r = self.rank_pattern[rk] if rk is not None else self.r

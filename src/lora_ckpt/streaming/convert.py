@@ -19,7 +19,6 @@ import torch
 from lora_ckpt.checkpoint import Checkpoint
 from lora_ckpt.convert import LoadReport, convert_state_dict, fresh_factors
 from lora_ckpt.errors import CheckpointFileError, LayoutError
-from lora_ckpt.filemeta import FileMeta
 from lora_ckpt.formats.peft import write_peft_adapter
 from lora_ckpt.io import file_meta, write_checkpoint
 from lora_ckpt.layout import LAYOUTS, Layout, detect_layout

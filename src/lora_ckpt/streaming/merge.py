@@ -20,10 +20,9 @@ from typing import Any
 import torch
 
 from lora_ckpt.checkpoint import Checkpoint
-from lora_ckpt.errors import AlphaError, CheckpointFileError, LayoutError
+from lora_ckpt.errors import CheckpointFileError
 from lora_ckpt.filemeta import FileMeta
-from lora_ckpt.formats.peft import adapter_orientation, load_peft_adapter
-from lora_ckpt.io import as_checkpoint
+from lora_ckpt.adapter import plan_adapter_merge
 from lora_ckpt.layout import Layout, detect_layout, split_prefix
 from lora_ckpt.merge import Alpha, MergePlan, Step, plan_merge
 from lora_ckpt.output import Output, PathLike
@@ -149,20 +148,12 @@ def plan_stream_merge(
                           fan_in_fan_out=fan_in_fan_out)
         model_args = info.extra.get("model_args")
         return plan, dict(model_args) if isinstance(model_args, Mapping) else {}
-    if isinstance(adapter, Source) and adapter.kind == "peft" or (
-        isinstance(adapter, (str, os.PathLike)) and (Path(adapter) / "adapter_config.json").is_file()
-    ):
-        peft = load_peft_adapter(adapter)  # type: ignore[arg-type]
-        if alpha is not None:
-            raise AlphaError(f"{peft.path}: the alpha comes from adapter_config.json; do not pass alpha")
-        plain = {split_prefix(k)[1]: v for k, v in meta.items()}
-        turned = adapter_orientation(peft, plain, model_config=src.model_config, given=fan_in_fan_out)
-        plan = plan_merge(peft.state_dict, base=meta, scales=peft.scales, layout=peft.layout, dtype=dtype,
-                          fan_in_fan_out=turned)
-        return plan, {}
-    ck = adapter.load() if isinstance(adapter, Source) else as_checkpoint(adapter)  # type: ignore[arg-type]
-    return plan_merge(ck.state_dict, base=meta, alpha=ck.resolve_alpha(alpha), dtype=dtype,
-                      fan_in_fan_out=fan_in_fan_out), {}
+    if isinstance(adapter, (str, os.PathLike)):
+        with Source.open(adapter) as opened:
+            return plan_adapter_merge(opened, meta, model_config=src.model_config, alpha=alpha, dtype=dtype,
+                                      fan_in_fan_out=fan_in_fan_out), {}
+    return plan_adapter_merge(adapter, meta, model_config=src.model_config, alpha=alpha, dtype=dtype,
+                              fan_in_fan_out=fan_in_fan_out), {}
 
 
 def tie_metadata(aliases: Mapping[str, str]) -> tuple[tuple[str, ...], ...]:
