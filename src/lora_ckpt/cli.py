@@ -47,15 +47,17 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("inspect", parents=[common],
                        help="show a checkpoint's layout, modules, ranks, alpha, dtypes, sizes, ties")
-    s.add_argument("path", help="a checkpoint file, a Hugging Face model folder or a PEFT adapter folder")
+    s.add_argument("path", help="a checkpoint file, a Hugging Face model folder, a PEFT adapter folder or a Hub id "
+                   "(org/name, hf://org/name@revision; needs the [hub] extra)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
     s = sub.add_parser(
         "merge", parents=[common],
         help="merge a LoRA checkpoint (SRC DST) or an adapter into its base (BASE ADAPTER DST) into a standard one",
-        description="SRC DST: merge a LoRA checkpoint. BASE ADAPTER DST: merge an adapter (PEFT folder, kohya or "
-        "any LoRA file) into a base model (file or Hugging Face folder); DST is a file (.safetensors/.pt) "
-        "or a model folder.",
+        description="SRC DST: merge a LoRA checkpoint, or a PEFT adapter folder into the base model its "
+        "adapter_config.json names (base_model_name_or_path). BASE ADAPTER DST: merge an adapter (PEFT folder, kohya "
+        "or any LoRA file) into a base model (file, Hugging Face folder or Hub id); DST is a file "
+        "(.safetensors/.pt/.bin) or a model folder.",
         usage="lora-ckpt merge [options] SRC DST | BASE ADAPTER DST",
     )
     s.add_argument("paths", nargs="+", metavar="PATH", help="SRC DST, or BASE ADAPTER DST")

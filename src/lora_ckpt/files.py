@@ -23,13 +23,13 @@ from lora_ckpt.errors import CheckpointFileError, LayoutError
 from lora_ckpt.formats.gpt2 import hf_to_nanogpt, nanogpt_lora_to_peft
 from lora_ckpt.formats.hf import write_model_folder
 from lora_ckpt.adapter import plan_adapter_merge
-from lora_ckpt.formats.peft import adapter_orientation, load_peft_adapter, write_peft_adapter
+from lora_ckpt.formats.peft import PeftConfig, adapter_orientation, load_peft_adapter, write_peft_adapter
 from lora_ckpt.io import write_checkpoint
 from lora_ckpt.layout import LAYOUTS, Layout, detect_layout, split_prefix, tied_groups
 from lora_ckpt.merge import Alpha, Orientation, plan_merge
 from lora_ckpt.output import FILE_SUFFIXES, Output, PathLike, write_together
 from lora_ckpt.relayout import convert_layout
-from lora_ckpt.source import Source
+from lora_ckpt.source import ADAPTER_CONFIG, Source
 from lora_ckpt.streaming import StreamOptions, stream_convert, stream_merge
 from lora_ckpt.streaming.merge import tie_metadata
 
@@ -95,14 +95,21 @@ def merge_files(
     with contextlib.ExitStack() as stack:
         src = stack.enter_context(Source.open(source))
         ad = stack.enter_context(Source.open(adapter)) if adapter is not None else None
+        named_base = None
+        if ad is None and src.kind == "peft" and src.config is not None:  # an adapter alone: the base it names
+            ad, named_base = src, PeftConfig.read(src.config, where=src.path / ADAPTER_CONFIG).base_model()
+            src = stack.enter_context(Source.open(named_base))
         out = Output.prepare(dst, overwrite=overwrite, inputs=[*src.paths(), *(ad.paths() if ad else [])])
         streams = out.folder or (out.path.suffix not in _PICKLES and tied == "untie")
         if max_shard_size is not None and not out.folder:
             raise CheckpointFileError(f"{out.path}: a sharded output is a folder; give a folder name (no suffix) "
                                       "or drop --max-shard-size")
         if ad is not None:
-            return _merge_adapter(src, ad, out, alpha, dtype, tied, max_shard_size, device, progress, options, streams,
-                                  fan_in_fan_out)
+            result = _merge_adapter(src, ad, out, alpha, dtype, tied, max_shard_size, device, progress, options,
+                                    streams, fan_in_fan_out)
+            if named_base is not None:
+                result.lines.insert(0, f"base: {named_base} (the adapter's base_model_name_or_path)")
+            return result
         if streams:
             layout = detect_layout(src.meta_tensors())
             updated = _tied_updates(src, layout)

@@ -26,7 +26,7 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,7 +34,11 @@ from lora_ckpt.checkpoint import Checkpoint, checkpoint_from_dict
 from lora_ckpt.checks import unique_keys
 from lora_ckpt.errors import CheckpointFileError, LayoutError, LoraCkptError, UnsafeCheckpointError, brief
 from lora_ckpt.filemeta import FileMeta
+from lora_ckpt.hub import local_path
 from lora_ckpt.output import PathLike
+
+if TYPE_CHECKING:
+    from lora_ckpt.formats.dcp import DcpReader
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -215,8 +219,10 @@ class Source:
     """One input, opened once: its tensors' entries, its recorded metadata, and reads on demand.
 
     Make one with :meth:`open`; close it (or use it as a context manager) to release its file handles.
-    ``kind`` is ``"safetensors"``, ``"pickle"``, ``"folder"`` (a model folder, sharded or not) or ``"peft"``
-    (an adapter folder, whose validated ``adapter_config.json`` is ``config``).
+    ``kind`` is ``"safetensors"``, ``"pickle"``, ``"folder"`` (a model folder, sharded or not), ``"peft"``
+    (an adapter folder, whose validated ``adapter_config.json`` is ``config``) or ``"dcp"`` (a
+    ``torch.distributed.checkpoint`` directory, read without a process group by ``reader``, a
+    :class:`~lora_ckpt.formats.dcp.DcpReader`).
     """
 
     def __init__(
@@ -229,9 +235,11 @@ class Source:
         meta: FileMeta | None = None,
         loaded: Checkpoint | None = None,
         config: dict[str, Any] | None = None,
+        reader: DcpReader | None = None,
     ) -> None:
         self.path, self.kind, self.files, self.entries = path, kind, files, entries
         self.meta, self.loaded, self.config = meta, loaded, config
+        self.reader = reader  # a DCP directory's reader (kind "dcp")
         self._fds: dict[Path, int] = {}
 
     @property
@@ -245,12 +253,15 @@ class Source:
     def open(cls, path: PathLike) -> Source:
         """Open the input at ``path`` (file, model folder or PEFT adapter folder) and check everything but its data.
 
+        A Hugging Face Hub repo id (``org/name``, ``hf://org/name@revision``) opens its snapshot in the Hub
+        cache (see :mod:`lora_ckpt.hub`; needs the ``[hub]`` extra).
+
         Raises:
             CheckpointFileError: missing, unreadable, corrupt or truncated, or a path that leads outside its folder.
             UnsafeCheckpointError: a pickle that would run code to load.
             LayoutError: a pickle that holds no state dict.
         """
-        p = Path(path)
+        p = local_path(path)
         if p.is_dir():
             return cls._open_folder(p)
         if not p.exists():
@@ -264,6 +275,11 @@ class Source:
 
     @classmethod
     def _open_folder(cls, folder: Path) -> Source:
+        if (folder / ".metadata").is_file():  # a torch.distributed.checkpoint directory
+            from lora_ckpt.formats.dcp import DcpReader  # it builds on this module's Entry and contained()
+
+            reader = DcpReader.open(folder)
+            return cls(folder, "dcp", reader.files, reader.entries(), reader=reader)
         has_adapter = any((folder / n).is_file() for n in ADAPTER_WEIGHTS)
         has_model = any((folder / n).is_file() for n in (*SINGLE, *INDEXES))
         if (folder / ADAPTER_CONFIG).is_file() and has_adapter and has_model:
@@ -361,6 +377,8 @@ class Source:
             base = self.loaded
             return Checkpoint({}, alpha=base.alpha, alpha_source=base.alpha_source, extra=dict(base.extra),
                               path=self.path, metadata=base.metadata)
+        if self.reader is not None:
+            return Checkpoint({}, extra=self.reader.extra(), path=self.path).record(None)
         model_args = self.meta.model_args if self.meta is not None else None
         return Checkpoint({}, extra={"model_args": model_args} if model_args else {}, path=self.path).record(self.meta)
 
@@ -368,6 +386,8 @@ class Source:
 
     def read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """The tensor ``key`` (a new CPU tensor), or its rows ``start:stop`` (first dimension)."""
+        if self.reader is not None:
+            return self.reader.read(key, start, stop)
         entry = self.entries[key]
         if entry.offset is None:
             assert self.loaded is not None
@@ -384,6 +404,8 @@ class Source:
 
         Plain positioned reads, no memory map: resident memory does not grow with the file.
         """
+        if self.reader is not None:
+            return self.reader.read_into(key, start, stop, buf)
         entry = self.entries[key]
         shape = entry.shape
         row = math.prod(shape[1:]) * entry.dtype.itemsize
@@ -423,6 +445,8 @@ class Source:
                           path=self.path, metadata=info.metadata)
 
     def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -57,6 +57,7 @@ class PeftConfig:
     layers_pattern: list[str] | None
     modules_to_save: list[str]
     task_type: str | None
+    base_model_name_or_path: str | None = None
 
     @classmethod
     def read(cls, raw: Mapping[str, Any], *, where: object) -> PeftConfig:
@@ -82,8 +83,18 @@ class PeftConfig:
             _names(raw, "target_modules", w, single=True), _names(raw, "exclude_modules", w, single=True),
             layers, [pattern] if isinstance(pattern, str) else _names(raw, "layers_pattern", w, single=False),  # type: ignore[arg-type]
             _names(raw, "modules_to_save", w, single=False) or [],  # type: ignore[arg-type]
-            _optional_str(raw, "task_type", w),
+            _optional_str(raw, "task_type", w), _optional_str(raw, "base_model_name_or_path", w),
         )
+
+    def base_model(self) -> str:
+        """The base model this adapter names (``base_model_name_or_path``: a folder or a Hub id), as PEFT's
+        ``AutoPeftModel`` resolves it; raises where the config names none."""
+        if not self.base_model_name_or_path:
+            raise LayoutError(
+                f"{self.where}: names no base_model_name_or_path, so the adapter alone cannot be merged; give the "
+                "base model too: lora-ckpt merge BASE ADAPTER DST (Python: merge_files(BASE, DST, adapter=ADAPTER))"
+            )
+        return self.base_model_name_or_path
 
     def selects(self, names: list[str]) -> dict[str, bool]:
         """Whether PEFT puts LoRA on each module ``name`` (the base model's module names), as PEFT decides it."""
@@ -357,10 +368,7 @@ def load_peft_adapter(path: PathLike | Source) -> PeftAdapter:
     """
     if isinstance(path, Source):
         return _adapter(path)
-    folder = Path(path)
-    if not (folder / CONFIG_NAME).is_file():
-        raise CheckpointFileError(f"{folder}: no {CONFIG_NAME}; a PEFT adapter folder needs its config")
-    with Source.open(folder) as source:
+    with Source.open(path) as source:
         return _adapter(source)
 
 
