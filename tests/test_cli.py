@@ -194,3 +194,27 @@ def test_inspect_an_adapter_folder_shows_its_config_alpha(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "ad")]) == 0
     assert "alpha: 16 (adapter_config.json)" in capsys.readouterr().out
     assert repr(load_checkpoint(tmp_path / "ad")).startswith("Checkpoint(tensors=")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])  # streamed and in memory
+def test_convert_like_ignore_leaves_old_buffers_out(tmp_path, capsys, suffix):
+    std = make_gpt(seed=3).state_dict()
+    old = {**std, "transformer.h.0.attn.bias": torch.ones(1, 1, 16, 16)}  # old nanoGPT's causal-mask buffer
+    src = save_checkpoint(tmp_path / "old.safetensors", old)
+    template = save_checkpoint(tmp_path / "t.pt", make_gpt(attn_rank=4, alpha=8.0).state_dict(), alpha=8.0)
+    dst = tmp_path / f"out{suffix}"
+    assert main(["convert", str(src), str(dst), "--to", "nanogpt", "--like", str(template), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "the model has no place for checkpoint key(s) ['transformer.h.0.attn.bias']" in err
+    assert err.rstrip().endswith("or leave keys out with --ignore GLOB") and "ignore=" not in err
+    assert not dst.exists()
+    assert main(["convert", str(src), str(dst), "--to", "nanogpt", "--like", str(template), "--quiet",
+                 "--ignore", "*.attn.bias"]) == 0
+    out = load_checkpoint(dst).state_dict
+    assert "transformer.h.0.attn.bias" not in out
+    lora = make_gpt(attn_rank=4, alpha=8.0)
+    load_into(lora, dst)
+    plain = make_gpt(seed=3)
+    torch.testing.assert_close(logits(lora), logits(plain))  # fresh factors: B = 0, the base function
+    assert main(["convert", str(src), str(tmp_path / "x.pt"), "--to", "nanogpt", "--ignore", "*.attn.bias"]) == 2
+    assert "--ignore applies to --like TEMPLATE" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Error paths of the layouts, formats and streaming code, each asserted by its message."""
 
+import dataclasses
 import json
 
 import pytest
@@ -130,3 +131,29 @@ def test_pair_outputs_are_both_written_or_neither(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         nanogpt_lora_to_peft(lora.state_dict(), tmp_path / "base2", tmp_path / "adapter2", alpha=4.0, n_head=2)
     assert not (tmp_path / "base2").exists() and not (tmp_path / "adapter2").exists()
+
+
+@dataclasses.dataclass
+class GPTConfig:  # build-nanogpt pickles its config dataclass beside the weights
+    block_size: int = 16
+    n_layer: int = 2
+
+
+def test_a_pickled_config_class_is_named_with_the_ways_out(tmp_path):
+    from lora_ckpt import UnsafeCheckpointError, load_checkpoint
+    from lora_ckpt.testing import make_gpt
+
+    path = tmp_path / "model_00050.pt"
+    torch.save({"model": make_gpt().state_dict(), "config": GPTConfig(), "step": 50}, path)
+    with pytest.raises(UnsafeCheckpointError) as e:
+        load_checkpoint(path)
+    assert str(e.value) == (
+        f"{path}: refusing to load, the pickle needs code beyond tensors and plain containers (weights_only=True "
+        f"rejected it; it names {__name__}.GPTConfig, e.g. a config class saved beside the weights); re-save it as "
+        "safetensors from a trusted environment, or, if you trust the file, load it yourself with torch.load(path, "
+        "weights_only=False) and pass the dict (its 'model' entry), or allow that class first: "
+        "torch.serialization.add_safe_globals([GPTConfig])"
+    )
+    with torch.serialization.safe_globals([GPTConfig]):  # the allow-list way out works as the message says
+        ckpt = load_checkpoint(path)
+    assert ckpt.extra["config"] == GPTConfig() and ckpt.extra["step"] == 50

@@ -202,3 +202,32 @@ def test_sharded_base_folder_and_cli_gpt2_conversions(tmp_path, capsys):
         warnings.simplefilter("ignore")
         again = peft.PeftModel.from_pretrained(again, tmp_path / "adapter2").eval()
     torch.testing.assert_close(_logits(again), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_gpt2_folder_to_nanogpt_lora_for_finetuning(tmp_path, capsys):
+    """The guide's recipe: a Hugging Face GPT-2 folder (lm_head left out as tied) -> a nanoGPT-LoRA start point."""
+    from lora_ckpt import save_checkpoint
+
+    torch.manual_seed(0)
+    hf = _gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(tmp_path / "gpt2")
+    template = save_checkpoint(tmp_path / "t.pt", make_gpt(attn_rank=4, alpha=8.0).state_dict(), alpha=8.0)
+    out = tmp_path / "start.pt"
+    assert main(["convert", str(tmp_path / "gpt2"), str(out), "--to", "nanogpt", "--like", str(template), "--gpt2",
+                 "--quiet"]) == 0
+    lora = make_gpt(seed=7, attn_rank=4, alpha=8.0)
+    load_into(lora, out)
+    assert lora.lm_head.weight is lora.transformer.wte.weight  # the tie survives
+    with torch.no_grad():
+        torch.testing.assert_close(lora(TOKENS), hf(TOKENS).logits, rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    # the same file again is nanoGPT's layout already: refused, not transposed twice
+    assert main(["convert", str(out), str(tmp_path / "again.pt"), "--to", "nanogpt", "--like", str(template),
+                 "--gpt2"]) == 1
+    err = capsys.readouterr().err
+    assert "mlp.c_fc.weight: shape (128, 32) is not Hugging Face GPT-2's Conv1D (in, out) with in = n_embd = 32; " \
+           "the state dict looks like nanoGPT's layout already: drop --gpt2" in err
+    assert main(["convert", str(tmp_path / "gpt2"), str(tmp_path / "s.pt"), "--to", "standard", "--gpt2"]) == 1
+    assert "--gpt2 converts between nanoGPT and Hugging Face GPT-2 in a LoRA conversion" in capsys.readouterr().err

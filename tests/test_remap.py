@@ -55,7 +55,7 @@ def test_unknown_and_missing_keys_are_errors_unless_ignored():
     with pytest.raises(
         KeyMismatchError,
         match=r"the target has no key for \['transformer.h.0.attn.bias'\]; the input supplies nothing for "
-        r"target key\(s\) \['transformer.ln_f.bias'\]; check the model config, or pass ignore=",
+        r"target key\(s\) \['transformer.ln_f.bias'\]; check the model config, or leave keys out with ignore=",
     ):
         remap_standard_to_lora(sd, target)
     out = remap_standard_to_lora(sd, target, ignore=["*.attn.bias", "transformer.ln_f.bias"])

@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--gpt2", action="store_true", help="nanoGPT <-> Hugging Face GPT-2 (Conv1D weights transposed)")
     s.add_argument("--n-head", type=_positive, help="attention heads, for the GPT-2 config.json (default: model_args)")
     s.add_argument("--seed", type=int, default=0, help="seed for fresh LoRA factors (--like)")
+    s.add_argument("--ignore", metavar="GLOB", action="append", default=[],
+                   help="with --like: keys that need not be used or supplied, e.g. '*.attn.bias' (repeatable)")
     s.add_argument("--max-shard-size", metavar="SIZE", type=_size, help="shard a --base-out folder, e.g. 5GB")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--json", action="store_true", help="print the result (or the error) as JSON")
@@ -364,8 +366,12 @@ def _convert(args: argparse.Namespace) -> int:
         print("lora-ckpt convert: error: --to peft --gpt2 needs --base-out DIR (the GPT-2 model folder) and --n-head "
               "(or model_args['n_head'] in the checkpoint)", file=sys.stderr)
         return 2
+    if args.ignore and not args.like:
+        print("lora-ckpt convert: error: --ignore applies to --like TEMPLATE (keys the template's model has no place "
+              "for); other conversions keep every key", file=sys.stderr)
+        return 2
     result = convert_files(args.src, args.dst, to=args.to, like=args.like, base=args.base, base_out=args.base_out,
-                           gpt2=args.gpt2, n_head=args.n_head, alpha=args.alpha, seed=args.seed,
+                           gpt2=args.gpt2, n_head=args.n_head, alpha=args.alpha, seed=args.seed, ignore=args.ignore,
                            max_shard_size=args.max_shard_size, progress=not args.quiet, overwrite=args.force,
                            fan_in_fan_out=args.fan_in_fan_out)
     return _report(result, args)

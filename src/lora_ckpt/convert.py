@@ -176,7 +176,7 @@ def _check_strict(
         parts += [f"the model has no place for checkpoint key(s) {unused[:8]}"] if unused else []
         raise KeyMismatchError(
             "; ".join(parts) + f" ({src.kind} checkpoint -> {dst.kind} model); check the model config "
-            "matches the checkpoint, or pass ignore=[...] glob patterns for keys to leave out"
+            "matches the checkpoint, or leave keys out with ignore=[GLOBS] (CLI: --ignore GLOB)"
         )
 
 

@@ -10,7 +10,8 @@ neither), and the summaries printed afterwards. Each operation opens each input 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -253,6 +254,7 @@ def convert_files(
     n_head: int | None = None,
     alpha: Alpha | None = None,
     seed: int = 0,
+    ignore: Iterable[str] = (),
     max_shard_size: int | str | None = None,
     progress: bool = False,
     overwrite: bool = False,
@@ -261,7 +263,8 @@ def convert_files(
 ) -> FileResult:
     """Convert ``source`` to the layout ``to`` (``standard``, ``nanogpt`` or any LoRA layout), writing ``dst``.
 
-    ``like``: a template whose LoRA layout a standard source takes (fresh factors seeded by ``seed``).
+    ``like``: a template whose LoRA layout a standard source takes (fresh factors seeded by ``seed``; keys
+    matching a glob in ``ignore`` need not be used or supplied, e.g. old nanoGPT's ``*.attn.bias`` buffers).
     ``base``: base weights for an adapter-only source. ``base_out``: where base weights go for targets that
     keep them apart (``peft``, ``kohya``); ``dst`` and ``base_out`` are written both or neither. ``gpt2``:
     nanoGPT <-> Hugging Face GPT-2 (Conv1D weights transposed); ``n_head`` for its ``config.json``.
@@ -272,6 +275,10 @@ def convert_files(
         LoraCkptError: any input problem, before anything is written; OSError from the file system.
     """
     if to == "standard":
+        if gpt2:
+            raise LayoutError("gpt2=True (CLI: --gpt2) converts between nanoGPT and Hugging Face GPT-2 in a LoRA "
+                              "conversion; to merge, use merge_files (CLI: lora-ckpt merge), which keeps each "
+                              "weight's orientation")
         if base is not None:
             return merge_files(base, dst, adapter=source, alpha=alpha, max_shard_size=max_shard_size,
                                progress=progress, overwrite=overwrite, fan_in_fan_out=fan_in_fan_out, options=options)
@@ -285,15 +292,15 @@ def convert_files(
         dst_path = Path(dst)
         if like is not None:
             template = stack.enter_context(Source.open(like))
-            if dst_path.suffix == ".safetensors" and src.kind != "peft":
-                report = stream_convert(src, dst, like=template, alpha=alpha, seed=seed, progress=progress,
-                                        overwrite=overwrite, options=options)
+            if dst_path.suffix == ".safetensors" and src.kind != "peft" and not gpt2:
+                report = stream_convert(src, dst, like=template, alpha=alpha, seed=seed, ignore=ignore,
+                                        progress=progress, overwrite=overwrite, options=options)
                 result = FileResult(report.files, True, len(report.merged), report.bytes, report.seconds,
                                     conversion=report.conversion)
                 result.lines.append(f"converted {source} to the layout of {like}: {dst} ({report.tensors} tensors, "
                                     f"{report.bytes / 1e9:.2f} GB streamed, {report.seconds:.1f} s)")
             else:
-                result = _convert_like(src, template, dst_path, alpha, seed, overwrite)
+                result = _convert_like(src, template, dst_path, alpha, seed, tuple(ignore), overwrite, gpt2)
             if result.conversion is not None:
                 result.lines.append(str(result.conversion))
             return result
@@ -415,11 +422,14 @@ def _nanogpt_to_gpt2_peft(
     return result
 
 
-def _convert_like(src: Source, template: Source, dst: Path, alpha: Alpha | None, seed: int, overwrite: bool) -> FileResult:
+def _convert_like(src: Source, template: Source, dst: Path, alpha: Alpha | None, seed: int, ignore: tuple[str, ...],
+                  overwrite: bool, gpt2: bool) -> FileResult:
     ckpt = src.load()
+    if gpt2:  # Hugging Face GPT-2 (Conv1D weights, lm_head left out as tied) in nanoGPT's layout first
+        ckpt = dataclasses.replace(ckpt, state_dict=hf_to_nanogpt(ckpt.state_dict))
     t_ckpt = template.load()
     layout = detect_layout(t_ckpt.state_dict)
-    conversion = convert_state_dict(ckpt, layout, alpha=alpha, target_alpha=t_ckpt.alpha)
+    conversion = convert_state_dict(ckpt, layout, alpha=alpha, target_alpha=t_ckpt.alpha, ignore=ignore)
     values = {**conversion.values, **fresh_factors(layout, conversion.report.initialised, seed=seed)}
     ordered = {layout.prefix + k: values[k] for k in layout.shapes}
     extra = {k: v for k, v in ckpt.extra.items() if k != "optimizer"}

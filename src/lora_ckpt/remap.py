@@ -89,5 +89,5 @@ def remap_standard_to_lora(
     if unknown or missing:
         parts = [f"the target has no key for {unknown}"] if unknown else []
         parts += [f"the input supplies nothing for target key(s) {missing}"] if missing else []
-        raise KeyMismatchError("; ".join(parts) + "; check the model config, or pass ignore=[...] glob patterns")
+        raise KeyMismatchError("; ".join(parts) + "; check the model config, or leave keys out with ignore=[GLOBS]")
     return out

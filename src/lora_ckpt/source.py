@@ -504,11 +504,15 @@ def _torch_load(p: Path, *, zip_format: bool) -> object:
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)|global ([\w.]+)", str(e))
         if found or re.search(r"GLOBAL|global|class", str(e)):
-            name = f"; it names {next(g for g in found.groups() if g)}" if found else ""
+            named = next(g for g in found.groups() if g) if found else None
+            name = f"; it names {named}, e.g. a config class saved beside the weights" if named else ""
+            allow = (f", or allow that class first: torch.serialization.add_safe_globals([{named.rsplit('.', 1)[-1]}])"
+                     if named else "")
             raise UnsafeCheckpointError(
                 f"{p}: refusing to load, the pickle needs code beyond tensors and plain containers "
                 f"(weights_only=True rejected it{name}); re-save it as safetensors from a trusted environment, "
-                "or, if you trust the file, load it yourself with torch.load(weights_only=False) and pass the dict"
+                "or, if you trust the file, load it yourself with torch.load(path, weights_only=False) and pass the "
+                f"dict (its 'model' entry){allow}"
             ) from None
         raise CheckpointFileError(f"{p}: corrupt pickle ({_pickle_detail(e)})") from None
     except LoraCkptError:

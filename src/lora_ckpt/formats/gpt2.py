@@ -49,6 +49,15 @@ def hf_to_nanogpt(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     sd = {k.removeprefix("base_model.model."): v for k, v in state_dict.items()}
     if "transformer.wte.weight" not in sd:
         raise KeyMismatchError("not a GPT-2 state dict: no transformer.wte.weight")
+    n_embd = sd["transformer.wte.weight"].shape[-1]
+    flipped = [k for k, v in sd.items() if CONV1D.match(k) and v.dim() == 2 and v.shape[0] != n_embd]
+    if flipped:  # Conv1D weights are (in, out); only c_proj of the MLP takes 4 * n_embd inputs
+        odd = [k for k in flipped if not k.endswith("mlp.c_proj.weight")]
+        if odd:
+            raise KeyMismatchError(
+                f"{odd[0]}: shape {tuple(sd[odd[0]].shape)} is not Hugging Face GPT-2's Conv1D (in, out) with "
+                f"in = n_embd = {n_embd}; the state dict looks like nanoGPT's layout already: drop gpt2=True (CLI: --gpt2)"
+            )
     out = {k: (v.T.contiguous() if CONV1D.match(k) else v) for k, v in sd.items() if not _BUFFERS.search(k)}
     out.setdefault("lm_head.weight", out["transformer.wte.weight"])
     return out

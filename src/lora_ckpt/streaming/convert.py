@@ -11,7 +11,7 @@ are, and the weights it merges (where a module's rank or alpha change) are merge
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
 import torch
@@ -42,6 +42,7 @@ def stream_convert(
     base_out: PathLike | None = None,
     max_shard_size: int | str | None = None,
     seed: int = 0,
+    ignore: Iterable[str] = (),
     progress: bool = False,
     overwrite: bool = False,
     layout: Layout | None = None,
@@ -56,7 +57,8 @@ def stream_convert(
     ``.safetensors`` file): both or neither. With ``like``, the checkpoint (standard or LoRA) goes to the
     layout of the template checkpoint ``like`` as :func:`~lora_ckpt.load_into` would load it: base
     weights into ``main_weight``, fresh factors (seeded by ``seed``) where the source has none, updates
-    merged where rank or alpha change. Otherwise ``out`` is a ``.safetensors`` file, which records the alpha.
+    merged where rank or alpha change; ``ignore``: glob patterns of keys that need not be used or supplied
+    (as :func:`~lora_ckpt.load_into`). Otherwise ``out`` is a ``.safetensors`` file, which records the alpha.
     ``layout``: the source's layout, when the caller detected it already.
 
     Raises:
@@ -76,8 +78,8 @@ def stream_convert(
                                 inputs=inputs, siblings=[base_out])
         if not apart and target.path.suffix != ".safetensors":
             raise CheckpointFileError(f"{target.path}: a streamed LoRA checkpoint is a .safetensors file")
-        report = _convert(src, target, to, like, alpha, base_out, max_shard_size, seed, progress, overwrite,
-                          layout, options, inputs)
+        report = _convert(src, target, to, like, alpha, base_out, max_shard_size, seed, tuple(ignore), progress,
+                          overwrite, layout, options, inputs)
     finally:
         if not isinstance(source, Source):
             src.close()
@@ -94,6 +96,7 @@ def _convert(
     base_out: PathLike | None,
     max_shard_size: int | str | None,
     seed: int,
+    ignore: tuple[str, ...],
     progress: bool,
     overwrite: bool,
     layout: Layout | None,
@@ -114,7 +117,7 @@ def _convert(
     merges: dict[str, str] = {}
     conversion = None
     if like is not None:
-        values, alphas, merges, conversion = _like(lazy, factors, info, alpha, like, seed)
+        values, alphas, merges, conversion = _like(lazy, factors, info, alpha, like, seed, ignore)
     else:
         assert to is not None
         rel = convert_layout({**lazy, **factors}, to, alpha=source_alpha, layout=layout)
@@ -145,6 +148,7 @@ def _like(
     alpha: Alpha | None,
     like: PathLike | Source,
     seed: int,
+    ignore: tuple[str, ...],
 ) -> tuple[dict[str, torch.Tensor], Alpha | None, dict[str, str], LoadReport]:
     """The source in the template's layout and key order, the template's alpha, merged key -> module, the report."""
     template = like if isinstance(like, Source) else Source.open(like)
@@ -155,7 +159,7 @@ def _like(
         if not isinstance(like, Source):
             template.close()
     ckpt = Checkpoint({**lazy, **factors}, alpha=info.alpha, alpha_source=info.alpha_source, path=info.path)
-    conversion = convert_state_dict(ckpt, t_layout, alpha=alpha, target_alpha=t_alpha)
+    conversion = convert_state_dict(ckpt, t_layout, alpha=alpha, target_alpha=t_alpha, ignore=ignore)
     values = {**conversion.values, **fresh_factors(t_layout, conversion.report.initialised, seed=seed)}
     by_key = t_layout.module_by_key
     merges = {
