@@ -276,7 +276,7 @@ def test_dora_into_a_plain_layout_and_unknown_target():
     with pytest.raises(LayoutError, match="lin: DoRA \\(a magnitude vector\\) cannot be expressed in nanogpt_lora; merge it instead"):
         convert_layout(model.state_dict(), "nanogpt_lora", alpha=8.0)
     assert convert_layout(model.state_dict(), "peft", alpha=8.0).state_dict["base_model.model.lin.lora_magnitude_vector"].shape == (12,)
-    with pytest.raises(LayoutError, match="unknown target layout 'lycoris'"):
+    with pytest.raises(LayoutError, match="unknown layout 'lycoris'"):
         convert_layout(model.state_dict(), "lycoris", alpha=8.0)
 
 

@@ -140,7 +140,7 @@ def test_errors_name_the_fix(lora_file, tmp_path):
     _, path = lora_file
     with pytest.raises(LayoutError, match=r"give the target layout \(to=...\) or a template checkpoint \(like=...\)"):
         stream_convert(path, tmp_path / "o.safetensors")
-    with pytest.raises(LayoutError, match="unknown target layout 'nowhere'; known: nanogpt_lora, peft"):
+    with pytest.raises(LayoutError, match="unknown layout 'nowhere'; known: nanogpt_lora, peft"):
         stream_convert(path, tmp_path / "o.safetensors", to="nowhere")
     with pytest.raises(CheckpointFileError, match=r"o.pt: a streamed LoRA checkpoint is a .safetensors file"):
         stream_convert(path, tmp_path / "o.pt", to="torchtune")

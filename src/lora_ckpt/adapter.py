@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from lora_ckpt.dtypes import DType, as_dtype
 from lora_ckpt.errors import AlphaError
 from lora_ckpt.formats.peft import adapter_orientation, load_peft_adapter
 from lora_ckpt.io import Checkpoint, PathLike, as_checkpoint
@@ -23,7 +24,7 @@ def merge_adapter(
     adapter: Checkpoint | Mapping[str, Any] | PathLike,
     *,
     alpha: Alpha | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: DType | None = None,
 ) -> dict[str, torch.Tensor]:
     """Return the base model's state dict with the adapter merged in; neither input is changed.
 
@@ -36,6 +37,7 @@ def merge_adapter(
         CheckpointFileError, LayoutError, ShapeError, AlphaError, KeyMismatchError: as the inputs are
             read and checked; nothing is computed before every module has been matched to the base.
     """
+    dtype = as_dtype(dtype)
     model_config = None
     if isinstance(base, Mapping):
         base_sd = dict(base)
@@ -57,7 +59,7 @@ def plan_adapter_merge(
     *,
     model_config: Mapping[str, Any] | None = None,
     alpha: Alpha | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: DType | None = None,
     fan_in_fan_out: bool | None = None,
 ) -> MergePlan:
     """The checked plan of merging ``adapter`` into the standard state dict ``base`` (real or ``meta`` tensors).
@@ -66,6 +68,7 @@ def plan_adapter_merge(
     as PEFT loads it (:func:`~lora_ckpt.formats.peft.adapter_orientation`, from ``model_config``, the base
     model's ``config.json``); any other adapter takes ``alpha`` or the alpha it records.
     """
+    dtype = as_dtype(dtype)
     if isinstance(adapter, Source) and adapter.kind == "peft":
         peft = load_peft_adapter(adapter)
         if alpha is not None:

@@ -23,9 +23,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from lora_ckpt._version import __version__
+from lora_ckpt.dtypes import DTYPE_NAMES as _DTYPES
 
-_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-           "fp16": "float16", "float16": "float16"}
 _LAYOUT_NAMES = ("standard", "nanogpt", "nanogpt_lora", "peft", "torchtune", "loralib", "minlora", "kohya")
 
 
@@ -273,11 +272,9 @@ def _quiet_stdout() -> None:
 
 
 def _dtype(name: str | None) -> Any:
-    if name is None:
-        return None
-    import torch
+    from lora_ckpt.dtypes import as_dtype
 
-    return getattr(torch, _DTYPES[name])
+    return as_dtype(name)
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from lora_ckpt.dtypes import DType, as_dtype
 from lora_ckpt.checkpoint import Checkpoint
 from lora_ckpt.convert import LoadReport, convert_state_dict, fresh_factors
 from lora_ckpt.errors import CheckpointFileError, LayoutError
@@ -26,7 +27,7 @@ from lora_ckpt.formats.hf import write_model_folder
 from lora_ckpt.adapter import plan_adapter_merge
 from lora_ckpt.formats.peft import PeftConfig, adapter_orientation, load_peft_adapter, write_peft_adapter
 from lora_ckpt.io import write_checkpoint
-from lora_ckpt.layout import LAYOUTS, Layout, detect_layout, split_prefix, tied_groups
+from lora_ckpt.layout import LAYOUTS, Layout, detect_layout, layout_spec, split_prefix, tied_groups
 from lora_ckpt.merge import Alpha, Orientation, plan_merge
 from lora_ckpt.output import FILE_SUFFIXES, Output, PathLike, write_together
 from lora_ckpt.relayout import convert_layout
@@ -75,7 +76,7 @@ def merge_files(
     *,
     adapter: PathLike | None = None,
     alpha: Alpha | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: DType | None = None,
     tied: Literal["untie", "tie"] = "untie",
     max_shard_size: int | str | None = None,
     device: str | None = None,
@@ -93,6 +94,7 @@ def merge_files(
     Raises:
         LoraCkptError: any input problem, before anything is written; OSError from the file system.
     """
+    dtype = as_dtype(dtype)
     with contextlib.ExitStack() as stack:
         src = stack.enter_context(Source.open(source))
         ad = stack.enter_context(Source.open(adapter)) if adapter is not None else None
@@ -284,9 +286,7 @@ def convert_files(
                                progress=progress, overwrite=overwrite, fan_in_fan_out=fan_in_fan_out, options=options)
         return merge_files(source, dst, alpha=alpha, max_shard_size=max_shard_size, progress=progress,
                            overwrite=overwrite, fan_in_fan_out=fan_in_fan_out, options=options)
-    target_layout = "nanogpt_lora" if to == "nanogpt" else to
-    if target_layout not in LAYOUTS:
-        raise LayoutError(f"unknown target layout {to!r}; known: standard, nanogpt, {', '.join(LAYOUTS)}")
+    target_layout = layout_spec(to).name
     with contextlib.ExitStack() as stack:
         src = stack.enter_context(Source.open(source))
         dst_path = Path(dst)

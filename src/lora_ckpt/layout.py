@@ -152,6 +152,20 @@ KOHYA = LayoutSpec(
 
 #: Every known LoRA layout. Adding one means adding an entry here and its tests.
 LAYOUTS: dict[str, LayoutSpec] = {s.name: s for s in (NANOGPT, PEFT, TORCHTUNE, LORALIB, MINLORA, KOHYA)}
+#: Other names of LoRA layouts, the same in Python and on the command line.
+LAYOUT_ALIASES: dict[str, str] = {"nanogpt": NANOGPT.name}
+
+
+def layout_spec(name: str) -> LayoutSpec:
+    """The LoRA layout called ``name`` (a key of :data:`LAYOUTS`, or an alias such as ``"nanogpt"``).
+
+    Raises:
+        LayoutError: an unknown name, listing the known ones.
+    """
+    spec = LAYOUTS.get(LAYOUT_ALIASES.get(name, name)) if isinstance(name, str) else None
+    if spec is None:
+        raise LayoutError(f"unknown layout {name!r}; known: {', '.join([*LAYOUTS, *LAYOUT_ALIASES])}")
+    return spec
 
 # Layouts lora_ckpt recognises but does not read, with what to say.
 _UNSUPPORTED = {
@@ -399,9 +413,7 @@ def _evidence(key: str) -> str | None:
 
 def _choose_spec(keys: Iterable[str], layout: str | None) -> LayoutSpec | None:
     if layout is not None:
-        if layout not in LAYOUTS:
-            raise LayoutError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
-        return LAYOUTS[layout]
+        return layout_spec(layout)
     found: dict[str, str] = {}
     plain_lora: list[str] = []
     for key in keys:

@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 
+from lora_ckpt.dtypes import DType, as_dtype
 from lora_ckpt.checks import check_alpha
 from lora_ckpt.errors import AlphaError, KeyMismatchError, LayoutError, ShapeError
 from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LoraModule, detect_layout, split_prefix
@@ -343,7 +344,7 @@ def merge_lora(
     alpha: Alpha | None = None,
     base: Mapping[str, torch.Tensor] | None = None,
     tied: Literal["untie", "tie"] = "untie",
-    dtype: torch.dtype | None = None,
+    dtype: DType | None = None,
     layout: Layout | str | None = None,
     scales: Mapping[str, float] | None = None,
     fan_in_fan_out: Orientation = None,
@@ -388,6 +389,7 @@ def merge_lora(
         >>> "transformer.h.0.attn.c_attn.weight" in merged, any("lora_" in k for k in merged)
         (True, False)
     """
+    dtype = as_dtype(dtype)
     require_data(state_dict, base or {})
     plan = plan_merge(
         state_dict, alpha=alpha, base=base, tied=tied, dtype=dtype, layout=layout, scales=scales,
@@ -485,7 +487,7 @@ def plan_merge(
     alpha: Alpha | None = None,
     base: Mapping[str, torch.Tensor] | None = None,
     tied: Literal["untie", "tie"] = "untie",
-    dtype: torch.dtype | None = None,
+    dtype: DType | None = None,
     layout: Layout | str | None = None,
     scales: Mapping[str, float] | None = None,
     fan_in_fan_out: Orientation = None,
@@ -494,6 +496,7 @@ def plan_merge(
 
     Works on ``meta`` tensors for the large side, so a merge of any size is checked in seconds.
     """
+    dtype = as_dtype(dtype)
     if not isinstance(layout, Layout):
         layout = detect_layout(state_dict, layout=layout)
     if not layout.is_lora:

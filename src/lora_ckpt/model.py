@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lora_ckpt.dtypes import DType, as_dtype
 from lora_ckpt.convert import LoadReport, convert_state_dict
 from lora_ckpt.checks import check_alpha
 from lora_ckpt.errors import AlphaError, KeyMismatchError, TiedWeightError
@@ -103,7 +104,7 @@ def merged_state_dict(
     *,
     alpha: Alpha | None = None,
     device: torch.device | str | None = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: DType | None = None,
     tied: Literal["untie", "tie"] = "untie",
 ) -> dict[str, torch.Tensor]:
     """Return the deployable standard state dict of a live LoRA model, without changing the model.
@@ -125,6 +126,7 @@ def merged_state_dict(
         >>> _ = plain.load_state_dict(merged_state_dict(lora))
         >>> torch.testing.assert_close(plain(make_tokens()), lora(make_tokens()))
     """
+    dtype = as_dtype(dtype)
     inner = unwrap(model)
     with torch.no_grad():
         sd = inner.state_dict()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lora_ckpt.errors import LayoutError
-from lora_ckpt.layout import FORMULAS, KOHYA, LAYOUTS, PEFT, Layout, LayoutSpec, LoraModule, detect_layout
+from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LayoutSpec, LoraModule, detect_layout, layout_spec
 from lora_ckpt.merge import Alpha, Orientation, orientation, resolve_base_names, resolve_scales, settle_orientation
 
 __all__ = ["Relayout", "convert_layout"]
@@ -89,9 +89,7 @@ def convert_layout(
             into a plain LoRA layout, an embedding into torchtune, or a lora-only embedding outside nanoGPT.
         AlphaError: the source's alpha is unknown.
     """
-    if to not in LAYOUTS:
-        raise LayoutError(f"unknown target layout {to!r}; known: {', '.join(LAYOUTS)}")
-    target = LAYOUTS[to]
+    target = layout_spec(to)
     if not isinstance(layout, Layout):
         layout = detect_layout(state_dict, layout=layout)
     if not layout.is_lora or layout.spec is None:

@@ -21,7 +21,7 @@ from lora_ckpt.convert import LoadReport, convert_state_dict, fresh_factors
 from lora_ckpt.errors import CheckpointFileError, LayoutError
 from lora_ckpt.formats.peft import write_peft_adapter
 from lora_ckpt.io import file_meta, write_checkpoint
-from lora_ckpt.layout import LAYOUTS, Layout, detect_layout
+from lora_ckpt.layout import LAYOUTS, Layout, detect_layout, layout_spec
 from lora_ckpt.merge import Alpha, MergePlan, Step, resolve_scales
 from lora_ckpt.output import Output, PathLike, write_together
 from lora_ckpt.relayout import convert_layout
@@ -68,8 +68,7 @@ def stream_convert(
     started = time.perf_counter()
     if (to is None) == (like is None):
         raise LayoutError("give the target layout (to=...) or a template checkpoint (like=...), not both or neither")
-    if to is not None and to not in LAYOUTS:
-        raise LayoutError(f"unknown target layout {to!r}; known: {', '.join(LAYOUTS)}")
+    to = layout_spec(to).name if to is not None else None
     apart = to is not None and not LAYOUTS[to].base_in_file
     src = source if isinstance(source, Source) else Source.open(source)
     try:

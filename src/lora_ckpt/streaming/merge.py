@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lora_ckpt.dtypes import DType, as_dtype
 from lora_ckpt.checkpoint import Checkpoint
 from lora_ckpt.errors import CheckpointFileError
 from lora_ckpt.filemeta import FileMeta
@@ -41,7 +42,7 @@ def stream_merge(
     *,
     adapter: PathLike | Source | Mapping[str, torch.Tensor] | Checkpoint | None = None,
     alpha: Alpha | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: DType | None = None,
     max_shard_size: int | str | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
@@ -68,6 +69,7 @@ def stream_merge(
         CheckpointFileError: unreadable inputs, an output that may not be written, too little disk.
         LayoutError, ShapeError, AlphaError, KeyMismatchError: found before any tensor is computed.
     """
+    dtype = as_dtype(dtype)
     started = time.perf_counter()
     dev = _device(device)
     src = source if isinstance(source, Source) else Source.open(source)
