@@ -218,3 +218,21 @@ def test_convert_like_ignore_leaves_old_buffers_out(tmp_path, capsys, suffix):
     torch.testing.assert_close(logits(lora), logits(plain))  # fresh factors: B = 0, the base function
     assert main(["convert", str(src), str(tmp_path / "x.pt"), "--to", "nanogpt", "--ignore", "*.attn.bias"]) == 2
     assert "--ignore applies to --like TEMPLATE" in capsys.readouterr().err
+
+
+def test_inspect_groups_a_large_adapter_by_layer_pattern(tmp_path, capsys):
+    from lora_ckpt.testing.llama import LlamaShape, write_llama_adapter
+
+    write_llama_adapter(tmp_path / "ad", LlamaShape(hidden=32, intermediate=64, layers=6, vocab=64), rank=4, alpha=16.0)
+    assert main(["inspect", str(tmp_path / "ad")]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.*.self_attn.q_proj" in out and "0-5" in out
+    assert "(42 modules in 7 layer patterns; --all lists each)" in out
+    assert "model.layers.3.self_attn.q_proj" not in out
+    assert main(["inspect", str(tmp_path / "ad"), "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.3.self_attn.q_proj" in out and "layer patterns" not in out
+    assert main(["inspect", str(tmp_path / "ad"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert len(info["modules"]) == 42 and len(info["module_groups"]) == 7
+    assert info["module_groups"][0]["count"] == 6 and info["module_groups"][0]["layers"] == "0-5"

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lora_ckpt._table import Compact
 from lora_ckpt.errors import AlphaError, CheckpointFileError, LayoutError, brief
 from lora_ckpt.filemeta import META_KEY, FileMeta
 from lora_ckpt.layout import check_dense
@@ -21,7 +22,7 @@ STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
 
 
 @dataclass
-class Checkpoint:
+class Checkpoint(Compact):
     """A state dict with what is known about it: alpha, where it came from, and the rest of the file.
 
     ``extra`` holds the other entries of a checkpoint dict (``optimizer``, ``model_args``,

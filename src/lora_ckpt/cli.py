@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("path", help="a checkpoint file, a Hugging Face model folder, a PEFT adapter folder or a Hub id "
                    "(org/name, hf://org/name@revision; needs the [hub] extra)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--all", action="store_true",
+                   help="one row per module (default: one row per layer pattern when there are many)")
 
     s = sub.add_parser(
         "merge", parents=[common],
@@ -305,7 +307,8 @@ def _inspect(args: argparse.Namespace) -> int:
         "parameters": sum(t.numel() for t in unique),
         "bytes": sum(t.numel() * t.element_size() for t in unique),
         "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in sd.values())),
-        "modules": layout.rows(),
+        "modules": layout.rows(grouped=False),
+        "module_groups": layout.rows(grouped=True),
         "tied": [list(g) for g in layout.tied],
         "other_entries": sorted(map(str, ckpt.extra)),
     }
@@ -320,7 +323,12 @@ def _inspect(args: argparse.Namespace) -> int:
     if ckpt.extra:
         print(f"other entries: {', '.join(sorted(map(str, ckpt.extra)))}")
     if layout.modules:
-        print(str(layout).split("\n", len(layout.summary().splitlines()))[-1])
+        from lora_ckpt._table import render_text
+
+        rows = layout.rows(grouped=False if args.all else None)
+        print(render_text(rows))
+        if len(rows) < len(layout.modules):
+            print(f"({len(layout.modules)} modules in {len(rows)} layer patterns; --all lists each)")
     return 0
 
 

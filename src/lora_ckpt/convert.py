@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lora_ckpt._table import render_html, render_text
+from lora_ckpt._table import Compact, render_html, render_text
 from lora_ckpt.errors import AlphaError, KeyMismatchError, LayoutError, ShapeError
 from lora_ckpt.io import Checkpoint
 from lora_ckpt.layout import Layout, LoraModule, detect_layout, matches_any
@@ -21,8 +21,8 @@ from lora_ckpt.merge import Alpha, merge_module, resolve_scales
 __all__ = ["Conversion", "LoadReport", "convert_state_dict", "fresh_factors"]
 
 
-@dataclass
-class LoadReport:
+@dataclass(repr=False)
+class LoadReport(Compact):
     """What :func:`load_into` did, key by key (model keys, without wrapper prefix).
 
     ``copied``: taken as they were; ``remapped``: standard weights put into ``main_weight``;

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from lora_ckpt._table import Compact
 from lora_ckpt.dtypes import DType, as_dtype
 from lora_ckpt.checkpoint import Checkpoint
 from lora_ckpt.convert import LoadReport, convert_state_dict, fresh_factors
@@ -40,8 +41,8 @@ __all__ = ["FileResult", "convert_files", "merge_files"]
 _PICKLES = FILE_SUFFIXES[1:]
 
 
-@dataclass
-class FileResult:
+@dataclass(repr=False)
+class FileResult(Compact):
     """What a file operation wrote: the outputs, how, and what the user should know about it.
 
     ``lines`` is the human summary (one fact per line); ``warnings`` what may surprise (a zero update, tied

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from lora_ckpt._table import render_html, render_text
+from lora_ckpt._table import Compact, render_html, render_text
 from lora_ckpt.errors import LayoutError, ShapeError, brief
 
 __all__ = [
@@ -256,8 +256,8 @@ class LoraModule:
         return (self.in_features, self.out_features)
 
 
-@dataclass(frozen=True)
-class Layout:
+@dataclass(frozen=True, repr=False)
+class Layout(Compact):
     """What :func:`detect_layout` found: the layout, the wrapper prefix, the LoRA modules, tied keys.
 
     All key names here are without the wrapper ``prefix``. ``tied`` lists groups of keys that share
@@ -306,8 +306,12 @@ class Layout:
         updated = {m.weight_key for m in self.modules if m.has_factors and m.has_base}
         return tuple(g for g in self.tied if updated.intersection(g))
 
-    def rows(self) -> list[dict[str, object]]:
-        """One row per LoRA module, for tables."""
+    def rows(self, *, grouped: bool | None = None) -> list[dict[str, object]]:
+        """Rows for tables: one per LoRA module, or with ``grouped`` one per layer pattern (layer numbers
+        as ``*``; modules that agree on kind, rank, features, bias, DoRA and dtype share a row). ``None``:
+        grouped when there are more than :data:`GROUP_OVER` modules."""
+        if grouped or (grouped is None and len(self.modules) > GROUP_OVER):
+            return self._grouped_rows()
         return [
             {
                 "module": m.name,
@@ -321,6 +325,18 @@ class Layout:
             }
             for m in self.modules
         ]
+
+    def _grouped_rows(self) -> list[dict[str, object]]:
+        groups: dict[tuple[object, ...], list[int]] = {}
+        for row in self.rows(grouped=False):
+            parts = str(row["module"]).split(".")
+            numbers = [int(p) for p in parts if p.isdigit()]
+            pattern = ".".join("*" if p.isdigit() else p for p in parts)
+            key = (pattern, *(v for k, v in row.items() if k != "module"))
+            groups.setdefault(key, []).extend(numbers[:1])
+        cols = [k for k in self.rows(grouped=False)[0] if k != "module"] if self.modules else []
+        return [{"modules": key[0], "count": max(len(layers), 1), "layers": _spans(layers),
+                 **dict(zip(cols, key[1:]))} for key, layers in groups.items()]
 
     def summary(self) -> str:
         """A short description: layout, prefix, counts and tied groups."""
@@ -339,6 +355,27 @@ class Layout:
     def _repr_html_(self) -> str:
         head = "<br>".join(self.summary().splitlines())
         return f"<p>{head}</p>" + (render_html(self.rows()) if self.modules else "")
+
+
+#: Tables of more modules than this show one row per layer pattern (``inspect --all`` shows every module).
+GROUP_OVER = 16
+
+
+def _spans(numbers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``0-2,5``; empty as ``-``."""
+    if not numbers:
+        return "-"
+    out: list[str] = []
+    ordered = sorted(set(numbers))
+    start = prev = ordered[0]
+    for n in [*ordered[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ",".join(out)
 
 
 def split_prefix(key: str) -> tuple[str, str]:

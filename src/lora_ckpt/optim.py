@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_ckpt._table import Compact
 from lora_ckpt.errors import KeyMismatchError
 from lora_ckpt.layout import canonical_key
 from lora_ckpt.model import unwrap
@@ -16,8 +17,8 @@ from lora_ckpt.model import unwrap
 __all__ = ["OptimizerReport", "named_optimizer_state", "transfer_optimizer_state"]
 
 
-@dataclass
-class OptimizerReport:
+@dataclass(repr=False)
+class OptimizerReport(Compact):
     """Parameter names whose state was ``transferred``, started ``fresh``, or ``dropped`` from the old run."""
 
     transferred: list[str] = field(default_factory=list)

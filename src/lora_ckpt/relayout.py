@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lora_ckpt._table import Compact
 from lora_ckpt.errors import LayoutError
 from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LayoutSpec, LoraModule, detect_layout, layout_spec
 from lora_ckpt.merge import Alpha, Orientation, orientation, resolve_base_names, resolve_scales, settle_orientation
@@ -20,7 +21,7 @@ __all__ = ["Relayout", "convert_layout"]
 
 
 @dataclass
-class Relayout:
+class Relayout(Compact):
     """The result of :func:`convert_layout`.
 
     ``state_dict`` is in the target layout; ``alpha`` the alpha per module that keeps each scale;

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lora_ckpt._table import Compact
 from lora_ckpt.errors import CheckpointFileError
 from lora_ckpt.filemeta import FileMeta
 from lora_ckpt.formats.hf import copy_model_extras
@@ -85,8 +86,8 @@ class StreamOptions:
     streams: tuple[Any, Any] | None = None
 
 
-@dataclass
-class StreamReport:
+@dataclass(repr=False)
+class StreamReport(Compact):
     """What a streamed merge or conversion wrote: the files, tensor and byte counts, the merged keys,
     seconds taken, for a conversion to a template's layout its key-by-key report, what was left out, and the
     merged modules whose update is zero (``inert``: every ``lora_B`` 0 or a scale of 0)."""
