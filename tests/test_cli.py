@@ -236,3 +236,16 @@ def test_inspect_groups_a_large_adapter_by_layer_pattern(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert len(info["modules"]) == 42 and len(info["module_groups"]) == 7
     assert info["module_groups"][0]["count"] == 6 and info["module_groups"][0]["layers"] == "0-5"
+
+
+def test_without_tqdm_the_cli_says_so_once(lora_file, tmp_path):
+    import subprocess
+    import sys
+
+    _, path = lora_file
+    code = ("import sys; sys.modules['tqdm'] = None; from lora_ckpt.cli import run; "
+            f"sys.argv = ['lora-ckpt', 'merge', {str(path)!r}, {str(tmp_path / 'o.safetensors')!r}]; run()")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    hint = "lora-ckpt: no progress bar: tqdm is not installed (pip install 'lora-ckpt[progress]', or pass --quiet)"
+    assert res.stderr.count(hint) == 1, res.stderr

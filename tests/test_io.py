@@ -181,3 +181,28 @@ def test_safetensors_whose_header_length_starts_like_a_pickle(tmp_path):
     ckpt = load_checkpoint(path)
     assert list(ckpt.state_dict) == list(sd)
     assert ckpt.state_dict["lm_head.weight"] is ckpt.state_dict["transformer.wte.weight"]  # ties come from our metadata
+
+
+def test_bin_is_hugging_faces_flat_state_dict(tmp_path, capsys):
+    from lora_ckpt.cli import main
+    from lora_ckpt.testing import make_gpt, make_tokens
+
+    sd = make_gpt(seed=2).state_dict()
+    save_checkpoint(tmp_path / "pytorch_model.bin", sd)
+    flat = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    assert list(flat) == list(sd) and all(torch.equal(flat[k], v) for k, v in sd.items())
+    with pytest.raises(CheckpointFileError, match=r"x.bin: a .bin file is Hugging Face's flat state dict "
+                                                  r"\(pytorch_model.bin\), with no place for the alpha, iter_num; "
+                                                  r"write .pt to keep them"):
+        save_checkpoint(tmp_path / "x.bin", sd, alpha=8.0, extra={"iter_num": 3})
+    assert not (tmp_path / "x.bin").exists()
+    lora = make_gpt(attn_rank=4, alpha=8.0, randomize=True)
+    src = save_checkpoint(tmp_path / "lora.pt", lora.state_dict(), alpha=8.0,
+                          extra={"model_args": {"n_layer": 2, "lora_alpha": 8.0}, "iter_num": 5})
+    assert main(["merge", str(src), str(tmp_path / "merged.bin"), "--quiet"]) == 0
+    assert "left out: model_args, iter_num" in capsys.readouterr().out
+    plain = make_gpt(seed=9)
+    plain.load_state_dict(torch.load(tmp_path / "merged.bin", weights_only=True))
+    tokens = make_tokens(seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(tokens), lora(tokens))

@@ -235,7 +235,8 @@ def _tied_updates(src: Source, layout: Layout) -> list[tuple[str, ...]]:
 
 def _standard_extra(ckpt: Checkpoint, dst: Path) -> tuple[dict[str, object], list[str]]:
     """Entries to keep beside merged weights, and the names left out (optimizer state, LoRA args)."""
-    dropped = [k for k in ckpt.extra if k == "optimizer" or (dst.suffix == ".safetensors" and k != "model_args")]
+    dropped = [k for k in ckpt.extra
+               if k == "optimizer" or dst.suffix == ".bin" or (dst.suffix == ".safetensors" and k != "model_args")]
     extra = {k: v for k, v in ckpt.extra.items() if k not in dropped}
     model_args = extra.get("model_args")
     if isinstance(model_args, dict):

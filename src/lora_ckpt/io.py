@@ -105,8 +105,9 @@ def save_checkpoint(
     """Write ``state_dict`` to ``path`` atomically and return the path; never leaves a partial file.
 
     ``.safetensors`` stores the tensors (tied tensors once, restored as tied on load) and lora_ckpt's
-    metadata (layout, per-module alpha, ``model_args``). Other suffixes (``.pt``, ``.pth``, ``.ckpt``,
-    ``.bin``) store a nanoGPT-style checkpoint dict ``{'model': state_dict, **extra, 'lora_ckpt': meta}``.
+    metadata (layout, per-module alpha, ``model_args``). ``.bin`` is Hugging Face's flat
+    ``pytorch_model.bin``: the state dict alone, so no alpha or extra entries. Other suffixes (``.pt``,
+    ``.pth``, ``.ckpt``) store a nanoGPT-style checkpoint dict ``{'model': state_dict, **extra, 'lora_ckpt': meta}``.
     The alpha is recorded so later merges need not be told. The rules for the path (what may be
     replaced, permissions, leftovers of interrupted runs) are :class:`~lora_ckpt.output.Output`'s.
 
@@ -128,6 +129,7 @@ def save_checkpoint(
     rest = sorted(k for k in (extra or {}) if k != "model_args")
     if p.suffix == ".safetensors" and rest:
         raise CheckpointFileError(f"{p}: safetensors cannot hold {rest}; write a .pt file to keep them, or leave them out")
+    _check_flat(p, alpha, extra)
     out = Output.prepare(p, overwrite=overwrite, folder=False)
     with out.writing() as tmp:
         write_checkpoint(tmp, state_dict, alpha=alpha, extra=extra, suffix=p.suffix)
@@ -167,8 +169,22 @@ def write_checkpoint(
         except (TypeError, ValueError, RuntimeError) as e:
             raise CheckpointFileError(f"{path}: cannot write safetensors ({e}); is the disk full?") from None
     else:
+        _check_flat(path, alpha, extra, suffix=fmt)
         meta = file_meta(state_dict, alpha)
+        content = dict(state_dict) if fmt == ".bin" else {"model": dict(state_dict), **extra, META_KEY: meta.to_dict()}
         try:
-            torch.save({"model": dict(state_dict), **extra, META_KEY: meta.to_dict()}, path)
+            torch.save(content, path)
         except RuntimeError as e:  # torch's zip writer reports a full disk this way
             raise CheckpointFileError(f"{path}: cannot write ({str(e).splitlines()[0]}); is the disk full?") from None
+
+
+def _check_flat(path: Path, alpha: object, extra: Mapping[str, Any] | None, *, suffix: str | None = None) -> None:
+    """A ``.bin`` file is Hugging Face's flat state dict: refuse what it cannot record rather than drop it."""
+    if (suffix or path.suffix) != ".bin":
+        return
+    lost = (["the alpha"] if alpha is not None else []) + sorted(map(str, extra or {}))
+    if lost:
+        raise CheckpointFileError(
+            f"{path}: a .bin file is Hugging Face's flat state dict (pytorch_model.bin), with no place for "
+            f"{', '.join(lost)}; write .pt to keep them, or .safetensors (which records the alpha)"
+        )

@@ -9,6 +9,7 @@ then produced block by block (:class:`~lora_ckpt.streaming.blocks.BlockMerger`) 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -223,10 +224,15 @@ def _meta_result(plan: MergePlan, step: Step) -> torch.Tensor:
     return torch.empty(shape, dtype=plan.out_dtype(step), device="meta")
 
 
+@functools.lru_cache(maxsize=1)
+def _no_tqdm() -> None:
+    log.warning("no progress bar: tqdm is not installed (pip install 'lora-ckpt[progress]', or pass --quiet)")
+
+
 def _progress(total: int, label: str) -> Any:
     try:
         from tqdm.auto import tqdm  # type: ignore[import-untyped]
-    except ImportError:  # the progress extra is not installed
-        log.info("install lora-ckpt[progress] (tqdm) for a progress bar")
+    except ImportError:  # the progress extra is not installed: say so once (the CLI shows warnings on stderr)
+        _no_tqdm()
         return None
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, dynamic_ncols=True)
