@@ -34,3 +34,13 @@ def test_the_pytest_plugin_imports_no_torch():
     code = "import sys, lora_ckpt.pytest_plugin; print('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False"
+
+
+def test_fixtures_share_their_base_weights(nanogpt, nanogpt_lora, lora_state_dict):
+    """``nanogpt_lora`` is ``nanogpt`` with adapters: every base weight is equal, as the fixtures' docs say."""
+    plain = nanogpt.state_dict()
+    for sd in (nanogpt_lora.state_dict(), lora_state_dict):
+        bases = {k.replace(".main_weight.", "."): v for k, v in sd.items() if ".lora_" not in k}
+        assert set(bases) == set(plain)
+        for k, v in plain.items():
+            assert torch.equal(bases[k], v), k

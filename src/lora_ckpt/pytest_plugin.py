@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 @pytest.fixture
 def nanogpt() -> torch.nn.Module:
-    """A tiny plain nanoGPT (seed 0), ``wte`` tied to ``lm_head``."""
+    """A tiny plain nanoGPT (seed 0: 2 layers, 2 heads, n_embd 32, vocab 64, block 16), ``wte`` tied to ``lm_head``."""
     from lora_ckpt import testing
 
     return testing.make_gpt(seed=0)
@@ -24,7 +24,8 @@ def nanogpt() -> torch.nn.Module:
 
 @pytest.fixture
 def nanogpt_lora() -> torch.nn.Module:
-    """The same nanoGPT with LoRA (rank 4, alpha 16) on ``c_attn`` and ``wte``, adapters randomised."""
+    """The ``nanogpt`` fixture's model with LoRA (rank 4, alpha 16) on ``c_attn`` and ``wte``: the same base weights
+    (each ``main_weight`` equals ``nanogpt``'s weight), adapters randomised (seed 1)."""
     from lora_ckpt import testing
 
     return testing.make_gpt(seed=0, attn_rank=4, wte_rank=4, randomize=True)
@@ -32,7 +33,7 @@ def nanogpt_lora() -> torch.nn.Module:
 
 @pytest.fixture
 def lora_state_dict() -> dict[str, torch.Tensor]:
-    """A nanoGPT LoRA state dict (rank 4 on ``c_attn``, alpha 16) with random adapters."""
+    """A nanoGPT LoRA state dict (rank 4 on ``c_attn``, alpha 16, base weights ``nanogpt``'s) with random adapters."""
     from lora_ckpt import testing
 
     return testing.make_lora_state_dict(rank=4)

@@ -39,12 +39,22 @@ def make_gpt(
 ) -> GPT:
     """Return a tiny seeded nanoGPT; LoRA on ``c_attn``/``wte`` where a rank is given.
 
-    ``randomize=True`` gives every LoRA factor random non-zero values (a "trained" adapter).
+    The base weights depend on ``seed`` and the model shape only: ``make_gpt(seed=s, attn_rank=4)``'s
+    ``main_weight`` tensors equal ``make_gpt(seed=s)``'s weights, whatever the LoRA settings.
+    ``randomize=True`` gives every LoRA factor random non-zero values (a "trained" adapter, seed ``seed + 1``).
     Extra keyword arguments go to :class:`GPTConfig` (``n_layer``, ``n_embd``, ``vocab_size`` …).
     """
     torch.manual_seed(seed)
     cfg = GPTConfig(attn_rank=attn_rank, wte_rank=wte_rank, wte_lora_only=wte_lora_only, lora_alpha=alpha, **config)  # type: ignore[arg-type]
     model = GPT(cfg)
+    if attn_rank or wte_rank:  # the plain model's weights, so every LoRA variant shares its base
+        torch.manual_seed(seed)
+        plain = GPT(GPTConfig(lora_alpha=alpha, **config)).state_dict()  # type: ignore[arg-type]
+        with torch.no_grad():
+            for key, value in model.state_dict(keep_vars=True).items():
+                source = plain.get(key.replace(".main_weight.", "."))
+                if source is not None and ".lora_" not in key:
+                    value.copy_(source)
     if randomize:
         randomize_lora(model, seed=seed + 1)
     return model.to(dtype).eval()
