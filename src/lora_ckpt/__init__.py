@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from lora_ckpt.io import Checkpoint, load_checkpoint, save_checkpoint
     from lora_ckpt.layout import Layout, LoraModule, detect_layout
     from lora_ckpt.merge import merge_lora
+    from lora_ckpt.lowrank import LowRankReport, LowRankResult, RankRule, combine_lora, extract_lora, resize_lora, unmerge_lora
+    from lora_ckpt.lowrank_files import LowRankFileResult, combine_files, extract_files, resize_files, unmerge_files
     from lora_ckpt.model import LoadReport, load_into, merged_state_dict, module_alphas
     from lora_ckpt.optim import OptimizerReport, named_optimizer_state, transfer_optimizer_state
     from lora_ckpt.relayout import Relayout, convert_layout
@@ -52,6 +54,18 @@ _LAZY = {
     "LoraModule": "lora_ckpt.layout",
     "detect_layout": "lora_ckpt.layout",
     "merge_lora": "lora_ckpt.merge",
+    "LowRankReport": "lora_ckpt.lowrank",
+    "LowRankResult": "lora_ckpt.lowrank",
+    "RankRule": "lora_ckpt.lowrank",
+    "combine_lora": "lora_ckpt.lowrank",
+    "extract_lora": "lora_ckpt.lowrank",
+    "resize_lora": "lora_ckpt.lowrank",
+    "unmerge_lora": "lora_ckpt.lowrank",
+    "LowRankFileResult": "lora_ckpt.lowrank_files",
+    "combine_files": "lora_ckpt.lowrank_files",
+    "extract_files": "lora_ckpt.lowrank_files",
+    "resize_files": "lora_ckpt.lowrank_files",
+    "unmerge_files": "lora_ckpt.lowrank_files",
     "merge_adapter": "lora_ckpt.adapter",
     "LoadReport": "lora_ckpt.model",
     "load_into": "lora_ckpt.model",
@@ -93,8 +107,12 @@ __all__ = [
     "LoadReport",
     "LoraCkptError",
     "LoraModule",
+    "LowRankFileResult",
+    "LowRankReport",
+    "LowRankResult",
     "OptimizerReport",
     "Output",
+    "RankRule",
     "Relayout",
     "ShapeError",
     "Source",
@@ -103,9 +121,13 @@ __all__ = [
     "TiedWeightError",
     "UnsafeCheckpointError",
     "__version__",
+    "combine_files",
+    "combine_lora",
     "convert_files",
     "convert_layout",
     "detect_layout",
+    "extract_files",
+    "extract_lora",
     "load_checkpoint",
     "load_into",
     "merge_adapter",
@@ -115,8 +137,12 @@ __all__ = [
     "module_alphas",
     "named_optimizer_state",
     "remap_standard_to_lora",
+    "resize_files",
+    "resize_lora",
     "save_checkpoint",
     "stream_convert",
     "stream_merge",
     "transfer_optimizer_state",
+    "unmerge_files",
+    "unmerge_lora",
 ]

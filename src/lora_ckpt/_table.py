@@ -56,5 +56,5 @@ class Compact:
         return f"{type(self).__name__}(" + ", ".join(f"{k}={_brief_value(v)}" for k, v in self._fields().items()) + ")"
 
     def _repr_html_(self) -> str:
-        rows = [{"field": k, "value": _brief_value(v)} for k, v in self._fields().items()]
+        rows: list[dict[str, object]] = [{"field": k, "value": _brief_value(v)} for k, v in self._fields().items()]
         return f"<p><b>{escape(type(self).__name__)}</b></p>" + render_html(rows)

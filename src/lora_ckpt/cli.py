@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(s)
     _add_orientation(s)
 
+    _add_lowrank_commands(sub, common)
+
     s = sub.add_parser("demo", parents=[common],
                        help="train a tiny nanoGPT LoRA model, convert it both ways, check outputs match")
     s.add_argument("--out", metavar="DIR", help="keep the files in DIR (default: a temporary folder)")
@@ -159,10 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     done_before = len(installed())
     try:
         _on_signals(_COMMAND_MODULES.get(args.command, ()), previous)
-        return {"inspect": _inspect, "merge": _merge, "convert": _convert, "demo": _demo}[args.command](args)
+        return {"inspect": _inspect, "merge": _merge, "convert": _convert, "demo": _demo, "extract": _extract,
+                "resize": _resize, "combine": _combine, "unmerge": _unmerge}[args.command](args)
     except (Interrupted, KeyboardInterrupt) as e:
         written = installed()[done_before:]
-        if written and args.command in ("merge", "convert"):  # the outputs were complete when the signal came
+        if written and args.command in ("merge", "convert", "extract", "resize", "combine", "unmerge"):  # the outputs were complete when the signal came
             print(f"lora-ckpt: interrupted after writing {', '.join(map(str, written))}, which is complete",
                   file=sys.stderr)
             return 0
@@ -231,7 +234,8 @@ def _log_to_stderr() -> None:
 
 # What each command imports (torch among it) before its signal handlers go up: an exception raised inside
 # torch's own import machinery is swallowed or aborts the process, so signals wait until the imports are done.
-_COMMAND_MODULES = {"inspect": ("lora_ckpt.source", "lora_ckpt.layout"), "merge": ("lora_ckpt.files",),
+_COMMAND_MODULES = {**{c: ("lora_ckpt.lowrank_files",) for c in ("extract", "resize", "combine", "unmerge")},
+                    "inspect": ("lora_ckpt.source", "lora_ckpt.layout"), "merge": ("lora_ckpt.files",),
                     "convert": ("lora_ckpt.files",), "demo": ("lora_ckpt.demo",)}
 
 
@@ -397,6 +401,125 @@ def _demo(args: argparse.Namespace) -> int:
     ok = all(s.ok for s in steps)
     print("all outputs match" if ok else "some outputs differ")
     return 0 if ok else 1
+
+
+
+def _add_lowrank_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The subcommands of low-rank surgery: extract, resize, combine, unmerge."""
+    s = sub.add_parser("extract", parents=[common], help="extract a LoRA adapter from a full fine-tune: BASE TUNED OUT",
+                       description="Per module ΔW = TUNED − BASE, truncated SVD, factors written as a PEFT adapter "
+                       "folder (default) that PEFT loads onto BASE. Changed tensors that are not factored go to "
+                       "modules_to_save; unchanged ones are not saved.")
+    s.add_argument("base", help="the base model (file or Hugging Face folder, sharded too)")
+    s.add_argument("tuned", help="the fine-tuned model, same architecture")
+    s.add_argument("out", help="a folder (PEFT) or a .safetensors file (--to kohya)")
+    _add_rank_rule(s)
+    s.add_argument("--to", choices=("peft", "kohya"), default="peft", help="the adapter's layout (default: peft)")
+    s.add_argument("--modules", metavar="REGEX", help="factor only modules whose name this regex finds")
+    s.add_argument("--others", choices=("save", "report"), default="save",
+                   help="changed tensors that are not factored: into modules_to_save (default) or only reported")
+    s.add_argument("--full-svd", action="store_true", help="exact SVD of every ΔW instead of the randomized one")
+    s.add_argument("--oversample", type=_positive, default=8, help="randomized SVD: extra columns (default 8)")
+    s.add_argument("--niter", type=int, default=2, help="randomized SVD: power iterations (default 2)")
+    s.add_argument("--dtype", choices=sorted(_DTYPES), help="dtype of the factors (default: the tuned weights')")
+    s.add_argument("--device", type=_device, help="run the SVDs on this device: cpu (default) or cuda[:N]")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--json", action="store_true", help="print the result (or the error) as JSON")
+    s.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    _add_orientation(s)
+
+    s = sub.add_parser("resize", parents=[common], help="change an adapter's rank: ADAPTER OUT",
+                       description="Best rank-R approximation of each module's scaled update, via QR of the factors "
+                       "and an SVD of the small core (B@A is never formed); exact when R ≥ the rank.")
+    s.add_argument("adapter", help="a PEFT adapter folder or a LoRA checkpoint file")
+    s.add_argument("out", help="a folder (PEFT input) or a file")
+    _add_rank_rule(s)
+    s.add_argument("--json", action="store_true", help="print the result (or the error) as JSON")
+    _add_common(s)
+
+    s = sub.add_parser("combine", parents=[common], help="combine adapters into one: A1 A2 … OUT",
+                       description="The weighted sum of the adapters' updates: exact (ranks concatenated), or "
+                       "compressed to --rank / --energy.")
+    s.add_argument("paths", nargs="+", metavar="PATH", help="A1 A2 … OUT")
+    s.add_argument("--weights", type=_finite, nargs="+", metavar="W", help="one weight per adapter (default 1 each)")
+    _add_rank_rule(s)
+    s.add_argument("--json", action="store_true", help="print the result (or the error) as JSON")
+    _add_common(s)
+
+    s = sub.add_parser("unmerge", parents=[common], help="take an adapter back out of merged weights: MERGED ADAPTER OUT",
+                       description="W − scale·ΔW accumulated in float32/64 and rounded once; refused when the adapter "
+                       "does not fit the weights.")
+    s.add_argument("merged", help="the merged model (file or Hugging Face folder)")
+    s.add_argument("adapter", help="the adapter that was merged (PEFT folder or LoRA file)")
+    s.add_argument("out", help="a file (.safetensors/.pt) or a model folder")
+    s.add_argument("--base", metavar="BASE", help="the original base, when known: report the largest error against it")
+    s.add_argument("--dtype", choices=sorted(_DTYPES), help="dtype of the output's floating-point tensors")
+    s.add_argument("--json", action="store_true", help="print the result (or the error) as JSON")
+    _add_common(s)
+    _add_orientation(s)
+
+
+def _add_rank_rule(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--rank", type=_positive, help="keep at most R singular values per module")
+    s.add_argument("--energy", type=_finite, metavar="E", help="keep the fewest with Σσ²_kept ≥ E·Σσ² (0 < E ≤ 1)")
+    s.add_argument("--sv-epsilon", type=_finite, metavar="S", help="keep the singular values above S (absolute)")
+    s.add_argument("--sv-ratio", type=_finite, metavar="T", help="keep the singular values above T·σ_max")
+
+
+def _rule(args: argparse.Namespace) -> dict[str, Any]:
+    return {"rank": args.rank, "energy": args.energy, "sv_epsilon": args.sv_epsilon, "sv_ratio": args.sv_ratio}
+
+
+def _no_rule(args: argparse.Namespace) -> bool:
+    if any(v is not None for v in _rule(args).values()):
+        return False
+    print(f"lora-ckpt {args.command}: error: say how to choose the rank: --rank R, --energy E, --sv-epsilon S or "
+          "--sv-ratio T", file=sys.stderr)
+    return True
+
+
+def _extract(args: argparse.Namespace) -> int:
+    if _no_rule(args):
+        return 2
+    from lora_ckpt.lowrank_files import extract_files
+
+    result = extract_files(args.base, args.tuned, args.out, **_rule(args), modules=args.modules, to=args.to,
+                           others=args.others, svd="full" if args.full_svd else "auto", oversample=args.oversample,
+                           niter=args.niter, dtype=_dtype(args.dtype), device=args.device,
+                           fan_in_fan_out=args.fan_in_fan_out, progress=not args.quiet, overwrite=args.force)
+    return _report(result, args)
+
+
+def _resize(args: argparse.Namespace) -> int:
+    if _no_rule(args):
+        return 2
+    from lora_ckpt.lowrank_files import resize_files
+
+    result = resize_files(args.adapter, args.out, **_rule(args), alpha=args.alpha, overwrite=args.force)
+    return _report(result, args)
+
+
+def _combine(args: argparse.Namespace) -> int:
+    if len(args.paths) < 2:
+        print("lora-ckpt combine: error: give the adapters and then OUT: A1 [A2 …] OUT", file=sys.stderr)
+        return 2
+    *adapters, out = args.paths
+    if args.weights is not None and len(args.weights) != len(adapters):
+        print(f"lora-ckpt combine: error: --weights has {len(args.weights)} value(s) for {len(adapters)} adapter(s); "
+              "give one per adapter", file=sys.stderr)
+        return 2
+    from lora_ckpt.lowrank_files import combine_files
+
+    result = combine_files(adapters, out, weights=args.weights, **_rule(args), alpha=args.alpha, overwrite=args.force)
+    return _report(result, args)
+
+
+def _unmerge(args: argparse.Namespace) -> int:
+    from lora_ckpt.lowrank_files import unmerge_files
+
+    result = unmerge_files(args.merged, args.adapter, args.out, base=args.base, alpha=args.alpha,
+                           dtype=_dtype(args.dtype), fan_in_fan_out=args.fan_in_fan_out, overwrite=args.force)
+    return _report(result, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

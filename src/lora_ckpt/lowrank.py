@@ -1,0 +1,1006 @@
+"""Low-rank surgery on LoRA updates: extract, resize, combine and unmerge, over state dicts (no files).
+
+- :func:`extract_lora`: base + tuned weights → a PEFT-keyed adapter. Per module ``ΔW = W_tuned − W_base``
+  (float32, or float64 for float64 inputs or ``acc=torch.float64``) → truncated SVD → factors.
+- :func:`resize_lora`: an adapter in any layout we read → the same layout at a smaller rank, by QR of ``B`` and
+  ``Aᵀ`` and an SVD of the small ``r×r`` core (``B@A`` is never formed): ``O((m+n)r²)`` per module.
+- :func:`combine_lora`: adapters → one, exactly (ranks concatenated, weights may be negative) or compressed to
+  a rank by the same QR + core-SVD route.
+- :func:`unmerge_lora`: merged weights − scale·ΔW, accumulated in float32/64 and rounded once (a merge with the
+  scales negated, :func:`~lora_ckpt.merge.plan_merge`).
+
+Conventions, the same everywhere here:
+
+- **Rank selection** (:class:`RankRule`), with ``σ₁ ≥ σ₂ ≥ …`` the singular values of the scaled update and
+  ``E_total = ‖ΔW‖²_F = Σσᵢ²`` (computed exactly, also when only the leading σ are):
+  ``rank=R`` keeps at most ``R``; ``energy=E`` keeps the smallest ``k`` with ``Σᵢ≤ₖ σᵢ² ≥ E·E_total`` (PEFT's
+  ``convert_to_lora`` float rank); ``sv_epsilon=S`` keeps the ``σᵢ > S`` (absolute, as mergekit's
+  ``--sv-epsilon``); ``sv_ratio=T`` keeps the ``σᵢ > T·σ₁`` (relative). Several given: the smallest ``k``
+  wins (mergekit's ``--max-rank`` with ``--sv-epsilon``). Singular values at the numerical noise floor
+  (``σᵢ ≤ max(m, n)·ε·σ₁``, ε of the accumulation dtype) are never kept, so an exactly rank-r update comes out
+  at rank r whatever the cap above it.
+- **Factor split**: ``B = U√Σ``, ``A = √Σ Vᵀ`` (√σ on both sides, as mergekit's default ``--distribute-scale``):
+  both factors carry the same magnitude, which bf16 storage and further training both prefer.
+- **Scale**: every module this module writes has scale 1 (``alpha = rank``; rsLoRA off), so the update in the
+  file is exactly ``B@A``; per-module ranks go to PEFT's ``rank_pattern``/``alpha_pattern``.
+- **Randomized SVD** (``svd="randomized"``, or ``"auto"`` with a rank cap): the algorithm of
+  ``torch.svd_lowrank`` (Halko, Martinsson & Tropp 2011, randomized range finder with ``q = k + p`` columns and
+  ``niter`` QR-stabilised power iterations), run over row blocks so ``ΔW`` need not be held. Its error bound
+  (HMT Cor. 10.10): ``E‖ΔW − QQᵀΔW‖ ≤ [1 + √(k/(p−1)) + e√(k+p)/p · √(min(m,n)−k)]^{1/(2·niter+1)} σₖ₊₁``, and
+  it is exact to round-off when rank(ΔW) ≤ q. The error actually reached is reported per module, exactly:
+  the kept part is an orthogonal projection of ``ΔW``, so ``‖ΔW − BA‖²_F = E_total − Σkept σ²``.
+
+DoRA adapters are refused by resize, combine and unmerge: their magnitude vector rescales each row by the norm
+of ``W + s·ΔW``, which is not a low-rank update of the weight.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+
+from lora_ckpt._table import render_html, render_text
+from lora_ckpt.checks import check_alpha, check_rank
+from lora_ckpt.errors import KeyMismatchError, LayoutError, LoraCkptError, ShapeError
+from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LayoutSpec, LoraModule, detect_layout, tied_groups
+from lora_ckpt.merge import Orientation, plan_merge, require_data, resolve_scales
+
+__all__ = [
+    "Kind",
+    "LowRankReport",
+    "LowRankResult",
+    "ModuleRow",
+    "RankRule",
+    "RowReader",
+    "TensorRows",
+    "combine_lora",
+    "extract_lora",
+    "factor_svd",
+    "randomized_svd",
+    "resize_lora",
+    "unmerge_lora",
+]
+
+#: How a weight is used: ``nn.Linear`` (out, in), GPT-2's ``Conv1D`` (in, out), ``nn.Embedding`` (vocab, dim),
+#: or ``other`` (never factored: saved whole when it changed).
+Kind = Literal["linear", "conv1d", "embedding", "other"]
+SvdMethod = Literal["auto", "randomized", "full"]
+
+_PEFT_PREFIX = PEFT.key_prefix
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """Which singular values to keep; see the module docstring for the exact definitions.
+
+    Example:
+        >>> s = torch.tensor([4.0, 2.0, 1.0, 0.5])  # energies 16, 4, 1, 0.25 of 21.25
+        >>> RankRule(energy=0.9).select(s, 21.25), RankRule(sv_epsilon=0.9).select(s, 21.25)
+        (2, 3)
+        >>> RankRule(rank=1, sv_ratio=0.1).select(s, 21.25)
+        1
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    sv_epsilon: float | None = None
+    sv_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank is None and self.energy is None and self.sv_epsilon is None and self.sv_ratio is None:
+            raise LoraCkptError("say how to choose the rank: rank=R (CLI: --rank R), energy=E (CLI: --energy E), "
+                                "sv_epsilon=S (CLI: --sv-epsilon S) or sv_ratio=T")
+        if self.rank is not None:
+            check_rank(self.rank, where="rank")
+        fix = "give a number in (0, 1]"
+        if self.energy is not None and not 0 < check_alpha(self.energy, where="energy", fix=fix) <= 1:
+            raise LoraCkptError(f"energy is {self.energy}, not in (0, 1]; it is the fraction of Σσ² to keep")
+        for name in ("sv_epsilon", "sv_ratio"):
+            value = getattr(self, name)
+            if value is not None and check_alpha(value, where=name, fix="give a number ≥ 0") < 0:
+                raise LoraCkptError(f"{name} is {value}, a negative singular-value cutoff; give a number ≥ 0")
+
+    def select(self, s: torch.Tensor, total: float, *, floor: float = 0.0) -> int:
+        """How many of the singular values ``s`` (descending) to keep, ``total`` being ``Σσ²`` of all of them."""
+        s = s.double()
+        k = int((s > max(floor, 0.0)).sum()) if floor > 0 else int((s > 0).sum())
+        if self.rank is not None:
+            k = min(k, self.rank)
+        if self.sv_epsilon is not None:
+            k = min(k, int((s > self.sv_epsilon).sum()))
+        if self.sv_ratio is not None and len(s):
+            k = min(k, int((s > self.sv_ratio * float(s[0])).sum()))
+        if self.energy is not None and len(s):
+            cum = torch.cumsum(s.square(), 0)
+            reach = int(torch.searchsorted(cum, torch.tensor(self.energy * total, dtype=cum.dtype))) + 1
+            k = min(k, reach)
+        return max(k, 0)
+
+    @property
+    def cap(self) -> int | None:
+        """The most singular values any module may keep (``rank``), or None."""
+        return self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in (("rank", self.rank), ("energy", self.energy), ("sv_epsilon", self.sv_epsilon),
+                                  ("sv_ratio", self.sv_ratio)) if v is not None}
+
+
+@dataclass(frozen=True)
+class ModuleRow:
+    """One module of a report: what was kept and how close it is.
+
+    ``rank_in``: the rank of the input update (an adapter's rank; ``min(m, n)`` for a full ΔW). ``energy``:
+    ``Σkept σ²/Σσ²``. ``rel_error``: ``‖ΔW − ΔW_kept‖_F / ‖ΔW‖_F`` (of the float32/64 factors, before rounding
+    to the output dtype). ``max_abs_error``: for unmerge against a known base, the largest ``|W − W_base|``.
+    """
+
+    module: str
+    kind: str
+    shape: tuple[int, ...]
+    rank_in: int
+    rank: int
+    energy: float
+    rel_error: float
+    max_abs_error: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"module": self.module, "kind": self.kind, "shape": list(self.shape), "rank_in": self.rank_in,
+                "rank": self.rank, "energy": self.energy, "rel_error": self.rel_error,
+                **({} if self.max_abs_error is None else {"max_abs_error": self.max_abs_error})}
+
+
+@dataclass
+class LowRankReport:
+    """What an extract / resize / combine / unmerge did, per module and in total.
+
+    ``saved``: keys written whole (PEFT ``modules_to_save``: norms, biases, embeddings that changed but are not
+    factored); ``left_out``: changed keys not written (each also explained in ``notes``); ``notes``: one line per
+    fact the user should know.
+    """
+
+    operation: str
+    rows: list[ModuleRow] = field(default_factory=list)
+    saved: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    notes: list[str] = field(default_factory=list)
+    rule: RankRule | None = None
+
+    def totals(self) -> dict[str, Any]:
+        """Module count, parameters kept, total retained energy (Σ over modules), mean and worst relative error."""
+        factored = [r for r in self.rows if r.kind != "full"]
+        worst = max((r.rel_error for r in factored), default=0.0)
+        mean = sum(r.rel_error for r in factored) / len(factored) if factored else 0.0
+        params = sum(r.rank * (r.shape[0] + r.shape[-1]) for r in factored)
+        out: dict[str, Any] = {"modules": len(factored), "factor_parameters": params, "mean_rel_error": mean,
+                               "max_rel_error": worst, "saved": len(self.saved), "left_out": len(self.left_out),
+                               "unchanged": self.unchanged}
+        errs = [r.max_abs_error for r in self.rows if r.max_abs_error is not None]
+        if errs:
+            out["max_abs_error"] = max(errs)
+        return out
+
+    def table_rows(self) -> list[dict[str, object]]:
+        rows = []
+        for r in self.rows:
+            row: dict[str, object] = {"module": r.module, "kind": r.kind, "shape": "x".join(map(str, r.shape)),
+                                      "rank in": r.rank_in, "rank": r.rank, "energy": f"{r.energy:.6f}",
+                                      "rel error": f"{r.rel_error:.3e}"}
+            if any(x.max_abs_error is not None for x in self.rows):
+                row["max |error|"] = "" if r.max_abs_error is None else f"{r.max_abs_error:.3e}"
+            rows.append(row)
+        return rows
+
+    def summary(self) -> str:
+        t = self.totals()
+        rule = f" ({', '.join(f'{k}={v}' for k, v in self.rule.to_dict().items())})" if self.rule else ""
+        line = (f"{self.operation}{rule}: {t['modules']} module(s), {t['factor_parameters']:,} factor parameters, "
+                f"mean relative error {t['mean_rel_error']:.3e}, worst {t['max_rel_error']:.3e}")
+        if "max_abs_error" in t:
+            line += f", largest |error| against the base {t['max_abs_error']:.3e}"
+        extra = [f"saved whole: {', '.join(self.saved)}"] if self.saved else []
+        extra += [f"left out: {', '.join(self.left_out)}"] if self.left_out else []
+        extra += [f"unchanged tensors (not saved): {self.unchanged}"] if self.unchanged else []
+        return "\n".join([line, *extra, *self.notes])
+
+    def __str__(self) -> str:
+        table = render_text(self.table_rows())
+        return table + ("\n" if table else "") + self.summary()
+
+    def _repr_html_(self) -> str:
+        return render_html(self.table_rows()) + "<p>" + "<br>".join(self.summary().splitlines()) + "</p>"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-able values."""
+        return {"operation": self.operation, "rule": self.rule.to_dict() if self.rule else None,
+                "modules": [r.to_dict() for r in self.rows], "totals": self.totals(), "saved": self.saved,
+                "left_out": self.left_out, "notes": self.notes}
+
+
+@dataclass
+class LowRankResult:
+    """A new state dict and what it took.
+
+    ``state_dict`` is in ``layout`` (``"peft"`` keys ``base_model.model.…`` for extract; the input's layout for
+    resize and combine; ``"standard"`` for unmerge). ``alpha``: the alpha per module (= its rank: scale 1).
+    ``config``: the ``adapter_config.json`` fields a PEFT output needs beyond the tensors (``target_modules``,
+    ``modules_to_save``, ``lora_bias`` …), for :func:`~lora_ckpt.formats.peft.write_peft_adapter`'s
+    ``extra_config``. ``fan_in_fan_out``: whether the base weights are stored (in, out) (GPT-2's Conv1D).
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    alpha: dict[str, float]
+    layout: str
+    report: LowRankReport
+    config: dict[str, Any] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+
+    def __repr__(self) -> str:
+        return (f"LowRankResult(layout={self.layout!r}, tensors={len(self.state_dict)}, modules={len(self.alpha)}, "
+                f"saved={len(self.report.saved)})")
+
+
+# --- the SVDs ---------------------------------------------------------------------------------------------------
+
+Blocks = Callable[[], Iterator[tuple[int, torch.Tensor]]]
+
+
+def randomized_svd(
+    blocks: Blocks,
+    shape: tuple[int, int],
+    q: int,
+    *,
+    niter: int = 2,
+    seed: int = 0,
+    acc: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Return ``(U, S, Vh, ‖M‖²_F)`` of the randomized SVD (``q`` columns, ``niter`` power iterations) of the
+    ``shape`` matrix ``M`` whose row blocks ``blocks()`` yields as ``(first_row, rows)``, one pass per call.
+
+    ``M`` is never held whole: ``2·niter + 2`` passes over its rows. ``U`` is (m, q), ``S`` (q,), ``Vh`` (q, n),
+    ``U·diag(S)·Vh = QQᵀM`` with ``Q`` an orthonormal basis of the sampled range (the module docstring states
+    the error bound).
+
+    Example:
+        >>> m = torch.randn(40, 3, dtype=torch.float64) @ torch.randn(3, 30, dtype=torch.float64)
+        >>> u, s, vh, total = randomized_svd(lambda: iter([(0, m)]), (40, 30), 6, acc=torch.float64)
+        >>> torch.allclose(u[:, :3] * s[:3] @ vh[:3], m), round(total / float(m.square().sum()), 12)
+        (True, 1.0)
+    """
+    m, n = shape
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    gen = torch.Generator().manual_seed(seed)
+    omega = torch.randn(n, q, generator=gen, dtype=acc).to(dev)
+    y = torch.empty(m, q, dtype=acc, device=dev)
+    total = 0.0
+    for start, rows in blocks():
+        d = rows.to(dev, acc)
+        torch.mm(d, omega, out=y[start : start + len(d)])
+        total += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
+    basis = torch.linalg.qr(y).Q
+    for _ in range(niter):
+        z = torch.zeros(n, q, dtype=acc, device=dev)
+        for start, rows in blocks():
+            d = rows.to(dev, acc)
+            z.addmm_(d.T, basis[start : start + len(d)])
+        z = torch.linalg.qr(z).Q
+        for start, rows in blocks():
+            d = rows.to(dev, acc)
+            torch.mm(d, z, out=y[start : start + len(d)])
+        basis = torch.linalg.qr(y).Q
+    bt = torch.zeros(n, q, dtype=acc, device=dev)  # (QᵀM)ᵀ
+    for start, rows in blocks():
+        d = rows.to(dev, acc)
+        bt.addmm_(d.T, basis[start : start + len(d)])
+    ub, s, vh = torch.linalg.svd(bt.T, full_matrices=False)
+    return basis @ ub, s, vh, total
+
+
+def factor_svd(
+    left: torch.Tensor, right: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(U, S, Vh)`` with ``U·diag(S)·Vh = left @ right`` and orthonormal ``U`` (m, r), ``Vh`` (r, n),
+    without forming the product: QR of ``left`` and ``rightᵀ``, SVD of the small ``r×r`` core. ``O((m+n)r²)``.
+
+    Example:
+        >>> left, right = torch.randn(50, 4, dtype=torch.float64), torch.randn(4, 30, dtype=torch.float64)
+        >>> u, s, vh = factor_svd(left, right)
+        >>> torch.allclose(u * s @ vh, left @ right), tuple(u.shape), tuple(vh.shape)
+        (True, (50, 4), (4, 30))
+    """
+    qb, rb = torch.linalg.qr(left)  # (m, r), (r, r)
+    qa, ra = torch.linalg.qr(right.T)  # (n, r), (r, r)
+    uc, s, vhc = torch.linalg.svd(rb @ ra.T)  # the core (r, r)
+    return qb @ uc, s, vhc @ qa.T
+
+
+def _noise_floor(s: torch.Tensor, shape: tuple[int, int], acc: torch.dtype) -> float:
+    return float(s[0]) * max(shape) * torch.finfo(acc).eps if len(s) else 0.0
+
+
+def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) = (U√Σ, √ΣVᵀ) of the first ``k`` singular triplets."""
+    root = s[:k].sqrt()
+    return u[:, :k] * root, root[:, None] * vh[:k]
+
+
+def _row(module: str, kind: str, shape: tuple[int, ...], rank_in: int, k: int, s: torch.Tensor, total: float) -> ModuleRow:
+    kept = float(s[:k].double().square().sum())
+    energy = 1.0 if total <= 0 else min(1.0, kept / total)
+    return ModuleRow(module, kind, shape, rank_in, k, energy, math.sqrt(max(0.0, 1.0 - energy)))
+
+
+# --- reading row blocks -------------------------------------------------------------------------------------------
+
+
+class RowReader(Protocol):
+    """Tensors by key, readable by row ranges: what :func:`extract_lora` reads (a state dict, or a file)."""
+
+    def keys(self) -> Iterable[str]: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def dtype(self, key: str) -> torch.dtype: ...
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor: ...
+
+
+class TensorRows:
+    """A :class:`RowReader` over an in-memory state dict (read only, never changed)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def keys(self) -> Iterable[str]:
+        return self.tensors.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key].dtype
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        t = self.tensors[key]
+        return t[start:stop] if t.dim() else t
+
+
+def _reader(x: Mapping[str, torch.Tensor] | RowReader) -> RowReader:
+    if isinstance(x, Mapping):
+        require_data(x)
+        return TensorRows(x)
+    return x
+
+
+# --- extract -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Delta:
+    """One changed weight's difference, readable in row blocks (float ``acc``), or held whole."""
+
+    base: RowReader
+    tuned: RowReader
+    key: str
+    shape: tuple[int, int]
+    acc: torch.dtype
+    step: int
+    whole: torch.Tensor | None = None
+
+    def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        if self.whole is not None:
+            yield 0, self.whole
+            return
+        for start in range(0, self.shape[0], self.step):
+            stop = min(start + self.step, self.shape[0])
+            yield start, self.tuned.rows(self.key, start, stop).to(self.acc) - self.base.rows(self.key, start, stop).to(self.acc)
+
+    def changed(self) -> bool:
+        return any(bool(d.any()) for _, d in self.blocks())
+
+
+def extract_lora(
+    base: Mapping[str, torch.Tensor] | RowReader,
+    tuned: Mapping[str, torch.Tensor] | RowReader,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    sv_epsilon: float | None = None,
+    sv_ratio: float | None = None,
+    modules: str | None = None,
+    kinds: Mapping[str, Kind] | None = None,
+    tied: Mapping[str, str] | None = None,
+    others: Literal["save", "report"] = "save",
+    svd: SvdMethod = "auto",
+    oversample: int = 8,
+    niter: int = 2,
+    acc: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    resident_bytes: int | None = None,
+    block_bytes: int = 32 << 20,
+    on_module: Callable[[str, int], None] | None = None,
+) -> LowRankResult:
+    """Return a PEFT-keyed adapter whose update reproduces ``tuned − base``, module by module, and its report.
+
+    Only changed tensors are written. Every changed 2-d ``<module>.weight`` of a linear, Conv1D or embedding
+    module (``kinds``; a module not named there is taken as ``nn.Linear`` (out, in)) that ``modules`` (a regex
+    searched in the module name) selects is factored; everything else that changed (norms, biases of unfactored
+    modules, embeddings whose vocabulary grew, unselected weights, new keys) goes whole into PEFT's
+    ``modules_to_save`` (``others="save"``) or is listed in ``report.left_out`` (``others="report"``): never
+    silently dropped. A changed bias of a factored linear module becomes its ``lora_B.bias`` (PEFT's
+    ``lora_bias``). ``tied`` maps a weight key the state dicts lack to the key it shares storage with (a tied
+    ``lm_head``); its module gets the same update, so input and output embeddings both change as in ``tuned``.
+    Update exact to round-off when rank(ΔW) ≤ the rank kept.
+
+    Args:
+        base, tuned: the two state dicts (standard layout, same keys), or :class:`RowReader` over files.
+        rank, energy, sv_epsilon, sv_ratio: the :class:`RankRule`.
+        svd: ``"full"`` (``torch.linalg.svd`` of ΔW), ``"randomized"`` (needs ``rank``), or ``"auto"``:
+            randomized where a rank cap leaves ``rank + oversample < min(m, n) / 2``, full otherwise.
+        oversample, niter: the randomized SVD's extra columns ``p`` and power iterations.
+        acc: the accumulation dtype (default float32, float64 for float64 inputs; the same in resize and combine).
+        dtype: the factors' dtype (default: the tuned weight's).
+        device: where the SVDs run (``"cuda"``); tensors are read on the CPU.
+        resident_bytes: hold a ΔW whole when its ``acc`` bytes are at most this (default: always); larger ones
+            are read in row blocks of about ``block_bytes``, once per randomized pass.
+        on_module: called with each module name and its number of elements, as it is done (progress bars).
+
+    Raises:
+        KeyMismatchError: keys in ``base`` that ``tuned`` lacks (and ``tied`` does not explain).
+        LoraCkptError: no rank rule, or a bad one; ``svd="randomized"`` without ``rank``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> base = {"fc.weight": torch.randn(32, 16, generator=g), "fc.bias": torch.zeros(32)}
+        >>> delta = torch.randn(32, 2, generator=g) @ torch.randn(2, 16, generator=g)
+        >>> tuned = {"fc.weight": base["fc.weight"] + delta, "fc.bias": torch.zeros(32)}
+        >>> out = extract_lora(base, tuned, rank=8)
+        >>> sorted(out.state_dict), out.alpha
+        (['base_model.model.fc.lora_A.weight', 'base_model.model.fc.lora_B.weight'], {'fc': 2.0})
+        >>> b, a = out.state_dict['base_model.model.fc.lora_B.weight'], out.state_dict['base_model.model.fc.lora_A.weight']
+        >>> torch.allclose(b @ a, delta, atol=1e-4), out.report.unchanged
+        (True, 1)
+    """
+    rule = RankRule(rank, energy, sv_epsilon, sv_ratio)
+    if svd not in ("auto", "randomized", "full"):
+        raise LoraCkptError(f"svd is {svd!r}; use 'auto', 'randomized' or 'full'")
+    if svd == "randomized" and rule.cap is None:
+        raise LoraCkptError("svd='randomized' needs a rank cap: pass rank=R (CLI: --rank R) beside energy or "
+                            "sv_epsilon, or svd='full' (CLI: --full-svd)")
+    if others not in ("save", "report"):
+        raise LoraCkptError(f"others is {others!r}; use 'save' or 'report'")
+    if oversample < 0 or niter < 0:
+        raise LoraCkptError(f"oversample ({oversample}) and niter ({niter}) must be ≥ 0")
+    b, t = _reader(base), _reader(tuned)
+    kinds, tied = dict(kinds or {}), dict(tied or {})
+    if isinstance(base, Mapping) and isinstance(tuned, Mapping):
+        tied = {**_shared_ties(base, tuned), **tied}
+    pattern = _compile(modules)
+    base_keys, tuned_keys = list(b.keys()), list(t.keys())
+    tuned_set, base_set = set(tuned_keys), set(base_keys)
+    missing = [k for k in base_keys if k not in tuned_set and k not in tied]
+    if missing:
+        raise KeyMismatchError(
+            f"the tuned weights lack {missing[:5]}{' …' if len(missing) > 5 else ''}, which the base has; an adapter "
+            "cannot remove a tensor: are these the same architecture (a tied weight the tuned file leaves out: pass "
+            "tied={alias: key})?"
+        )
+    bad_ties = {a: s for a, s in tied.items() if s not in tuned_set or s not in base_set}
+    if bad_ties:
+        raise KeyMismatchError(f"tied names keys neither state dict holds in both: {bad_ties}")
+    report = LowRankReport("extract", rule=rule)
+    out: dict[str, torch.Tensor] = {}
+    alphas: dict[str, float] = {}
+    saved: dict[str, torch.Tensor] = {}
+    lora_kinds: dict[str, Kind] = {}
+    changed_bias: dict[str, str] = {}
+    svd_done: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, Kind]] = {}
+
+    def kind_of(key: str) -> Kind:
+        module = key[: -len(".weight")]
+        kind = kinds.get(module, "linear")
+        if kind == "other" or (pattern is not None and not pattern.search(module)):
+            return "other"
+        return kind
+
+    def whole_changed(key: str) -> bool:
+        if b.shape(key) != t.shape(key) or b.dtype(key) != t.dtype(key):
+            return True
+        shape = b.shape(key)
+        if not shape or not b.dtype(key).is_floating_point:
+            return not torch.equal(b.rows(key, 0, shape[0] if shape else 1), t.rows(key, 0, shape[0] if shape else 1))
+        step = max(1, (block_bytes // 4) // max(1, math.prod(shape[1:])))
+        return any(not torch.equal(b.rows(key, i, min(i + step, shape[0])), t.rows(key, i, min(i + step, shape[0])))
+                   for i in range(0, shape[0], step))
+
+    plain: list[str] = []
+    for key in tuned_keys:
+        if key not in base_set:
+            _keep_whole(key, t, saved, report, others, why="new in the tuned weights")
+            continue
+        shape_b, shape_t = b.shape(key), t.shape(key)
+        factorable = (key.endswith(".weight") and len(shape_t) == 2 and shape_b == shape_t
+                      and t.dtype(key).is_floating_point and b.dtype(key).is_floating_point and min(shape_t) > 0)
+        kind = kind_of(key) if factorable else "other"
+        if kind == "other":
+            plain.append(key)
+            continue
+        acc_k = acc or (torch.float64 if torch.float64 in (b.dtype(key), t.dtype(key)) else torch.float32)
+        m, n = shape_t
+        step = max(1, (block_bytes // acc_k.itemsize) // max(1, n))
+        delta = _Delta(b, t, key, (m, n), acc_k, step)
+        hold = resident_bytes is None or m * n * acc_k.itemsize <= resident_bytes
+        if hold:
+            delta.whole = torch.cat([d for _, d in delta.blocks()]) if m > step else next(delta.blocks())[1]
+            if not bool(delta.whole.any()):
+                report.unchanged += 1
+                continue
+        elif not delta.changed():
+            report.unchanged += 1
+            continue
+        cap = rule.cap
+        q = min(m, n) if cap is None else min(cap + oversample, min(m, n))
+        randomized = svd == "randomized" or (svd == "auto" and cap is not None and 2 * q < min(m, n))
+        if randomized:
+            u, s, vh, total = randomized_svd(delta.blocks, (m, n), q, niter=niter, seed=seed, acc=acc_k, device=device)
+        else:
+            whole = delta.whole if delta.whole is not None else torch.cat([d for _, d in delta.blocks()])
+            whole = whole.to(device) if device is not None else whole
+            u, s, vh = torch.linalg.svd(whole, full_matrices=False)
+            total = float(s.double().square().sum())
+        delta.whole = None
+        svd_done[key] = (u, s, vh, total, kind)
+        module = key[: -len(".weight")]
+        _emit(module, kind, u, s, vh, total, rule, acc_k, dtype or t.dtype(key), out, alphas, report)
+        lora_kinds[module] = kind
+        if on_module is not None:
+            on_module(module, m * n)
+    for alias, source in tied.items():
+        if source in svd_done and alias.endswith(".weight"):
+            u, s, vh, total, _ = svd_done[source]
+            module = alias[: -len(".weight")]
+            kind = kinds.get(module, "linear")
+            if kind == "other":
+                continue
+            _emit(module, kind, u, s, vh, total, rule, s.dtype, dtype or t.dtype(source), out, alphas, report)
+            lora_kinds[module] = kind
+            report.notes.append(f"{alias} shares {source}'s storage: its module gets the same update")
+    for key in plain:
+        if not whole_changed(key):
+            report.unchanged += 1
+            continue
+        module, _, leaf = key.rpartition(".")
+        if leaf == "bias" and lora_kinds.get(module) in ("linear", "conv1d") and b.shape(key) == t.shape(key):
+            changed_bias[module] = key
+            continue
+        why = ("its shape changed from " f"{b.shape(key)} to {t.shape(key)}: resize the base's tensor (e.g. "
+               "resize_token_embeddings) before loading the adapter") if b.shape(key) != t.shape(key) else ""
+        _keep_whole(key, t, saved, report, others, why=why)
+    base_set_keys = set(base_keys)
+    lora_bias = bool(changed_bias) and all(
+        kind in ("linear", "conv1d") and f"{module}.bias" in base_set_keys for module, kind in lora_kinds.items())
+    if changed_bias and not lora_bias:  # PEFT's lora_bias needs every LoRA layer to be a linear one with a bias
+        for module, bias_key in changed_bias.items():
+            for leaf in ("lora_A.weight", "lora_B.weight"):
+                out.pop(f"{_PEFT_PREFIX}{module}.{leaf}", None)
+            alphas.pop(module, None)
+            lora_kinds.pop(module, None)
+            report.rows = [r for r in report.rows if r.module != module]
+            for whole_key in (f"{module}.weight", bias_key):
+                _keep_whole(whole_key, t, saved, report, others, why="")
+        report.notes.append(
+            f"{len(changed_bias)} module(s) whose bias changed are saved whole ({', '.join(list(changed_bias)[:3])}"
+            f"{' …' if len(changed_bias) > 3 else ''}): PEFT's lora_bias is only for adapters whose LoRA layers are "
+            "all linear layers with a bias")
+    elif lora_bias:
+        for module, kind in lora_kinds.items():
+            key = changed_bias.get(module, f"{module}.bias")
+            rows = b.shape(key)[0]
+            value = t.rows(key, 0, rows).to(torch.float64) - b.rows(key, 0, rows).to(torch.float64)
+            a_key = f"{_PEFT_PREFIX}{module}.lora_A.weight"
+            out[f"{_PEFT_PREFIX}{module}.lora_B.bias"] = value.to(out[a_key].dtype)
+        report.notes.append(f"{len(changed_bias)} bias(es) of factored modules changed: written as lora_B.bias "
+                            "(PEFT lora_bias=true)")
+    owners = {k.rpartition(".")[0] for k in saved}
+    for key in tuned_keys:  # PEFT loads a modules_to_save module whole: every parameter of it, changed or not
+        owner, _, leaf = key.rpartition(".")
+        if owner in owners and key not in saved:
+            _keep_whole(key, t, saved, report, "save", why="")
+    for key, value in saved.items():
+        out[_PEFT_PREFIX + key] = value
+    config = _peft_fields(lora_kinds, b, saved, lora_bias)
+    fan = [k for k in lora_kinds.values() if k == "conv1d"]
+    if fan and len(fan) != sum(k in ("linear", "conv1d") for k in lora_kinds.values()):
+        report.notes.append("the factored modules mix Conv1D and nn.Linear layers; PEFT follows each layer's type")
+    return LowRankResult(out, alphas, "peft", report, config, fan_in_fan_out=bool(fan))
+
+
+def _compile(modules: str | None) -> re.Pattern[str] | None:
+    if modules is None:
+        return None
+    try:
+        return re.compile(modules)
+    except re.error as e:
+        raise LoraCkptError(f"modules={modules!r} is not a valid regular expression ({e})") from None
+
+
+def _shared_ties(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Keys tied in both state dicts: alias -> the first key of its group (computed once, reused)."""
+    groups_b = {frozenset(g) for g in tied_groups(base)}
+    return {k: g[0] for g in tied_groups(tuned) if frozenset(g) in groups_b for k in g[1:]}
+
+
+def _keep_whole(key: str, t: RowReader, saved: dict[str, torch.Tensor], report: LowRankReport,
+                others: str, *, why: str) -> None:
+    note = f"{key}: {why}" if why else ""
+    if others == "save":
+        shape = t.shape(key)
+        saved[key] = t.rows(key, 0, shape[0]).clone() if shape else t.rows(key, 0, 1).clone()
+        report.saved.append(key)
+    else:
+        report.left_out.append(key)
+        note = note or f"{key}: changed, not factored, and others='report' leaves it out: the adapter is not exact"
+    if note:
+        report.notes.append(note)
+
+
+def _emit(
+    module: str, kind: Kind, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, total: float, rule: RankRule,
+    acc: torch.dtype, dtype: torch.dtype, out: dict[str, torch.Tensor], alphas: dict[str, float],
+    report: LowRankReport,
+) -> None:
+    """Choose the rank, split the factors and write them under PEFT's keys for the layer ``kind``."""
+    shape = (u.shape[0], vh.shape[1])
+    k = max(1, rule.select(s, total, floor=_noise_floor(s, shape, acc)))
+    left, right = _split(u, s, vh, k)  # stored ΔW ≈ left @ right
+    if kind == "linear":
+        a, bb, ka, kb = right, left, "lora_A.weight", "lora_B.weight"
+    elif kind == "conv1d":  # stored (in, out): ΔW = (left @ right)ᵀ = rightᵀ @ leftᵀ
+        a, bb, ka, kb = left.T, right.T, "lora_A.weight", "lora_B.weight"
+    else:  # embedding: stored (vocab, dim) = (B@A)ᵀ with A (r, vocab), B (dim, r)
+        a, bb, ka, kb = left.T, right.T, "lora_embedding_A", "lora_embedding_B"
+    out[f"{_PEFT_PREFIX}{module}.{ka}"] = a.to("cpu", dtype).contiguous()
+    out[f"{_PEFT_PREFIX}{module}.{kb}"] = bb.to("cpu", dtype).contiguous()
+    alphas[module] = float(k)
+    report.rows.append(_row(module, kind, shape, min(shape), k, s.cpu(), total))
+
+
+def _peft_fields(lora_kinds: Mapping[str, Kind], b: RowReader, saved: Mapping[str, torch.Tensor],
+                 lora_bias: bool) -> dict[str, Any]:
+    """``target_modules`` selecting exactly the factored modules (PEFT would add LoRA to every module a suffix
+    names, and then miss their keys), ``modules_to_save`` and ``lora_bias``."""
+    names = sorted(lora_kinds)
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    candidates = {k[: -len(".weight")] for k in b.keys() if k.endswith(".weight") and len(b.shape(k)) == 2}
+    by_suffix = {c for c in candidates if c.rsplit(".", 1)[-1] in suffixes}
+    target: str | list[str] = suffixes if by_suffix <= set(names) else "|".join(re.escape(n) for n in names)
+    fields: dict[str, Any] = {"target_modules": target, "lora_bias": lora_bias}
+    owners = sorted({k.rpartition(".")[0] for k in saved if k.rpartition(".")[0]})
+    fields["modules_to_save"] = owners or None
+    return fields
+
+
+# --- resize and combine -----------------------------------------------------------------------------------------
+
+
+def _canonical(layout: Layout, tensors: Mapping[str, torch.Tensor], m: LoraModule,
+               acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) with ΔW = left @ right in the standard orientation: (out, in) or (vocab, dim)."""
+    a, b = tensors[m.a_key], tensors[m.b_key]
+    a2, b2 = (a.flatten(1) if a.dim() == 4 else a), (b.flatten(1) if b.dim() == 4 else b)
+    return FORMULAS[m.formula][2](a2.to(acc), b2.to(acc))
+
+
+def _layout_factors(spec: LayoutSpec, formula: str, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) in ``formula``'s convention for ΔW = left @ right (the inverse of :data:`~lora_ckpt.layout.FORMULAS`)."""
+    a, b = {"B@A": (right, left), "A@B.T": (left, right.T), "(B@A).T": (left.T, right.T), "A@B": (left, right)}[formula]
+    return a.contiguous(), b.contiguous()
+
+
+def _acc(tensors: Iterable[torch.Tensor]) -> torch.dtype:
+    """float64 where a factor is float64, float32 otherwise."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _refuse_dora(layout: Layout, what: str) -> None:
+    dora = [m.name for m in layout.modules if m.is_dora]
+    if dora:
+        raise LayoutError(
+            f"{', '.join(dora[:3])}: DoRA modules cannot be {what}: the magnitude vector rescales each row by the "
+            "norm of W + s·ΔW, which is not a low-rank update; merge the adapter instead (lora-ckpt merge)"
+        )
+
+
+def _scales(layout: Layout, tensors: Mapping[str, torch.Tensor], alpha: float | Mapping[str, float] | None,
+            scales: Mapping[str, float] | None) -> dict[str, float]:
+    return dict(scales) if scales is not None else resolve_scales(layout, alpha, tensors)
+
+
+def _write_module(
+    spec: LayoutSpec, m: LoraModule, left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype, conv: bool,
+    out: dict[str, torch.Tensor], alphas: dict[str, float],
+) -> None:
+    a, b = _layout_factors(spec, m.formula, left, right)
+    if conv:
+        a, b = a[:, :, None, None], b[:, :, None, None]
+    out[m.a_key] = a.to(dtype)
+    out[m.b_key] = b.to(dtype)
+    alphas[m.name] = float(left.shape[1])
+    if spec is KOHYA:
+        alpha_key = m.key_map.get("alpha") or spec.key(m.name, "alpha")
+        out[alpha_key] = torch.tensor(float(left.shape[1]))
+
+
+def resize_lora(
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    sv_epsilon: float | None = None,
+    sv_ratio: float | None = None,
+    alpha: float | Mapping[str, float] | None = None,
+    scales: Mapping[str, float] | None = None,
+    layout: Layout | str | None = None,
+    acc: torch.dtype | None = None,
+) -> LowRankResult:
+    """Return the adapter at a smaller rank, in its own layout: per module the best rank-k approximation
+    (Eckart–Young) of the scaled update ``s·B@A``, by :func:`factor_svd` (``B@A`` is never formed).
+
+    Exact (to round-off) where the rank kept is at least the module's rank. Every module comes out with scale 1
+    (``alpha = new rank``), so ``result.alpha`` is what the file must record. Other tensors (base weights,
+    ``modules_to_save``) are carried; a ``lora_B.bias`` is multiplied by the old scale.
+
+    Raises:
+        LayoutError: not a LoRA layout, or DoRA modules (refused: see the module docstring).
+        AlphaError: the alpha is unknown (pass ``alpha`` or ``scales``).
+
+    Example:
+        >>> from lora_ckpt.testing import make_lora_state_dict
+        >>> small = resize_lora(make_lora_state_dict(rank=4), rank=2, alpha=8.0)
+        >>> small.layout, [r.rank for r in small.report.rows], small.alpha["transformer.h.0.attn.c_attn"]
+        ('nanogpt_lora', [2, 2], 2.0)
+    """
+    rule = RankRule(rank, energy, sv_epsilon, sv_ratio)
+    if not isinstance(layout, Layout):
+        layout = detect_layout(state_dict, layout=layout)
+    if not layout.is_lora or layout.spec is None:
+        raise LayoutError("the state dict is in the standard layout: there is no LoRA update to resize")
+    require_data(state_dict)
+    _refuse_dora(layout, "resized")
+    tensors = {k[len(layout.prefix):]: v for k, v in state_dict.items()}
+    scale = _scales(layout, tensors, alpha, scales)
+    acc = acc or _acc(tensors[k] for m in layout.modules if m.has_factors for k in (m.a_key, m.b_key))
+    report = LowRankReport("resize", rule=rule)
+    out = dict(tensors)
+    alphas: dict[str, float] = {}
+    for m in layout.modules:
+        if not m.has_factors:
+            continue
+        left, right = _canonical(layout, tensors, m, acc)
+        u, s, vh = factor_svd(left * scale[m.name], right)
+        total = float(s.double().square().sum())
+        k = max(1, rule.select(s, total, floor=_noise_floor(s, m.delta_shape, acc)))
+        nl, nr = _split(u, s, vh, k)
+        _write_module(layout.spec, m, nl, nr, tensors[m.a_key].dtype, tensors[m.a_key].dim() == 4, out, alphas)
+        if "b_bias" in m.key_map:
+            out[m.key_map["b_bias"]] = tensors[m.key_map["b_bias"]] * scale[m.name]
+        report.rows.append(_row(m.name, m.kind, m.delta_shape, m.rank, k, s, total))
+    return LowRankResult({layout.prefix + k: v for k, v in out.items()}, alphas, layout.kind, report)
+
+
+def combine_lora(
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    weights: Sequence[float] | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    sv_epsilon: float | None = None,
+    sv_ratio: float | None = None,
+    alphas: Sequence[float | Mapping[str, float] | None] | None = None,
+    scales: Sequence[Mapping[str, float] | None] | None = None,
+    layouts: Sequence[Layout | str | None] | None = None,
+    acc: torch.dtype | None = None,
+) -> LowRankResult:
+    """Return one adapter whose update is ``Σᵢ wᵢ·sᵢ·ΔWᵢ``, in the first input's layout.
+
+    With no rank rule the ranks are concatenated (``B = [w₁s₁B₁ | w₂s₂B₂ …]``, ``A = [A₁; A₂ …]``): exact,
+    whatever the inputs' ranks, alphas or rsLoRA scales (folded in), and weights may be negative. With
+    ``rank``/``energy``/… the sum is compressed by :func:`factor_svd` to the best approximation of that rank.
+    A module present in only some inputs takes only theirs. Other tensors (base weights, ``modules_to_save``)
+    must be equal wherever more than one input holds them.
+
+    Raises:
+        LayoutError: inputs in different layouts, DoRA modules, fewer than one input, or weights of the wrong length.
+        ShapeError: a module whose update shape or kind differs between inputs.
+        KeyMismatchError: another tensor that two inputs hold with different values.
+
+    Example:
+        >>> from lora_ckpt.testing import make_lora_state_dict
+        >>> a = make_lora_state_dict(rank=4)
+        >>> b = {k: (2 * v if ".lora_" in k else v) for k, v in a.items()}  # same base, another update
+        >>> both = combine_lora([a, b], weights=[1.0, -0.5], alphas=[8.0, 4.0])
+        >>> both.alpha["transformer.h.0.attn.c_attn"], both.report.rows[0].rank_in
+        (8.0, 8)
+    """
+    n = len(state_dicts)
+    if n < 1:
+        raise LayoutError("combine needs at least one adapter")
+    weights = list(weights) if weights is not None else [1.0] * n
+    for name, seq in (("weights", weights), ("alphas", alphas), ("scales", scales), ("layouts", layouts)):
+        if seq is not None and len(seq) != n:
+            raise LayoutError(f"{name} has {len(seq)} entries for {n} adapters; give one per adapter")
+    for i, w in enumerate(weights):
+        check_alpha(w, where=f"weights[{i}]", fix="give finite weights (CLI: --weights W1 W2 …)")
+    rule = None if rank is None and energy is None and sv_epsilon is None and sv_ratio is None else \
+        RankRule(rank, energy, sv_epsilon, sv_ratio)
+    found: list[Layout] = []
+    for i, sd in enumerate(state_dicts):
+        given = layouts[i] if layouts is not None else None
+        lay = given if isinstance(given, Layout) else detect_layout(sd, layout=given)
+        if not lay.is_lora or lay.spec is None:
+            raise LayoutError(f"adapter {i + 1} is in the standard layout: it holds no LoRA update to combine")
+        require_data(sd)
+        _refuse_dora(lay, "combined")
+        found.append(lay)
+    kinds = {lay.kind for lay in found}
+    if len(kinds) > 1:
+        raise LayoutError(f"the adapters are in different layouts ({', '.join(lay.kind for lay in found)}); convert "
+                          "them to one layout first (lora-ckpt convert --to …)")
+    spec = found[0].spec
+    assert spec is not None
+    plain = [{k[len(lay.prefix):]: v for k, v in sd.items()} for sd, lay in zip(state_dicts, found)]
+    scale = [_scales(lay, t, alphas[i] if alphas is not None else None, scales[i] if scales is not None else None)
+             for i, (lay, t) in enumerate(zip(found, plain))]
+    parts: dict[str, list[tuple[int, LoraModule]]] = {}
+    for i, lay in enumerate(found):
+        for m in lay.modules:
+            if m.has_factors:
+                parts.setdefault(m.name, []).append((i, m))
+    problems = []
+    for name, items in parts.items():
+        shapes = {(m.kind, m.delta_shape) for _, m in items}
+        if len(shapes) > 1:
+            problems.append(f"{name}: " + ", ".join(f"adapter {i + 1} {m.kind} {m.delta_shape}" for i, m in items))
+    if problems:
+        raise ShapeError("the adapters disagree on modules: " + "; ".join(problems[:4])
+                         + "; combine adapters of one base model")
+    factor_keys = {k for lay in found for m in lay.modules if m.has_factors for k in m.factor_keys}
+    rest: dict[str, torch.Tensor] = {}
+    clash = []
+    for i, t in enumerate(plain):
+        for k, v in t.items():
+            if k in factor_keys:
+                continue
+            if k in rest and (rest[k].shape != v.shape or not torch.equal(rest[k], v)):
+                clash.append(f"{k} (adapter {i + 1})")
+            rest.setdefault(k, v)
+    if clash:
+        raise KeyMismatchError(f"{', '.join(clash[:4])} differs from an earlier adapter's; combine sums LoRA updates "
+                               "and cannot combine base weights or modules_to_save copies: keep one version")
+    acc = acc or _acc(t[k] for lay, t in zip(found, plain) for m in lay.modules if m.has_factors
+                      for k in (m.a_key, m.b_key))
+    report = LowRankReport("combine", rule=rule)
+    out = dict(rest)
+    new_alpha: dict[str, float] = {}
+    for name, items in parts.items():
+        lefts, rights = [], []
+        for i, m in items:
+            left, right = _canonical(found[i], plain[i], m, acc)
+            c = weights[i] * scale[i][m.name]
+            root = math.sqrt(abs(c))
+            lefts.append(left * (root if c >= 0 else -root))
+            rights.append(right * root)
+        left, right = torch.cat(lefts, 1), torch.cat(rights, 0)
+        i0, m0 = items[0]
+        r_in = left.shape[1]
+        if rule is None:  # exact: the concatenated factors as they are
+            nl, nr = left, right
+            row = ModuleRow(name, m0.kind, m0.delta_shape, r_in, r_in, 1.0, 0.0)
+        else:
+            u, s, vh = factor_svd(left, right)
+            total = float(s.double().square().sum())
+            keep = max(1, rule.select(s, total, floor=_noise_floor(s, m0.delta_shape, acc)))
+            nl, nr = _split(u, s, vh, keep)
+            row = _row(name, m0.kind, m0.delta_shape, r_in, keep, s, total)
+        dtype = plain[i0][m0.a_key].dtype
+        _write_module(spec, m0, nl, nr, dtype, plain[i0][m0.a_key].dim() == 4, out, new_alpha)
+        biases = [(weights[i] * scale[i][m.name], plain[i][m.key_map["b_bias"]]) for i, m in items if "b_bias" in m.key_map]
+        if biases:
+            out[m0.key_map.get("b_bias") or spec.key(name, "b_bias")] = sum(c * v.to(acc) for c, v in biases).to(dtype)  # type: ignore[union-attr]
+        report.rows.append(row)
+    prefix = found[0].prefix
+    return LowRankResult({prefix + k: v for k, v in out.items()}, new_alpha, found[0].kind, report)
+
+
+# --- unmerge ------------------------------------------------------------------------------------------------------
+
+
+def unmerge_lora(
+    merged: Mapping[str, torch.Tensor],
+    adapter: Mapping[str, torch.Tensor],
+    *,
+    alpha: float | Mapping[str, float] | None = None,
+    scales: Mapping[str, float] | None = None,
+    layout: Layout | str | None = None,
+    fan_in_fan_out: Orientation = None,
+    base: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> LowRankResult:
+    """Return the merged weights with the adapter's update taken out: ``W − s·ΔW`` accumulated in float32 (float64
+    for float64 weights) and rounded once, as a standard state dict; ``merged`` is not changed.
+
+    It is the merge with every scale negated (:func:`~lora_ckpt.merge.plan_merge`), so the same checks run first:
+    a factor that does not fit its weight is refused before any arithmetic. ``unmerge(merge(W)) == W`` within one
+    rounding of the weights' dtype. Tensors an adapter replaces whole (PEFT ``modules_to_save``) cannot be
+    restored: they stay as merged and are named in ``report.left_out``. With ``base`` (the original weights, when
+    known) each row reports the largest ``|W − W_base|``.
+
+    Raises:
+        LayoutError: DoRA modules, or an adapter that is not a LoRA layout.
+        ShapeError, KeyMismatchError: factors that do not fit the merged weights, modules the weights lack.
+        AlphaError: the alpha is unknown.
+
+    Example:
+        >>> from lora_ckpt import merge_lora
+        >>> from lora_ckpt.testing import make_lora_state_dict
+        >>> lora = make_lora_state_dict(rank=4)
+        >>> merged = merge_lora(lora, alpha=8.0)
+        >>> w = lora["transformer.h.0.attn.c_attn.main_weight.weight"]
+        >>> back = unmerge_lora(merged, lora, alpha=8.0)
+        >>> torch.allclose(back.state_dict["transformer.h.0.attn.c_attn.weight"], w, atol=1e-6)
+        True
+    """
+    if not isinstance(layout, Layout):
+        layout = detect_layout(adapter, layout=layout)
+    if not layout.is_lora or layout.spec is None:
+        raise LayoutError("the adapter is in the standard layout: it holds no LoRA update to take out")
+    _refuse_dora(layout, "unmerged")
+    require_data(merged, adapter)
+    tensors = {k[len(layout.prefix):]: v for k, v in adapter.items()}
+    scale = _scales(layout, tensors, alpha, scales)
+    report = LowRankReport("unmerge")
+    spec = layout.spec
+    if spec.base_in_file:  # keep only the factors, re-keyed as a PEFT adapter (the file's own base is not used)
+        adapter_only: dict[str, torch.Tensor] = {}
+        scale_by: dict[str, float] = {}
+        for m in layout.modules:
+            if not m.has_factors:
+                continue
+            if m.kind == "lora_only_embedding":
+                raise LayoutError(f"{m.name}: a lora-only embedding has no base weight to take its update out of")
+            left, right = _canonical(layout, tensors, m, tensors[m.a_key].dtype)
+            kind = "embedding" if m.kind == "embedding" else "linear"
+            a, b = _layout_factors(PEFT, PEFT.formulas[kind], left, right)
+            adapter_only[PEFT.key(m.name, "a", kind)] = a
+            adapter_only[PEFT.key(m.name, "b", kind)] = b
+            scale_by[m.name] = scale[m.name]
+        tensors, scale = adapter_only, scale_by
+        layout = detect_layout(tensors, layout=PEFT.name)
+    negated = {k: -v for k, v in scale.items()}
+    saved = [k for k in tensors if k not in layout.factor_keys]
+    factors = {k: v for k, v in tensors.items() if k in layout.factor_keys}
+    if saved:
+        report.left_out.extend(saved)
+        report.notes.append(f"{len(saved)} tensor(s) the adapter replaces whole cannot be restored; they stay as "
+                            "merged: " + ", ".join(saved[:4]) + (" …" if len(saved) > 4 else ""))
+        layout = detect_layout(factors, layout=spec.name)
+    plan = plan_merge(factors, base=merged, scales=negated, layout=layout, dtype=dtype, fan_in_fan_out=fan_in_fan_out)
+    result = plan.execute(plan.big)
+    for step in plan.steps:
+        if step.op != "merge" or step.module is None:
+            continue
+        m = step.module
+        err = None
+        if base is not None and step.key in base:
+            err = float((result[step.key].double() - base[step.key].double()).abs().max())
+        report.rows.append(ModuleRow(m.name, m.kind, tuple(result[step.key].shape), m.rank, m.rank, 1.0, 0.0, err))
+    return LowRankResult(result, {}, "standard", report)

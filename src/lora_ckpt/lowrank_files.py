@@ -1,0 +1,462 @@
+"""Extract, resize, combine and unmerge adapters file to file: inputs through :class:`~lora_ckpt.source.Source`,
+outputs through :class:`~lora_ckpt.output.Output`, the arithmetic in :mod:`lora_ckpt.lowrank`.
+
+Extraction reads the two models tensor by tensor (row blocks, positioned reads), so its memory stays near
+the largest tensor whatever the model's size: a ΔW is held whole only when its float32 copy is no larger than
+the largest input tensor (or 64 MiB); larger ones are read in row blocks once per randomized-SVD pass
+(``svd="full"`` holds the ΔW and its SVD). Resize, combine and unmerge hold their inputs in memory (an adapter
+is small; unmerge holds the merged model).
+
+Layer types (``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Embedding``) and tied weights are facts of the model, read
+from the base folder's ``config.json``: with transformers installed, the model is built on the ``meta``
+device (no memory) and each layer's type read off it, as PEFT decides; without it, the model type's Conv1D
+layers are known (:func:`~lora_ckpt.formats.hf.module_types`) and every other 2-d weight is taken as
+``nn.Linear``, which the report says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lora_ckpt.errors import CheckpointFileError, LayoutError
+from lora_ckpt.formats.hf import module_types, write_model_folder
+from lora_ckpt.formats.peft import load_peft_adapter, write_peft_adapter
+from lora_ckpt.io import write_checkpoint
+from lora_ckpt.layout import KOHYA, PEFT, split_prefix
+from lora_ckpt.lowrank import (
+    Kind,
+    LowRankReport,
+    LowRankResult,
+    SvdMethod,
+    combine_lora,
+    extract_lora,
+    resize_lora,
+    unmerge_lora,
+)
+from lora_ckpt.output import Output, PathLike
+from lora_ckpt.relayout import convert_layout
+from lora_ckpt.source import Source
+
+__all__ = ["LowRankFileResult", "SourceRows", "combine_files", "extract_files", "layer_facts", "resize_files",
+           "unmerge_files"]
+
+log = logging.getLogger(__name__)
+
+# PEFT config fields a resize or combine sets anew; the rest of the first input's config is carried.
+_RECOMPUTED = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "peft_type",
+               "fan_in_fan_out", "task_type")
+
+
+@dataclass
+class LowRankFileResult:
+    """What a file operation wrote and its per-module report (printed by the CLI, ``--json`` as :meth:`to_dict`)."""
+
+    outputs: list[Path]
+    report: LowRankReport
+    seconds: float = 0.0
+    leftovers: list[str] = field(default_factory=list)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What may surprise, for stderr: changed tensors the output leaves out."""
+        left = self.report.left_out
+        return [f"{len(left)} tensor(s) are not handled exactly (see the notes above): "
+                f"{', '.join(left[:4])}{' …' if len(left) > 4 else ''}"] if left else []
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"outputs": [str(p) for p in self.outputs], "seconds": round(self.seconds, 3),
+                "leftovers": self.leftovers, **self.report.to_dict()}
+
+    def __str__(self) -> str:
+        return f"{self.report}\nwrote {', '.join(map(str, self.outputs))} ({self.seconds:.1f} s)"
+
+
+class SourceRows:
+    """A :class:`~lora_ckpt.lowrank.RowReader` over an open :class:`~lora_ckpt.source.Source`: row ranges read
+    on demand (positioned reads), keys without their wrapper prefix."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.names = {split_prefix(k)[1]: k for k in source.keys()}
+
+    def keys(self) -> Iterable[str]:
+        return self.names.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.source.entries[self.names[key]].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.source.entries[self.names[key]].dtype
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        full = self.names[key]
+        if not self.shape(key):
+            return self.source.read(full)
+        return self.source.read(full, start, stop)
+
+
+def layer_facts(
+    model_config: Mapping[str, Any] | None, names: Iterable[str], *, fan_in_fan_out: bool | None = None
+) -> tuple[dict[str, Kind], dict[str, str], str | None]:
+    """Per module name the layer type (``linear``/``conv1d``/``embedding``), the tied weights (alias -> key) and a
+    note where the types are assumed; from the base model's ``config.json`` (see the module docstring).
+
+    ``fan_in_fan_out`` (an argument) states that the 2-d weights are Conv1D (True) or nn.Linear (False) where no
+    config records it; it may not contradict a config.
+    """
+    names = list(names)
+    built = _meta_model_facts(model_config)
+    if built is not None:
+        kinds, tied = built
+        if fan_in_fan_out is not None and any((k == "conv1d") != fan_in_fan_out for k in kinds.values()
+                                              if k in ("linear", "conv1d")):
+            raise LayoutError(f"fan_in_fan_out={fan_in_fan_out} contradicts the base model's config.json (its layer "
+                              "types decide); drop the argument")
+        return kinds, tied, None
+    types = module_types(model_config, names)
+    if types is not None:
+        if fan_in_fan_out is not None and any(v != fan_in_fan_out for v in types.values()):
+            raise LayoutError(f"fan_in_fan_out={fan_in_fan_out} contradicts the base model's type in config.json; "
+                              "drop the argument")
+        return {n: ("conv1d" if v else "linear") for n, v in types.items()}, {}, (
+            "layer types from config.json's model_type (transformers not installed): embeddings are not known and "
+            "2-d weights are taken as nn.Linear/Conv1D")
+    if fan_in_fan_out is None:
+        note = ("no config.json records the layer types: every 2-d weight is taken as nn.Linear (out, in); pass "
+                "fan_in_fan_out=True (CLI: --fan-in-fan-out) for GPT-2's Conv1D")
+    else:
+        note = None
+    kind: Kind = "conv1d" if fan_in_fan_out else "linear"
+    return {n: kind for n in names}, {}, note
+
+
+def _meta_model_facts(model_config: Mapping[str, Any] | None) -> tuple[dict[str, Kind], dict[str, str]] | None:
+    """Layer types and ties of the model ``config.json`` describes, built on the meta device; None if it cannot be."""
+    if model_config is None or not model_config.get("architectures"):
+        return None
+    try:
+        import transformers
+    except ImportError:
+        return None
+    arch = model_config["architectures"][0]
+    cls = getattr(transformers, str(arch), None)
+    if cls is None:
+        return None
+    try:
+        config = transformers.AutoConfig.for_model(**dict(model_config))
+        with torch.device("meta"), warnings_quiet():
+            model = cls(config)
+    except Exception as e:  # noqa: BLE001 - an unusual config: fall back to the weaker facts, saying so
+        log.info("could not build %s on the meta device (%s); layer types from the model type", arch, e)
+        return None
+    conv1d = getattr(getattr(transformers, "pytorch_utils", None), "Conv1D", None)
+    kinds: dict[str, Kind] = {}
+    for name, module in model.named_modules():
+        if conv1d is not None and isinstance(module, conv1d):
+            kinds[name] = "conv1d"
+        elif isinstance(module, torch.nn.Linear):
+            kinds[name] = "linear"
+        elif isinstance(module, torch.nn.Embedding):
+            kinds[name] = "embedding"
+        elif hasattr(module, "weight") and isinstance(getattr(module, "weight"), torch.nn.Parameter):
+            kinds[name] = "other"
+    owners: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first = owners.setdefault(id(p), name)
+        if first != name:
+            tied[name] = first
+    return kinds, tied
+
+
+@contextlib.contextmanager
+def warnings_quiet() -> Any:
+    """Silence library warnings while a meta model is built (they are about the model, not the user's files)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _progress(total: int, label: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+    except ImportError:
+        log.info("install lora-ckpt[progress] (tqdm) for a progress bar")
+        return None
+    return tqdm(total=total, unit="param", unit_scale=True, desc=label, dynamic_ncols=True)
+
+
+def extract_files(
+    base: PathLike,
+    tuned: PathLike,
+    out: PathLike,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    sv_epsilon: float | None = None,
+    sv_ratio: float | None = None,
+    modules: str | None = None,
+    to: Literal["peft", "kohya"] = "peft",
+    others: Literal["save", "report"] = "save",
+    svd: SvdMethod = "auto",
+    oversample: int = 8,
+    niter: int = 2,
+    dtype: torch.dtype | None = None,
+    device: str | None = None,
+    fan_in_fan_out: bool | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+    block_bytes: int = 32 << 20,
+) -> LowRankFileResult:
+    """Extract the LoRA adapter ``tuned − base`` (files or Hugging Face folders, sharded too) into ``out``.
+
+    ``to="peft"``: a PEFT adapter folder that ``PeftModel.from_pretrained(base_model, out)`` loads (ranks in
+    ``rank_pattern``/``alpha_pattern``, changed norms and the like in ``modules_to_save``); ``to="kohya"``: a
+    kohya ``.safetensors`` file (linear modules only). See :func:`~lora_ckpt.lowrank.extract_lora` for the
+    options; memory as the module docstring says.
+
+    Raises:
+        LoraCkptError: any input problem, before anything is written; OSError from the file system.
+    """
+    started = time.perf_counter()
+    if to not in ("peft", "kohya"):
+        raise LayoutError(f"extract writes to='peft' (a folder) or to='kohya' (a file), not {to!r}; convert the PEFT "
+                          "adapter afterwards (lora-ckpt convert --to … --base BASE)")
+    with Source.open(base) as b, Source.open(tuned) as t:
+        target = Output.prepare(out, overwrite=overwrite, folder=True if to == "peft" else None,
+                                inputs=[*b.paths(), *t.paths()])
+        if to == "kohya" and target.folder:
+            raise CheckpointFileError(f"{target.path}: a kohya adapter is a file; give a .safetensors name")
+        rb, rt = SourceRows(b), SourceRows(t)
+        names = [k[: -len(".weight")] for k in rb.keys() if k.endswith(".weight") and len(rb.shape(k)) == 2]
+        config = b.model_config if b.kind == "folder" else None
+        kinds, tied, note = layer_facts(config, names, fan_in_fan_out=fan_in_fan_out)
+        tied = {a: s for a, s in tied.items() if a not in set(rt.keys()) and s in set(rt.keys())}
+        largest = max((e.nbytes for e in [*b.entries.values(), *t.entries.values()]), default=0)
+        total = sum(rt.shape(k)[0] * rt.shape(k)[1] for k in rt.keys() if len(rt.shape(k)) == 2)
+        bar = _progress(total, "extracting", progress)
+        try:
+            result = extract_lora(
+                rb, rt, rank=rank, energy=energy, sv_epsilon=sv_epsilon, sv_ratio=sv_ratio, modules=modules,
+                kinds=kinds, tied=tied, others=others, svd=svd, oversample=oversample, niter=niter, dtype=dtype,
+                device=device, resident_bytes=max(largest, 64 << 20), block_bytes=block_bytes,
+                on_module=(lambda name, n: bar.update(n)) if bar is not None else None,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        if note:
+            result.report.notes.append(note)
+        if not result.alpha and not result.report.saved:
+            result.report.notes.append("the two models are equal: the adapter holds no update")
+        _write_adapter(target, result, to=to, base_path=b.path)
+    return LowRankFileResult([target.path], result.report, time.perf_counter() - started, list(target.removed))
+
+
+def _write_adapter(target: Output, result: LowRankResult, *, to: str, base_path: Path,
+                   carried: Mapping[str, Any] | None = None) -> None:
+    """Install ``result`` (PEFT-keyed or in its own layout) at ``target``."""
+    with target.writing() as tmp:
+        if to == "peft" and result.layout == "peft":
+            extra = {**dict(carried or {}), **result.config}
+            extra.setdefault("base_model_name_or_path", str(base_path))
+            task_type = extra.pop("task_type", None)
+            if not result.alpha:
+                raise LayoutError("no module changed in a way an adapter can hold; nothing to write")
+            write_peft_adapter(tmp, result.state_dict, alpha=result.alpha, fan_in_fan_out=result.fan_in_fan_out,
+                               task_type=task_type, extra_config=extra)
+        elif to == "kohya" and result.layout == "peft":
+            rel = convert_layout(result.state_dict, KOHYA.name, scales={m: 1.0 for m in result.alpha},
+                                 layout=PEFT.name, fan_in_fan_out=False)
+            write_checkpoint(tmp, rel.state_dict, alpha=rel.alpha, suffix=".safetensors")
+        else:
+            write_checkpoint(tmp, result.state_dict, alpha=result.alpha or None, suffix=target.path.suffix)
+
+
+def _open_adapter(source: Source, alpha: float | None) -> tuple[dict[str, torch.Tensor], dict[str, float] | None,
+                                                                 Any, dict[str, Any] | None]:
+    """An adapter's tensors, its scales (a PEFT folder's, from its config), the alpha to use otherwise, its config."""
+    if source.kind == "peft":
+        peft = load_peft_adapter(source)
+        if alpha is not None:
+            raise LayoutError(f"{source.path}: the alpha comes from adapter_config.json; do not pass alpha")
+        return peft.state_dict, peft.scales, None, peft.config
+    ckpt = source.load()
+    return ckpt.state_dict, None, ckpt.resolve_alpha(alpha), None
+
+
+def resize_files(
+    adapter: PathLike,
+    out: PathLike,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    sv_epsilon: float | None = None,
+    sv_ratio: float | None = None,
+    alpha: float | None = None,
+    overwrite: bool = False,
+) -> LowRankFileResult:
+    """Resize the adapter ``adapter`` (a PEFT folder or any LoRA file) into ``out``, in its own layout.
+
+    See :func:`~lora_ckpt.lowrank.resize_lora`. A PEFT folder keeps its config (target modules,
+    ``modules_to_save``, task type); rank and alpha become per-module exact (``rank_pattern``/``alpha_pattern``).
+    """
+    started = time.perf_counter()
+    with Source.open(adapter) as src:
+        target = Output.prepare(out, overwrite=overwrite, folder=True if src.kind == "peft" else None,
+                                inputs=src.paths())
+        sd, scales, rec_alpha, config = _open_adapter(src, alpha)
+        result = resize_lora(sd, rank=rank, energy=energy, sv_epsilon=sv_epsilon, sv_ratio=sv_ratio,
+                             alpha=rec_alpha, scales=scales, layout=PEFT.name if config is not None else None)
+        _install_like(target, result, config, src)
+    return LowRankFileResult([target.path], result.report, time.perf_counter() - started, list(target.removed))
+
+
+def _install_like(target: Output, result: LowRankResult, config: Mapping[str, Any] | None, src: Source) -> None:
+    """Write a resized or combined adapter in its input's form: a PEFT folder keeps the rest of its config."""
+    if config is not None:
+        carried = {k: v for k, v in config.items() if k not in _RECOMPUTED}
+        task = config.get("task_type")
+        peft_result = LowRankResult(result.state_dict, result.alpha, "peft", result.report,
+                                    {**({"task_type": task} if task else {})},
+                                    fan_in_fan_out=bool(config.get("fan_in_fan_out")))
+        _write_adapter(target, peft_result, to="peft", base_path=Path(str(config.get("base_model_name_or_path") or "")),
+                       carried=carried)
+        return
+    if target.folder:
+        raise CheckpointFileError(f"{target.path}: {src.path} is a file; give a file name (.safetensors or .pt)")
+    _write_adapter(target, result, to=result.layout, base_path=src.path)
+
+
+def combine_files(
+    adapters: Sequence[PathLike],
+    out: PathLike,
+    *,
+    weights: Sequence[float] | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    sv_epsilon: float | None = None,
+    sv_ratio: float | None = None,
+    alpha: float | None = None,
+    overwrite: bool = False,
+) -> LowRankFileResult:
+    """Combine ``adapters`` (PEFT folders, or LoRA files of one layout) into ``out`` (the first one's form).
+
+    See :func:`~lora_ckpt.lowrank.combine_lora`. ``alpha``: for files that do not record theirs (the same for each).
+    """
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        sources = [stack.enter_context(Source.open(p)) for p in adapters]
+        kinds = {s.kind == "peft" for s in sources}
+        if len(kinds) > 1:
+            raise LayoutError("mix of PEFT folders and other files; convert them to one layout first "
+                              "(lora-ckpt convert --to …)")
+        target = Output.prepare(out, overwrite=overwrite, folder=True if sources[0].kind == "peft" else None,
+                                inputs=[p for s in sources for p in s.paths()])
+        opened = [_open_adapter(s, alpha) for s in sources]
+        peft = sources[0].kind == "peft"
+        result = combine_lora(
+            [o[0] for o in opened], weights=weights, rank=rank, energy=energy, sv_epsilon=sv_epsilon, sv_ratio=sv_ratio,
+            alphas=[o[2] for o in opened], scales=[o[1] for o in opened],
+            layouts=[PEFT.name if peft else None] * len(opened),
+        )
+        config = opened[0][3]
+        if config is not None:
+            fields = ("target_modules", "modules_to_save")
+            merged_cfg = dict(config)
+            for o in opened[1:]:
+                other = o[3] or {}
+                for f in fields:
+                    if other.get(f) != merged_cfg.get(f):
+                        merged_cfg[f] = _union(merged_cfg.get(f), other.get(f))
+            config = merged_cfg
+        _install_like(target, result, config, sources[0])
+    return LowRankFileResult([target.path], result.report, time.perf_counter() - started, list(target.removed))
+
+
+def _union(a: Any, b: Any) -> Any:
+    """Two ``target_modules``/``modules_to_save`` values as one: lists joined; regexes alternated."""
+    if a is None or b is None:
+        return a if b is None else b
+    if isinstance(a, list) and isinstance(b, list):
+        return sorted(set(a) | set(b))
+    as_re = [x if isinstance(x, str) else "|".join(rf"(.*\.)?{y}" for y in x) for x in (a, b)]
+    return f"(?:{as_re[0]})|(?:{as_re[1]})"
+
+
+def unmerge_files(
+    merged: PathLike,
+    adapter: PathLike,
+    out: PathLike,
+    *,
+    base: PathLike | None = None,
+    alpha: float | None = None,
+    dtype: torch.dtype | None = None,
+    fan_in_fan_out: bool | None = None,
+    overwrite: bool = False,
+) -> LowRankFileResult:
+    """Take the adapter's update out of the merged model ``merged``, writing ``out`` (a file or a model folder).
+
+    In memory. See :func:`~lora_ckpt.lowrank.unmerge_lora`; ``base``: the original weights, when known, to report
+    the largest error against them. A PEFT adapter's orientation is decided as PEFT loads it (the merged folder's
+    ``config.json``).
+    """
+    from lora_ckpt.formats.peft import adapter_orientation
+
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        m_src = stack.enter_context(Source.open(merged))
+        a_src = stack.enter_context(Source.open(adapter))
+        b_src = stack.enter_context(Source.open(base)) if base is not None else None
+        inputs = [*m_src.paths(), *a_src.paths(), *(b_src.paths() if b_src else [])]
+        target = Output.prepare(out, overwrite=overwrite, inputs=inputs)
+        merged_sd = m_src.load().state_dict
+        orientation: Any = fan_in_fan_out
+        if a_src.kind == "peft":
+            peft = load_peft_adapter(a_src)
+            if alpha is not None:
+                raise LayoutError(f"{a_src.path}: the alpha comes from adapter_config.json; do not pass alpha")
+            plain = {split_prefix(k)[1]: v for k, v in merged_sd.items()}
+            orientation = adapter_orientation(peft, plain, model_config=m_src.model_config, given=fan_in_fan_out)
+            sd, scales, rec_alpha = peft.state_dict, peft.scales, None
+            sd, scales = _drop_tied_aliases(sd, scales, m_src, plain)
+        else:
+            ck = a_src.load()
+            sd, scales, rec_alpha = ck.state_dict, None, ck.resolve_alpha(alpha)
+        base_sd = b_src.load().state_dict if b_src is not None else None
+        result = unmerge_lora(merged_sd, sd, alpha=rec_alpha, scales=scales, fan_in_fan_out=orientation,
+                              base=base_sd, dtype=dtype, layout=PEFT.name if a_src.kind == "peft" else None)
+        with target.writing() as tmp:
+            if target.folder:
+                write_model_folder(tmp, result.state_dict, like=m_src.path if m_src.kind == "folder" else None,
+                                   dtype=dtype)
+            else:
+                write_checkpoint(tmp, result.state_dict, suffix=target.path.suffix)
+    return LowRankFileResult([target.path], result.report, time.perf_counter() - started, list(target.removed))
+
+
+def _drop_tied_aliases(sd: dict[str, torch.Tensor], scales: dict[str, float], merged: Source,
+                       plain: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Leave out the modules of weights the merged model ties to another and does not store (a tied ``lm_head``):
+    their update is the one of the weight they share, taken out once there."""
+    names = [k[: -len(".weight")] for k in plain if k.endswith(".weight")]
+    _, tied, _ = layer_facts(merged.model_config if merged.kind == "folder" else None, names)
+    gone = {alias[: -len(".weight")] for alias, key in tied.items() if alias not in plain and key in plain}
+    if not gone:
+        return sd, scales
+    prefix = PEFT.key_prefix
+    keep = {k: v for k, v in sd.items() if not any(k.startswith(f"{prefix}{g}.") for g in gone)}
+    return keep, {k: v for k, v in scales.items() if k not in gone}
+

@@ -1,0 +1,460 @@
+"""Extract, resize, combine and unmerge: numbers on real modules, definitions on known spectra, every error path."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import assert_unchanged, snapshot
+from lora_ckpt import merge_lora
+from lora_ckpt.cli import main
+from lora_ckpt.errors import KeyMismatchError, LayoutError, LoraCkptError, ShapeError
+from lora_ckpt.formats.peft import load_peft_adapter
+from lora_ckpt.lowrank import (
+    RankRule,
+    combine_lora,
+    extract_lora,
+    factor_svd,
+    randomized_svd,
+    resize_lora,
+    unmerge_lora,
+)
+from lora_ckpt.lowrank_files import combine_files, extract_files, resize_files, unmerge_files
+from lora_ckpt.testing import make_lora_state_dict
+
+F64 = torch.float64
+
+
+def _low_rank(m: int, n: int, r: int, seed: int, dtype=torch.float32, scale: float = 0.05) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(m, r, generator=g, dtype=F64) @ torch.randn(r, n, generator=g, dtype=F64)
+
+
+def _spectrum(s: list[float], m: int = 12, n: int = 10, seed: int = 0) -> torch.Tensor:
+    """A matrix with exactly the singular values ``s``."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=F64)).Q
+    v = torch.linalg.qr(torch.randn(n, len(s), generator=g, dtype=F64)).Q
+    return u @ torch.diag(torch.tensor(s, dtype=F64)) @ v.T
+
+
+def _product(sd: dict[str, torch.Tensor], module: str, kind: str) -> torch.Tensor:
+    """The stored-orientation update of an extracted PEFT module (scale 1)."""
+    p = f"base_model.model.{module}."
+    if kind == "embedding":
+        return (sd[p + "lora_embedding_B"].to(F64) @ sd[p + "lora_embedding_A"].to(F64)).T
+    ba = sd[p + "lora_B.weight"].to(F64) @ sd[p + "lora_A.weight"].to(F64)
+    return ba.T if kind == "conv1d" else ba
+
+
+# --- rank selection on known spectra ---------------------------------------------------------------------------------
+
+SPECTRUM = [5.0, 3.0, 2.0, 1.0, 0.5, 0.1]  # σ² = 25, 9, 4, 1, 0.25, 0.01 of 39.26
+
+
+@pytest.mark.parametrize(("rule", "expected"), [
+    (dict(energy=0.5), 1),  # 25/39.26 = 0.637 ≥ 0.5
+    (dict(energy=0.6367), 1),  # 25/39.26 = 0.63678
+    (dict(energy=0.8), 2),  # 34/39.26 = 0.866
+    (dict(energy=0.99), 4),  # 38/39.26 = 0.968, 39/39.26 = 0.9934
+    (dict(energy=1.0), 6),
+    (dict(sv_epsilon=1.5), 3),  # σ > 1.5 (absolute), as mergekit's --sv-epsilon
+    (dict(sv_epsilon=0.05), 6),
+    (dict(sv_ratio=0.25), 3),  # σ > 1.25
+    (dict(rank=2, energy=0.99), 2),  # the smallest wins
+    (dict(rank=5, sv_epsilon=0.3), 5),
+])
+def test_rank_rules_match_their_definitions(rule, expected):
+    delta = _spectrum(SPECTRUM)
+    out = extract_lora({"w.weight": torch.zeros_like(delta)}, {"w.weight": delta}, svd="full", **rule)
+    (row,) = out.report.rows
+    assert row.rank == expected
+    kept = sum(x * x for x in SPECTRUM[:expected]) / sum(x * x for x in SPECTRUM)
+    assert row.energy == pytest.approx(kept, rel=1e-9)
+    assert row.rel_error == pytest.approx(math.sqrt(1 - kept), abs=1e-7)
+    torch.testing.assert_close(_product(out.state_dict, "w", "linear"),
+                               _spectrum(SPECTRUM[:expected] + [0.0] * (6 - expected)), rtol=0, atol=1e-12)
+
+
+def test_energy_rule_agrees_with_peft_conversion():
+    conversion = pytest.importorskip("peft.tuners.lora.conversion")
+    s = torch.tensor(SPECTRUM, dtype=F64)
+    for e in (0.3, 0.637, 0.8, 0.9, 0.95, 0.99, 0.999):
+        assert RankRule(energy=e).select(s, float(s.square().sum())) == conversion._find_cutoff_index(s, e)
+
+
+def test_rank_rule_errors():
+    with pytest.raises(LoraCkptError, match=r"say how to choose the rank: rank=R \(CLI: --rank R\)"):
+        RankRule()
+    with pytest.raises(LoraCkptError, match=r"energy is 1.5, not in \(0, 1\]"):
+        RankRule(energy=1.5)
+    with pytest.raises(LoraCkptError, match=r"sv_epsilon is -1, a negative singular-value cutoff"):
+        RankRule(sv_epsilon=-1)
+    with pytest.raises(LoraCkptError, match=r"rank is 0, not a positive integer rank"):
+        RankRule(rank=0)
+
+
+# --- extraction in memory ------------------------------------------------------------------------------------------
+
+
+def test_extract_exact_for_low_rank_update_and_inputs_unchanged():
+    g = torch.Generator().manual_seed(0)
+    base = {"a.weight": torch.randn(40, 30, generator=g), "a.bias": torch.randn(40, generator=g),
+            "norm.weight": torch.ones(30), "same.weight": torch.randn(8, 8, generator=g)}
+    tuned = {**base, "a.weight": base["a.weight"] + _low_rank(40, 30, 3, 1).float(), "norm.weight": torch.ones(30) * 1.5}
+    before_b, before_t = snapshot(base), snapshot(tuned)
+    out = extract_lora(base, tuned, rank=16)
+    assert_unchanged(before_b, base)
+    assert_unchanged(before_t, tuned)
+    assert out.alpha == {"a": 3.0}  # the noise floor drops the zero singular values
+    torch.testing.assert_close(_product(out.state_dict, "a", "linear"), (tuned["a.weight"] - base["a.weight"]).double(),
+                               rtol=0, atol=1e-5)
+    assert out.report.saved == ["norm.weight"] and "base_model.model.norm.weight" in out.state_dict
+    assert out.report.unchanged == 2  # a.bias and same.weight are not saved
+    assert out.config["modules_to_save"] == ["norm"]
+
+
+def test_randomized_matches_full_and_reports_its_true_error():
+    g = torch.Generator().manual_seed(3)
+    delta = torch.randn(120, 80, generator=g, dtype=F64)
+    base, tuned = {"w.weight": torch.zeros_like(delta)}, {"w.weight": delta}
+    full = extract_lora(base, tuned, rank=8, svd="full")
+    fast = extract_lora(base, tuned, rank=8, svd="randomized", niter=4)
+    actual = float(torch.linalg.matrix_norm(delta - _product(fast.state_dict, "w", "linear")) / torch.linalg.matrix_norm(delta))
+    assert fast.report.rows[0].rel_error == pytest.approx(actual, rel=1e-9)  # Pythagoras: exact, not an estimate
+    assert full.report.rows[0].rel_error <= actual <= 1.05 * full.report.rows[0].rel_error
+
+
+def test_streamed_row_blocks_equal_the_whole_tensor():
+    g = torch.Generator().manual_seed(5)
+    base = {"w.weight": torch.randn(64, 48, generator=g)}
+    tuned = {"w.weight": base["w.weight"] + torch.randn(64, 48, generator=g) * 0.01}
+    whole = extract_lora(base, tuned, rank=6, svd="randomized")
+    blocks = extract_lora(base, tuned, rank=6, svd="randomized", resident_bytes=0, block_bytes=7 * 48 * 4)
+    torch.testing.assert_close(_product(blocks.state_dict, "w", "linear"), _product(whole.state_dict, "w", "linear"),
+                               rtol=0, atol=1e-6)
+    assert blocks.report.rows[0].rel_error == pytest.approx(whole.report.rows[0].rel_error, rel=1e-4)
+
+
+KINDS = st.sampled_from(["linear", "conv1d", "embedding"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(kind=KINDS, m=st.integers(2, 24), n=st.integers(2, 24), r=st.integers(1, 4), square=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), seed=st.integers(0, 10**6))
+def test_extract_orientation_property(kind, m, n, r, square, dtype, seed):
+    """Whatever the layer type, shape and dtype, the factors rebuild the stored ΔW (to the dtype's rounding)."""
+    n = m if square else n
+    r = min(r, m, n)
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(m, n, generator=g).to(dtype)
+    tuned = (base.double() + _low_rank(m, n, r, seed, scale=0.3)).to(dtype)
+    out = extract_lora({"x.weight": base}, {"x.weight": tuned}, rank=r + 2, kinds={"x": kind})
+    delta = tuned.double() - base.double()
+    tol = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 3e-2}[dtype]
+    got = _product(out.state_dict, "x", kind)
+    assert got.shape == delta.shape
+    assert float((got - delta).abs().max()) <= tol * max(1.0, float(delta.abs().max())) * max(m, n) ** 0.5
+
+
+def test_extract_error_paths():
+    base = {"a.weight": torch.zeros(4, 4), "b.weight": torch.zeros(4, 4)}
+    with pytest.raises(KeyMismatchError, match=r"the tuned weights lack \['b.weight'\], which the base has"):
+        extract_lora(base, {"a.weight": torch.ones(4, 4)}, rank=2)
+    with pytest.raises(LoraCkptError, match=r"svd='randomized' needs a rank cap"):
+        extract_lora(base, base, energy=0.9, svd="randomized")
+    with pytest.raises(LoraCkptError, match=r"modules='\(' is not a valid regular expression"):
+        extract_lora(base, base, rank=2, modules="(")
+    with pytest.raises(LoraCkptError, match=r"svd is 'fast'; use 'auto', 'randomized' or 'full'"):
+        extract_lora(base, base, rank=2, svd="fast")  # type: ignore[arg-type]
+    with pytest.raises(KeyMismatchError, match=r"tied names keys neither state dict holds in both"):
+        extract_lora(base, base, rank=2, tied={"lm.weight": "nope.weight"})
+
+
+def test_extract_reports_instead_of_saving_when_asked():
+    base = {"n.weight": torch.ones(4), "e.weight": torch.zeros(10, 4)}
+    tuned = {"n.weight": torch.ones(4) * 2, "e.weight": torch.zeros(12, 4)}  # a norm changed, the vocabulary grew
+    out = extract_lora(base, tuned, rank=2, others="report")
+    assert out.report.left_out == ["n.weight", "e.weight"] and not out.state_dict
+    assert any("its shape changed from (10, 4) to (12, 4)" in n for n in out.report.notes)
+    saved = extract_lora(base, tuned, rank=2)
+    assert saved.report.saved == ["n.weight", "e.weight"]
+
+
+def test_report_forms():
+    out = extract_lora({"w.weight": torch.zeros(6, 5)}, {"w.weight": _spectrum([2.0, 1.0], 6, 5).float()}, rank=1)
+    text, html, data = str(out.report), out.report._repr_html_(), out.report.to_dict()
+    assert "module" in text and "rel error" in text and "extract (rank=1): 1 module(s)" in text
+    assert html.startswith("<table>")
+    assert data["modules"][0]["rank"] == 1 and data["totals"]["modules"] == 1
+    assert data["modules"][0]["energy"] == pytest.approx(0.8)
+    json.dumps(data, allow_nan=False)
+
+
+# --- resize and combine ---------------------------------------------------------------------------------------------
+
+
+def _peft_sd(m, n, r, seed, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    return {"base_model.model.q.lora_A.weight": torch.randn(r, n, generator=g, dtype=dtype),
+            "base_model.model.q.lora_B.weight": torch.randn(m, r, generator=g, dtype=dtype)}
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 8, 12])
+def test_resize_equals_float64_truncated_svd(k):
+    sd, scale = _peft_sd(30, 20, 8, 0), 0.7
+    out = resize_lora(sd, rank=k, scales={"q": scale}, layout="peft", acc=F64)
+    delta = scale * sd["base_model.model.q.lora_B.weight"] @ sd["base_model.model.q.lora_A.weight"]
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    kk = min(k, 8)
+    expected = u[:, :kk] * s[:kk] @ vh[:kk]
+    got = out.state_dict["base_model.model.q.lora_B.weight"] @ out.state_dict["base_model.model.q.lora_A.weight"]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert out.alpha == {"q": float(kk)}  # scale 1 in the output
+    if k >= 8:
+        torch.testing.assert_close(got, delta, rtol=0, atol=1e-12)
+        assert out.report.rows[0].rel_error < 1e-7
+
+
+def test_factor_svd_never_forms_the_product_but_matches_it():
+    left, right = torch.randn(300, 6, dtype=F64), torch.randn(6, 200, dtype=F64)
+    u, s, vh = factor_svd(left, right)
+    torch.testing.assert_close(u * s @ vh, left @ right)
+    torch.testing.assert_close(s, torch.linalg.svdvals(left @ right)[:6])
+
+
+def test_resize_keeps_layout_and_scales_bias_and_refuses_dora():
+    sd = make_lora_state_dict(rank=4)
+    out = resize_lora(sd, rank=4, alpha=8.0)
+    torch.testing.assert_close(merge_lora(out.state_dict, alpha=out.alpha), merge_lora(sd, alpha=8.0),
+                               rtol=1e-5, atol=1e-6)
+    peft = {**_peft_sd(6, 5, 2, 1, torch.float32), "base_model.model.q.lora_B.bias": torch.ones(6)}
+    out = resize_lora(peft, rank=1, scales={"q": 0.5}, layout="peft")
+    torch.testing.assert_close(out.state_dict["base_model.model.q.lora_B.bias"], torch.full((6,), 0.5))
+    dora = {**_peft_sd(6, 5, 2, 1, torch.float32), "base_model.model.q.lora_magnitude_vector": torch.ones(6)}
+    with pytest.raises(LayoutError, match=r"q: DoRA modules cannot be resized: the magnitude vector rescales"):
+        resize_lora(dora, rank=1, scales={"q": 1.0}, layout="peft")
+    with pytest.raises(LayoutError, match=r"the state dict is in the standard layout: there is no LoRA update"):
+        resize_lora({"w.weight": torch.zeros(2, 2)}, rank=1)
+
+
+def test_combine_equals_weighted_sum_of_merges():
+    a = make_lora_state_dict(rank=4, dtype=F64)
+    b = {k: (v.flip(0) * 3 if ".lora_" in k else v) for k, v in a.items()}  # the same base, another update
+    base = merge_lora(a, alpha=0.0)
+    weights, alphas = [0.7, -1.3], [8.0, 2.0]
+    both = combine_lora([a, b], weights=weights, alphas=alphas)
+    got = merge_lora(both.state_dict, alpha=both.alpha)
+    deltas = [{k: merge_lora(x, alpha=al)[k] - base[k] for k in base} for x, al in zip((a, b), alphas)]
+    for k in base:
+        expected = base[k] + weights[0] * deltas[0][k] + weights[1] * deltas[1][k]
+        torch.testing.assert_close(got[k], expected, rtol=0, atol=1e-12)
+    compressed = combine_lora([a, b], weights=weights, alphas=alphas, rank=3)
+    assert [r.rank for r in compressed.report.rows] == [3, 3] and [r.rank_in for r in compressed.report.rows] == [8, 8]
+
+
+def test_combine_module_in_one_adapter_only():
+    one = _peft_sd(6, 5, 2, 0)
+    two = {**_peft_sd(6, 5, 3, 1), **{k.replace(".q.", ".k."): v for k, v in _peft_sd(4, 5, 1, 2).items()}}
+    both = combine_lora([one, two], weights=[2.0, -1.0], scales=[{"q": 0.5}, {"q": 0.25, "k": 3.0}], layouts=["peft"] * 2)
+    assert both.alpha == {"q": 5.0, "k": 1.0}
+    base = {"q.weight": torch.zeros(6, 5, dtype=F64), "k.weight": torch.zeros(4, 5, dtype=F64)}
+    got = merge_lora(both.state_dict, base=base, alpha=both.alpha)
+    a1 = merge_lora(one, base={"q.weight": base["q.weight"]}, alpha=1.0)["q.weight"]
+    a2 = merge_lora(two, base=base, alpha={"q": 0.75, "k": 3.0})
+    torch.testing.assert_close(got["q.weight"], 2.0 * a1 - a2["q.weight"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got["k.weight"], -a2["k.weight"], rtol=0, atol=1e-12)
+
+
+def test_combine_error_paths():
+    a = make_lora_state_dict(rank=2)
+    with pytest.raises(LayoutError, match=r"weights has 1 entries for 2 adapters; give one per adapter"):
+        combine_lora([a, a], weights=[1.0])
+    with pytest.raises(LayoutError, match=r"the adapters are in different layouts \(nanogpt_lora, peft\)"):
+        combine_lora([a, _peft_sd(4, 4, 1, 0)], alphas=[1.0, 1.0])
+    with pytest.raises(ShapeError, match=r"the adapters disagree on modules: q: adapter 1 linear \(4, 3\), adapter 2"):
+        combine_lora([_peft_sd(4, 3, 1, 0), _peft_sd(5, 3, 1, 0)], scales=[{"q": 1.0}, {"q": 1.0}], layouts=["peft"] * 2)
+    other = make_lora_state_dict(rank=2, seed=9)
+    with pytest.raises(KeyMismatchError, match=r"differs from an earlier adapter's; combine sums LoRA updates"):
+        combine_lora([a, other], alphas=[1.0, 1.0])
+    with pytest.raises(LayoutError, match=r"combine needs at least one adapter"):
+        combine_lora([])
+
+
+# --- unmerge ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unmerge_of_merge_is_within_one_rounding(dtype):
+    lora = {k: v.to(dtype) for k, v in make_lora_state_dict(rank=4).items()}
+    merged = merge_lora(lora, alpha=8.0)
+    back = unmerge_lora(merged, lora, alpha=8.0, base=merge_lora(lora, alpha=0.0))
+    w = lora["transformer.h.0.attn.c_attn.main_weight.weight"]
+    got = back.state_dict["transformer.h.0.attn.c_attn.weight"]
+    assert got.dtype == dtype
+    ulp = torch.finfo(dtype).eps * torch.maximum(w.abs(), merged["transformer.h.0.attn.c_attn.weight"].abs()).float()
+    assert bool(((got.float() - w.float()).abs() <= ulp + 1e-30).all())  # one rounding each way
+    assert back.report.rows[0].max_abs_error is not None
+    for k in merged:
+        if "c_attn.weight" not in k:
+            assert torch.equal(back.state_dict[k], merged[k])
+
+
+def test_unmerge_error_paths():
+    lora = make_lora_state_dict(rank=2)
+    merged = merge_lora(lora, alpha=4.0)
+    narrow = {**merged, "transformer.h.0.attn.c_attn.weight": torch.zeros(5, 5)}
+    with pytest.raises(ShapeError, match=r"transformer.h.0.attn.c_attn: base weight \(5, 5\) does not fit"):
+        unmerge_lora(narrow, lora, alpha=4.0)
+    dora = {**_peft_sd(6, 5, 2, 1, torch.float32), "base_model.model.q.lora_magnitude_vector": torch.ones(6)}
+    with pytest.raises(LayoutError, match=r"q: DoRA modules cannot be unmerged"):
+        unmerge_lora({"q.weight": torch.zeros(6, 5)}, dora, scales={"q": 1.0}, layout="peft")
+    with pytest.raises(LayoutError, match=r"the adapter is in the standard layout: it holds no LoRA update"):
+        unmerge_lora(merged, merged)
+
+
+def test_unmerge_leaves_modules_to_save_and_says_so():
+    sd = {**_peft_sd(6, 5, 2, 1, torch.float32), "base_model.model.head.weight": torch.ones(3, 5)}
+    merged = {"q.weight": torch.zeros(6, 5), "head.weight": torch.ones(3, 5) * 7}
+    out = unmerge_lora(merged, sd, scales={"q": 1.0}, layout="peft")
+    assert out.report.left_out == ["base_model.model.head.weight"]
+    assert torch.equal(out.state_dict["head.weight"], merged["head.weight"])
+
+
+# --- real models through PEFT, files and the command line -----------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+TOKENS = torch.randint(64, (2, 10), generator=torch.Generator().manual_seed(7))
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0,
+                                  eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=64, bos_token_id=0, eos_token_id=0,
+                                   pad_token_id=0, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _fine_tune(model, rank, seed):
+    """A synthetic rank-``rank`` fine-tune of every 2-d weight, plus a changed norm (and a bias where there is one)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() == 2:
+                p.add_(0.05 * torch.randn(p.shape[0], rank, generator=g) @ torch.randn(rank, p.shape[1], generator=g))
+        norm = model.transformer.ln_f if hasattr(model, "transformer") else model.model.norm
+        norm.weight.add_(0.1)
+    return model
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+@pytest.mark.parametrize("make", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_extracted_adapter_reproduces_the_tuned_model_in_peft(tmp_path, make):
+    torch.manual_seed(0)
+    base = make()
+    base.save_pretrained(tmp_path / "base")
+    tuned = make()
+    tuned.load_state_dict(base.state_dict())
+    _fine_tune(tuned, 3, 1)
+    tuned.save_pretrained(tmp_path / "tuned")
+    result = extract_files(tmp_path / "base", tmp_path / "tuned", tmp_path / "adapter", rank=8)
+    assert all(r.rank == 3 for r in result.report.rows)
+    assert result.report.totals()["max_rel_error"] < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(type(base).from_pretrained(tmp_path / "base").eval(),
+                                                tmp_path / "adapter").eval()
+    torch.testing.assert_close(_logits(loaded), _logits(tuned), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(_logits(base), _logits(tuned), atol=1e-2)
+    adapter = load_peft_adapter(tmp_path / "adapter")  # and our own reader agrees with the config it wrote
+    assert set(adapter.scales.values()) == {1.0}
+
+
+def test_files_resize_combine_unmerge_round_trip(tmp_path):
+    torch.manual_seed(0)
+    base = _llama()
+    base.save_pretrained(tmp_path / "base")
+    tuned = _llama()
+    tuned.load_state_dict(base.state_dict())
+    _fine_tune(tuned, 2, 3)
+    tuned.save_pretrained(tmp_path / "tuned")
+    extract_files(tmp_path / "base", tmp_path / "tuned", tmp_path / "a", rank=4)
+    same = resize_files(tmp_path / "a", tmp_path / "a2", rank=8)  # R ≥ rank: exact
+    assert all(r.rel_error < 1e-6 for r in same.report.rows)
+    small = resize_files(tmp_path / "a", tmp_path / "a1", rank=1)
+    assert all(r.rank == 1 for r in small.report.rows)
+    combine_files([tmp_path / "a", tmp_path / "a"], tmp_path / "twice", weights=[0.5, 0.5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in ("a2", "twice"):
+            loaded = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                                                    tmp_path / name).eval()
+            torch.testing.assert_close(_logits(loaded), _logits(tuned), rtol=1e-4, atol=1e-4)
+    un = unmerge_files(tmp_path / "tuned", tmp_path / "a", tmp_path / "back.safetensors", base=tmp_path / "base")
+    assert un.report.totals()["max_abs_error"] < 1e-5
+    assert un.report.left_out  # the norm the adapter saves whole cannot be restored
+    from safetensors.torch import load_file
+
+    back = load_file(tmp_path / "back.safetensors")
+    w = base.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+    torch.testing.assert_close(back["model.layers.0.self_attn.q_proj.weight"], w, rtol=0, atol=1e-5)
+
+
+def test_cli_commands(tmp_path, capsys):
+    torch.manual_seed(0)
+    base = _gpt2()
+    base.save_pretrained(tmp_path / "base")
+    tuned = _gpt2()
+    tuned.load_state_dict(base.state_dict())
+    _fine_tune(tuned, 2, 5)
+    tuned.save_pretrained(tmp_path / "tuned")
+    b, t = str(tmp_path / "base"), str(tmp_path / "tuned")
+    assert main(["extract", b, t, str(tmp_path / "x"), "--rank", "4", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "extract (rank=4)" in out and "transformer.h.0.attn.c_attn" in out and "wrote" in out
+    assert main(["extract", b, t, str(tmp_path / "x"), "--rank", "4", "--quiet"]) == 1
+    assert "already exists; pass --force to replace it" in capsys.readouterr().err
+    assert main(["extract", b, t, str(tmp_path / "y")]) == 2
+    assert "say how to choose the rank: --rank R" in capsys.readouterr().err
+    assert main(["resize", str(tmp_path / "x"), str(tmp_path / "r"), "--energy", "0.9", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] and data["operation"] == "resize" and data["modules"]
+    assert main(["combine", str(tmp_path / "x"), str(tmp_path / "r"), str(tmp_path / "c"), "--weights", "1", "-1"]) == 0
+    assert "combine:" in capsys.readouterr().out
+    assert main(["combine", str(tmp_path / "x"), str(tmp_path / "c2"), "--weights", "1", "2"]) == 2
+    assert "--weights has 2 value(s) for 1 adapter(s)" in capsys.readouterr().err
+    assert main(["unmerge", t, str(tmp_path / "x"), str(tmp_path / "u"), "--base", b, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["operation"] == "unmerge"
+    assert main(["unmerge", b, str(tmp_path / "x"), str(tmp_path / "u2"), "--alpha", "3"]) == 1
+    assert "the alpha comes from adapter_config.json; do not pass alpha" in capsys.readouterr().err
+    assert main(["extract", b, t, str(tmp_path / "k"), "--rank", "2", "--to", "kohya", "--quiet", "--json"]) == 1
+    assert "a kohya adapter is a file; give a .safetensors name" in capsys.readouterr().out
+
+
+def test_randomized_svd_error_bound_holds():
+    """Halko et al.'s bound on a full-rank matrix with a decaying spectrum (the reported error is below it)."""
+    s = [0.8 ** i for i in range(40)]
+    m = _spectrum(s, 60, 50, seed=2)
+    k, p, q = 5, 8, 2
+    u, sv, vh, total = randomized_svd(lambda: iter([(0, m)]), (60, 50), k + p, niter=q, acc=F64)
+    approx = u[:, :k + p] * sv @ vh
+    err = float(torch.linalg.matrix_norm(m - approx, ord=2))
+    bound = (1 + math.sqrt(k / (p - 1)) + math.e * math.sqrt(k + p) / p * math.sqrt(50 - k)) ** (1 / (2 * q + 1)) * s[k]
+    assert err <= bound
+    assert total == pytest.approx(sum(x * x for x in s))
