@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=sorted(_DTYPES), help="dtype of the output's floating-point tensors")
     s.add_argument("--tied", choices=("untie", "tie"), default="untie",
                    help="when an update lands on a tied weight: keep exact function (untie) or tie to merged")
+    s.add_argument("--format", choices=("auto", "dcp"), default="auto",
+                   help="dcp: write DST as a torch.distributed.checkpoint directory (default: by DST's name)")
     _add_orientation(s)
 
     s = sub.add_parser("convert", parents=[common], help="convert a checkpoint or adapter to another layout")
@@ -85,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--ignore", metavar="GLOB", action="append", default=[],
                    help="with --like: keys that need not be used or supplied, e.g. '*.attn.bias' (repeatable)")
     s.add_argument("--max-shard-size", metavar="SIZE", type=_size, help="shard a --base-out folder, e.g. 5GB")
+    s.add_argument("--format", choices=("auto", "dcp"), default="auto",
+                   help="dcp (with --to standard): write DST as a torch.distributed.checkpoint directory")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--json", action="store_true", help="print the result (or the error) as JSON")
     _add_common(s)
@@ -349,12 +353,21 @@ def _merge(args: argparse.Namespace) -> int:
         return 2
     from lora_ckpt.files import merge_files
 
+    from lora_ckpt.streaming.parallel import Ranks
+
     *inputs, dst = args.paths
     source, adapter = (inputs[0], inputs[1]) if len(inputs) == 2 else (inputs[0], None)
-    result = merge_files(source, dst, adapter=adapter, alpha=args.alpha, dtype=_dtype(args.dtype), tied=args.tied,
-                         max_shard_size=args.max_shard_size, device=args.device, progress=not args.quiet,
-                         overwrite=args.force, fan_in_fan_out=args.fan_in_fan_out)
-    return _report(result, args)
+    ranks = Ranks.from_env()  # under torchrun: every rank writes its share of the shards
+    try:
+        result = merge_files(source, dst, adapter=adapter, alpha=args.alpha, dtype=_dtype(args.dtype), tied=args.tied,
+                             max_shard_size=args.max_shard_size, device=args.device, progress=not args.quiet,
+                             overwrite=args.force, fan_in_fan_out=args.fan_in_fan_out, format=args.format, ranks=ranks)
+    finally:
+        if ranks is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return _report(result, args) if ranks is None or ranks.rank == 0 else 0
 
 
 def _report(result: Any, args: argparse.Namespace) -> int:
@@ -382,7 +395,7 @@ def _convert(args: argparse.Namespace) -> int:
     result = convert_files(args.src, args.dst, to=args.to, like=args.like, base=args.base, base_out=args.base_out,
                            gpt2=args.gpt2, n_head=args.n_head, alpha=args.alpha, seed=args.seed, ignore=args.ignore,
                            max_shard_size=args.max_shard_size, progress=not args.quiet, overwrite=args.force,
-                           fan_in_fan_out=args.fan_in_fan_out)
+                           fan_in_fan_out=args.fan_in_fan_out, format=args.format)
     return _report(result, args)
 
 

@@ -34,7 +34,8 @@ from lora_ckpt.output import FILE_SUFFIXES, Output, PathLike, write_together
 from lora_ckpt.relayout import convert_layout
 from lora_ckpt.source import ADAPTER_CONFIG, Source
 from lora_ckpt.streaming import StreamOptions, stream_convert, stream_merge
-from lora_ckpt.streaming.merge import tie_metadata
+from lora_ckpt.streaming.merge import merge_to_dcp, tie_metadata
+from lora_ckpt.streaming.parallel import Ranks
 
 __all__ = ["FileResult", "convert_files", "merge_files"]
 
@@ -85,11 +86,17 @@ def merge_files(
     overwrite: bool = False,
     fan_in_fan_out: bool | None = None,
     options: StreamOptions | None = None,
+    format: Literal["auto", "dcp"] = "auto",
+    ranks: Ranks | None = None,
 ) -> FileResult:
     """Merge a LoRA checkpoint (``adapter=None``) or an adapter into its base ``source``, writing ``dst``.
 
     ``dst`` is a ``.safetensors`` file or a model folder (streamed, memory bounded by the largest tensor)
     or a ``.pt`` checkpoint (in memory, other checkpoint entries kept). ``tied="tie"`` runs in memory.
+    ``format="dcp"``: ``dst`` is a ``torch.distributed.checkpoint`` directory instead (one tensor in memory
+    at a time). ``source`` may itself be a DCP directory, read without a process group.
+    ``ranks``: under ``torchrun`` (:meth:`Ranks.from_env <lora_ckpt.streaming.parallel.Ranks.from_env>`), every
+    rank runs this call and writes its share of a streamed output's shards; rank 0 installs it.
     ``fan_in_fan_out``: whether base weights are stored (in, out) (GPT-2's ``Conv1D``) where no config says.
 
     Raises:
@@ -103,14 +110,21 @@ def merge_files(
         if ad is None and src.kind == "peft" and src.config is not None:  # an adapter alone: the base it names
             ad, named_base = src, PeftConfig.read(src.config, where=src.path / ADAPTER_CONFIG).base_model()
             src = stack.enter_context(Source.open(named_base))
-        out = Output.prepare(dst, overwrite=overwrite, inputs=[*src.paths(), *(ad.paths() if ad else [])])
+        out = Output.prepare(dst, overwrite=overwrite, inputs=[*src.paths(), *(ad.paths() if ad else [])],
+                             folder=True if format == "dcp" else None)
         streams = out.folder or (out.path.suffix not in _PICKLES and tied == "untie")
+        if ranks is not None and (format == "dcp" or not streams):
+            raise CheckpointFileError(f"{out.path}: a merge across {ranks.world} ranks writes safetensors (a folder, "
+                                      "sharded with --max-shard-size); run a .pt, --tied tie or --format dcp output "
+                                      "in one process")
+        if format == "dcp":
+            return _merge_dcp(src, ad, out, alpha, dtype, tied, max_shard_size, fan_in_fan_out)
         if max_shard_size is not None and not out.folder:
             raise CheckpointFileError(f"{out.path}: a sharded output is a folder; give a folder name (no suffix) "
                                       "or drop --max-shard-size")
         if ad is not None:
             result = _merge_adapter(src, ad, out, alpha, dtype, tied, max_shard_size, device, progress, options,
-                                    streams, fan_in_fan_out)
+                                    streams, fan_in_fan_out, ranks=ranks)
             if named_base is not None:
                 result.lines.insert(0, f"base: {named_base} (the adapter's base_model_name_or_path)")
             return result
@@ -118,7 +132,8 @@ def merge_files(
             layout = detect_layout(src.meta_tensors())
             updated = _tied_updates(src, layout)
             report = stream_merge(src, out, alpha=alpha, dtype=dtype, max_shard_size=max_shard_size, device=device,
-                                  progress=progress, layout=layout, fan_in_fan_out=fan_in_fan_out, options=options)
+                                  progress=progress, layout=layout, fan_in_fan_out=fan_in_fan_out, options=options,
+                                  ranks=ranks)
             result = FileResult(report.files, True, len(report.merged), report.bytes, report.seconds,
                                 left_out=report.left_out)
             inert = report.inert
@@ -169,10 +184,13 @@ def _merge_adapter(
     options: StreamOptions | None,
     streams: bool,
     fan_in_fan_out: bool | None,
+    *,
+    ranks: Ranks | None = None,
 ) -> FileResult:
     if streams:
         report = stream_merge(base, out, adapter=adapter, alpha=alpha, dtype=dtype, max_shard_size=max_shard_size,
-                              device=device, progress=progress, fan_in_fan_out=fan_in_fan_out, options=options)
+                              device=device, progress=progress, fan_in_fan_out=fan_in_fan_out, options=options,
+                              ranks=ranks)
         result = FileResult(report.files, True, len(report.merged), report.bytes, report.seconds,
                             left_out=report.left_out, leftovers=list(out.removed))
         inert = report.inert
@@ -191,6 +209,29 @@ def _merge_adapter(
     _warn_inert(result, inert)
     if result.left_out:
         result.lines.append(f"not copied from {base.path}: {', '.join(result.left_out)} (not part of a model folder)")
+    return result
+
+
+def _merge_dcp(
+    src: Source,
+    ad: Source | None,
+    out: Output,
+    alpha: Alpha | None,
+    dtype: torch.dtype | None,
+    tied: str,
+    max_shard_size: int | str | None,
+    fan_in_fan_out: bool | None,
+) -> FileResult:
+    if max_shard_size is not None or tied != "untie":
+        flag = "max_shard_size (CLI: --max-shard-size)" if max_shard_size is not None else "tied='tie' (CLI: --tied tie)"
+        raise CheckpointFileError(f"{out.path}: a DCP output has its own files and no tied keys; drop {flag}")
+    report = merge_to_dcp(src, out, adapter=ad, alpha=alpha, dtype=dtype, fan_in_fan_out=fan_in_fan_out)
+    result = FileResult(report.files, True, len(report.merged), report.bytes, report.seconds,
+                        leftovers=list(out.removed))
+    result.lines.append(f"merged {len(report.merged)} LoRA module(s) of {src.path}"
+                        + (f" and {ad.path}" if ad is not None else "")
+                        + f" into the DCP checkpoint {out.path} ({report.tensors} tensors, {report.bytes / 1e9:.2f} GB)")
+    _warn_inert(result, report.inert)
     return result
 
 
@@ -264,6 +305,7 @@ def convert_files(
     overwrite: bool = False,
     fan_in_fan_out: bool | None = None,
     options: StreamOptions | None = None,
+    format: Literal["auto", "dcp"] = "auto",
 ) -> FileResult:
     """Convert ``source`` to the layout ``to`` (``standard``, ``nanogpt`` or any LoRA layout), writing ``dst``.
 
@@ -273,11 +315,15 @@ def convert_files(
     keep them apart (``peft``, ``kohya``); ``dst`` and ``base_out`` are written both or neither. ``gpt2``:
     nanoGPT <-> Hugging Face GPT-2 (Conv1D weights transposed); ``n_head`` for its ``config.json``.
     ``fan_in_fan_out``: whether base weights are stored (in, out), where no config records it.
-    Streams whenever what holds the base weights is safetensors.
+    Streams whenever what holds the base weights is safetensors. ``format="dcp"`` (``to="standard"`` only):
+    ``dst`` is a ``torch.distributed.checkpoint`` directory, as :func:`merge_files` writes it.
 
     Raises:
         LoraCkptError: any input problem, before anything is written; OSError from the file system.
     """
+    if format == "dcp" and to != "standard":
+        raise LayoutError(f"format='dcp' (CLI: --format dcp) writes merged weights; use to='standard' (CLI: --to "
+                          f"standard), or write the {to} layout as files")
     if to == "standard":
         if gpt2:
             raise LayoutError("gpt2=True (CLI: --gpt2) converts between nanoGPT and Hugging Face GPT-2 in a LoRA "
@@ -285,9 +331,10 @@ def convert_files(
                               "weight's orientation")
         if base is not None:
             return merge_files(base, dst, adapter=source, alpha=alpha, max_shard_size=max_shard_size,
-                               progress=progress, overwrite=overwrite, fan_in_fan_out=fan_in_fan_out, options=options)
+                               progress=progress, overwrite=overwrite, fan_in_fan_out=fan_in_fan_out, options=options,
+                               format=format)
         return merge_files(source, dst, alpha=alpha, max_shard_size=max_shard_size, progress=progress,
-                           overwrite=overwrite, fan_in_fan_out=fan_in_fan_out, options=options)
+                           overwrite=overwrite, fan_in_fan_out=fan_in_fan_out, options=options, format=format)
     target_layout = layout_spec(to).name
     with contextlib.ExitStack() as stack:
         src = stack.enter_context(Source.open(source))

@@ -15,6 +15,7 @@ from torch import nn
 
 from lora_ckpt.dtypes import DType, as_dtype
 from lora_ckpt.convert import LoadReport, convert_state_dict
+from lora_ckpt.distributed import ShardedState
 from lora_ckpt.checks import check_alpha
 from lora_ckpt.errors import AlphaError, KeyMismatchError, TiedWeightError
 from lora_ckpt.io import Checkpoint, PathLike, as_checkpoint
@@ -111,7 +112,9 @@ def merged_state_dict(
 
     Scales come from the modules (``alpha``, ``lora_alpha`` or ``scaling`` attributes, PEFT's
     ``scaling`` dicts); ``alpha`` (one float or per module) is for modules that record none, and an
-    ``alpha`` that contradicts a recorded one is an error. PEFT layers also say how their base is stored
+    ``alpha`` that contradicts a recorded one is an error. A model whose parameters are DTensors (FSDP2,
+    tensor parallel) is merged shard by shard on every rank (a collective), into DTensors placed like its
+    base weights (``device`` does not apply to them). PEFT layers also say how their base is stored
     (``fan_in_fan_out``). Sharp edge: entries that need no merge share memory with the model when
     ``device`` is the model's own (as ``state_dict()`` does); merged weights are new tensors. See
     :func:`~lora_ckpt.merge_lora` for ``tied`` and ``dtype``.
@@ -130,14 +133,17 @@ def merged_state_dict(
     inner = unwrap(model)
     with torch.no_grad():
         sd = inner.state_dict()
-        layout = detect_layout(sd)
+        shards = ShardedState.of(sd)  # FSDP2 / tensor parallel: merged on each rank's shards
+        layout = shards.layout() if shards is not None else detect_layout(sd)
         if not layout.is_lora:
             out = dict(sd)
         else:
             scales = _scales(layout, module_scales(inner, layout), alpha)
-            out = merge_lora(sd, scales=scales, tied=tied, dtype=dtype, layout=layout,
-                             fan_in_fan_out=_live_orientation(inner, layout))
-        if device is not None:
+            fan_in_fan_out = _live_orientation(inner, layout)
+            out = (shards.merge(layout, scales=scales, tied=tied, dtype=dtype, fan_in_fan_out=fan_in_fan_out)
+                   if shards is not None else merge_lora(sd, scales=scales, tied=tied, dtype=dtype, layout=layout,
+                                                         fan_in_fan_out=fan_in_fan_out))
+        if device is not None and shards is None:
             out = {k: v.to(device) for k, v in out.items()}
     return out
 
@@ -174,7 +180,8 @@ def load_into(
     LoRA -> standard merges; LoRA -> LoRA copies a module exactly where rank and alpha match and
     otherwise merges the checkpoint's update into ``main_weight``, leaving the model's fresh factors.
     Strict: every model key except LoRA factors must be supplied and every checkpoint key used,
-    unless it matches a glob in ``ignore``. Nothing is loaded unless everything checks out.
+    unless it matches a glob in ``ignore``. Nothing is loaded unless everything checks out. On a model
+    whose parameters are DTensors (FSDP2, tensor parallel) each rank reads and loads only its own blocks.
 
     Sharp edge, tied parameters: when the values for parameters the model ties (``wte`` and
     ``lm_head``) differ, as after merging an embedding update, loading raises unless ``tied`` says
@@ -206,16 +213,21 @@ def load_into(
     inner = unwrap(model)
     ignore = tuple(ignore)
     model_sd = inner.state_dict()
-    model_layout = detect_layout(model_sd)
+    shards = ShardedState.of(model_sd)  # FSDP2 / tensor parallel: each rank reads and loads its own blocks
+    model_layout = shards.layout() if shards is not None else detect_layout(model_sd)
     recorded = {n: sc * model_layout.module(n).rank for n, sc in module_scales(inner, model_layout).items()}
     if model_alpha is not None:
         given = model_alpha if isinstance(model_alpha, Mapping) else {
             m.name: float(model_alpha) for m in model_layout.modules if m.has_factors}
         recorded = {**{k: check_alpha(v, where=f"model_alpha[{k!r}]", fix="pass finite numbers") for k, v in given.items()},
                     **recorded}
-    conversion = convert_state_dict(
-        as_checkpoint(checkpoint), model_layout, alpha=alpha, target_alpha=recorded, ignore=ignore, keep_factors=True
-    )
+    if shards is not None:
+        conversion = shards.convert(checkpoint, model_layout, alpha=alpha, target_alpha=recorded, ignore=ignore)
+    else:
+        conversion = convert_state_dict(
+            as_checkpoint(checkpoint), model_layout, alpha=alpha, target_alpha=recorded, ignore=ignore,
+            keep_factors=True
+        )
     values, sources, report = conversion.values, conversion.sources, conversion.report
     by_key = model_layout.module_by_key
     for key in report.initialised:  # a module the checkpoint cannot fill starts fresh: a zero update, whatever it held
@@ -223,6 +235,9 @@ def load_into(
         if key == m.b_key and m.has_base:
             values[key] = torch.zeros_like(model_sd[model_layout.prefix + key])
     untie = _resolve_ties(inner, values, sources, tied, report)
+    if untie and shards is not None:
+        raise TiedWeightError(f"{', '.join(untie)}: tied to another key, and a sharded model's parameters cannot be "
+                              "untied after fully_shard; untie them before sharding, or pass tied='tie'")
     with torch.no_grad():
         for key in untie:
             _give_own_parameter(inner, key)

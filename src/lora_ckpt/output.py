@@ -58,6 +58,7 @@ REPLACEABLE = (
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken",
     "spiece.model", "sentencepiece*.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
     "training_args.bin", "README.md",
+    ".metadata", "__*_*.distcp",  # a torch.distributed.checkpoint directory
 )
 
 _STAGING = re.compile(r"^\.(?P<name>.+)\.lora-ckpt-(?P<pid>\d+)-[0-9a-f]{8}\.(?P<kind>tmp|old)$")

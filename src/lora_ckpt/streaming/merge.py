@@ -30,9 +30,10 @@ from lora_ckpt.merge import Alpha, MergePlan, Step, plan_merge
 from lora_ckpt.output import Output, PathLike
 from lora_ckpt.source import Source
 from lora_ckpt.streaming.blocks import BlockMerger
+from lora_ckpt.streaming.parallel import Ranks
 from lora_ckpt.streaming.writer import ShardedWriter, StreamOptions, StreamReport
 
-__all__ = ["read_factors", "stream_merge", "tie_metadata", "write_plan"]
+__all__ = ["merge_to_dcp", "read_factors", "stream_merge", "tie_metadata", "write_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def stream_merge(
     layout: Layout | None = None,
     fan_in_fan_out: bool | None = None,
     options: StreamOptions | None = None,
+    ranks: Ranks | None = None,
 ) -> StreamReport:
     """Merge file to file with bounded memory; return what was written.
 
@@ -65,6 +67,8 @@ def stream_merge(
     ``fan_in_fan_out``: whether base weights are stored (in, out) (GPT-2's ``Conv1D``) where no config says.
     ``options``: block and chunk sizes, direct I/O (see :class:`~lora_ckpt.streaming.StreamOptions`).
     While it runs, torch uses one intra-op thread (restored afterwards), leaving the other cores to the writers.
+    ``ranks``: under ``torchrun``, this process's place (:class:`~lora_ckpt.streaming.parallel.Ranks`): the
+    output's shards are split across the ranks, and rank 0 writes the index and installs the output.
 
     Raises:
         CheckpointFileError: unreadable inputs, an output that may not be written, too little disk.
@@ -85,9 +89,11 @@ def stream_merge(
                         tied=tie_metadata(aliases),
                         model_args={k: v for k, v in model_args.items() if not str(k).startswith("lora_")} or None)
         writer = ShardedWriter(target, max_shard_size=max_shard_size, options=options,
-                               pinned=dev is not None and dev.type == "cuda", extras_from=src.path, extras_dtype=dtype)
+                               pinned=dev is not None and dev.type == "cuda", extras_from=src.path, extras_dtype=dtype,
+                               ranks=ranks)
         prefix = plan_prefix(src)
-        report = write_plan(plan, src, prefix, writer, meta, device=dev, progress=progress, label="merging")
+        report = write_plan(plan, src, prefix, writer, meta, device=dev,
+                            progress=progress and (ranks is None or ranks.rank == 0), label="merging")
     finally:
         if not isinstance(source, Source):
             src.close()
@@ -236,3 +242,43 @@ def _progress(total: int, label: str) -> Any:
         _no_tqdm()
         return None
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, dynamic_ncols=True)
+
+
+def merge_to_dcp(
+    src: Source,
+    out: Output,
+    *,
+    adapter: Source | None = None,
+    alpha: Alpha | None = None,
+    dtype: torch.dtype | None = None,
+    fan_in_fan_out: bool | None = None,
+) -> StreamReport:
+    """Merge into a ``torch.distributed.checkpoint`` directory, one tensor in memory at a time.
+
+    The plan is :func:`stream_merge`'s (so the values are :func:`~lora_ckpt.merge_lora`'s, bit for bit);
+    each output tensor is computed when DCP's writer asks for it. Tied keys are stored in full (DCP
+    has no aliases). ``out`` is a folder :class:`~lora_ckpt.output.Output`, installed once complete.
+    """
+    from lora_ckpt.formats.dcp import write_dcp
+
+    started = time.perf_counter()
+    plan, _ = plan_stream_merge(src, adapter, alpha=alpha, dtype=dtype, fan_in_fan_out=fan_in_fan_out)
+    prefix = plan_prefix(src)
+    by_key = {s.key: s for s in plan.steps}
+    shapes = {s.key: _meta_result(plan, by_key[s.source] if s.op == "alias" and s.source else s) for s in plan.steps}
+
+    def produce(key: str) -> torch.Tensor:
+        step = by_key[key]
+        if step.op == "alias" and step.source is not None:
+            step = by_key[step.source]
+        big = {} if step.source is None or step.from_adapter else {step.source: src.read(prefix + step.source)}
+        return plan.compute(step, big)
+
+    with out.writing() as staged:
+        write_dcp(staged, shapes, produce)
+        files = sorted(p.name for p in staged.iterdir())
+    nbytes = sum(t.numel() * t.dtype.itemsize for t in shapes.values())
+    report = StreamReport([out.path / f for f in files], len(shapes), nbytes,
+                          merged=[s.key for s in plan.steps if s.op == "merge"], inert=plan.inert_modules())
+    report.seconds = time.perf_counter() - started
+    return report

@@ -9,6 +9,7 @@ refusal). Where the files go, and how they are installed, is the :class:`~lora_c
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -32,6 +33,7 @@ from lora_ckpt.formats.hf import copy_model_extras
 from lora_ckpt.io import check_safetensors_keys
 from lora_ckpt.output import Output
 from lora_ckpt.source import SAFETENSORS_DTYPES
+from lora_ckpt.streaming.parallel import Ranks
 
 __all__ = [
     "BufferPool", "OutFile", "ShardedWriter", "StreamOptions", "StreamReport", "human_size", "parse_size", "plan_shards",
@@ -317,8 +319,9 @@ class ShardedWriter:
         pinned: bool = False,
         extras_from: Path | None = None,
         extras_dtype: torch.dtype | None = None,
+        ranks: Ranks | None = None,
     ) -> None:
-        self.output, self.options = output, options or StreamOptions()
+        self.output, self.options, self.ranks = output, options or StreamOptions(), ranks
         self.max_bytes = None if max_shard_size is None else parse_size(max_shard_size)
         if not output.folder and self.max_bytes is not None:
             raise CheckpointFileError(
@@ -364,8 +367,13 @@ class ShardedWriter:
         left_out: list[str] = []
         sink = _Sink(self.chunks, self.options)
 
+        mine = set(range(n)) if self.ranks is None else set(self.ranks.mine([sum(_size_of(by_key[k]) for k in ks)
+                                                                              for ks in shards]))
+
         def fill(staged: Path) -> None:
-            for name, keys in zip(names, shards):
+            for i, (name, keys) in enumerate(zip(names, shards)):
+                if i not in mine:
+                    continue
                 path = staged if name is None else staged / name
                 file = OutFile(path, sink, self.chunks, self.options.direct_io)
                 try:
@@ -381,6 +389,8 @@ class ShardedWriter:
                     file.finish()
                 finally:
                     file.close()
+
+        def finish(staged: Path) -> None:
             if self.output.folder:
                 if n > 1:
                     weight_map = {k: name for name, keys in zip(names, shards, strict=True) for k in keys}
@@ -390,16 +400,46 @@ class ShardedWriter:
                     left_out.extend(copy_model_extras(self.extras_from, staged, dtype=self.extras_dtype))
 
         try:
-            if into is not None:
+            if self.ranks is not None:
+                self._write_ranks(fill, finish, into)
+            elif into is not None:
                 fill(into)
+                finish(into)
             else:
                 with self.output.writing() as staged:
                     fill(staged)
+                    finish(staged)
         finally:
             sink.close()
-        written = counts["written"]
+        written = total if self.ranks is not None else counts["written"]  # every rank reported success
         files = [self.output.path] if not self.output.folder else [self.output.path / str(nm) for nm in names]
         return StreamReport(files, len(entries), written, left_out=left_out)
+
+
+    def _write_ranks(self, fill: Callable[[Path], None], finish: Callable[[Path], None], into: Path | None) -> None:
+        """Rank 0 stages the output and shares the path; each rank fills its shards; once all succeeded rank 0
+        finishes (index, extras) and installs; every rank returns after the install (or raises if any failed)."""
+        ranks = self.ranks
+        assert ranks is not None
+        ranks.agree(None)  # every rank has checked its output (and cleaned leftovers) before rank 0 stages
+        with contextlib.ExitStack() as stack:
+            error: BaseException | None = None
+            staged = into
+            if ranks.rank == 0 and into is None:
+                try:
+                    staged = stack.enter_context(self.output.writing())
+                except Exception as e:  # noqa: BLE001 - told to every rank by agree()
+                    error = e
+            ranks.agree(error)
+            staged = ranks.share(staged)
+            try:
+                fill(staged)
+            except Exception as e:  # noqa: BLE001
+                error = e
+            ranks.agree(error)
+            if ranks.rank == 0:
+                finish(staged)
+        ranks.agree(None)  # rank 0 installed (an install failure raised there; the others wait for it here)
 
 
 def _size_of(dtype_shape: tuple[torch.dtype, tuple[int, ...]]) -> int:

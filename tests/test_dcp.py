@@ -1,0 +1,441 @@
+"""torch.distributed.checkpoint (DCP) directories in and out, and the torchrun file-to-file merge.
+
+DCP checkpoints here are written by ``dcp.save`` itself: in one process (``no_dist=True``) and by real
+``torchrun`` process groups on CPU (gloo), sharded as FSDP2 shards them (``Shard(0)``) and as tensor
+parallelism does (``Shard(1)``).
+"""
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from lora_ckpt import (
+    CheckpointFileError,
+    UnsafeCheckpointError,
+    load_checkpoint,
+    load_into,
+    merge_files,
+    merge_lora,
+)
+from lora_ckpt.cli import main
+from lora_ckpt.formats.dcp import DcpReader
+from lora_ckpt.source import Source
+from lora_ckpt.streaming.parallel import Ranks, assign_shards
+from lora_ckpt.testing import assert_state_dict_close, make_gpt, make_tokens
+from lora_ckpt.testing.llama import LlamaShape, write_llama_adapter, write_llama_checkpoint
+
+TOKENS = make_tokens(seed=3, batch=2, length=8)
+C_ATTN = "transformer.h.0.attn.c_attn.main_weight.weight"
+
+
+def _save(state_dict, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled … assuming … a single process"
+        dcp.save(state_dict, checkpoint_id=path, no_dist=True)
+    return path
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _launch(tmp_path, *args):
+    """Run ``torchrun --standalone --nproc-per-node …`` (real process groups, gloo on CPU); stop it on a hang."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # torchrun stops its workers, then exits
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"torchrun {args} hung:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def _torchrun(tmp_path, script, *args, n=2):
+    """Run ``script`` (Python source) under torchrun with ``n`` CPU ranks."""
+    path = tmp_path / "script.py"
+    path.write_text(textwrap.dedent(script))
+    return _launch(tmp_path, "--nproc-per-node", n, path, *args)
+
+
+def _torchrun_cli(tmp_path, *args, n=2):
+    """``torchrun --nproc-per-node n -m lora_ckpt ARGS``."""
+    return _launch(tmp_path, "--nproc-per-node", n, "-m", "lora_ckpt", *args)
+
+
+@pytest.fixture
+def lora():
+    return make_gpt(attn_rank=4, wte_rank=2, randomize=True, alpha=16.0)
+
+
+# --- reading -------------------------------------------------------------------------------------------
+
+
+def test_flat_state_dict_reads_bit_exact(tmp_path, lora):
+    sd = lora.state_dict()
+    path = _save(sd, tmp_path / "ckpt")
+    with Source.open(path) as src:
+        assert src.kind == "dcp"
+        assert list(src.keys()) == list(sd)
+        assert src.entries[C_ATTN].shape == tuple(sd[C_ATTN].shape)
+        torch.testing.assert_close(src.read(C_ATTN, 3, 9), sd[C_ATTN][3:9], rtol=0, atol=0)
+        assert src.recorded().alpha is None
+        assert [p.name for p in src.paths()] == ["ckpt", ".metadata", "__0_0.distcp"]
+    assert_state_dict_close(load_checkpoint(path).state_dict, sd, rtol=0, atol=0)
+
+
+def test_nested_checkpoint_dict_gives_the_model_and_its_records(tmp_path, lora):
+    """A {"model": sd, "model_args": …} save (as nanoGPT and torchtune nest it): keys inside "model", alpha recorded."""
+    sd = lora.state_dict()
+    path = _save({"model": sd, "model_args": {"lora_alpha": 16.0, "n_layer": 2}, "iter_num": 7,
+                  "optimizer": {"state": {"0": {"exp_avg": torch.ones(3)}}}}, tmp_path / "ckpt")
+    ckpt = load_checkpoint(path)
+    assert_state_dict_close(ckpt.state_dict, sd, rtol=0, atol=0)
+    assert (ckpt.alpha, ckpt.alpha_source) == (16.0, "model_args['lora_alpha']")
+    assert ckpt.extra == {"model_args": {"lora_alpha": 16.0, "n_layer": 2}, "iter_num": 7}
+    with DcpReader.open(path) as r:
+        assert sorted(r.others) == ["iter_num", "model_args.lora_alpha", "model_args.n_layer",
+                                    "optimizer.state.0.exp_avg"]
+
+
+def test_load_into_and_inspect_take_a_dcp_directory(tmp_path, lora, capsys):
+    path = _save({"model": lora.state_dict(), "model_args": {"lora_alpha": 16.0}}, tmp_path / "ckpt")
+    model = make_gpt(seed=5, attn_rank=4, wte_rank=2, alpha=16.0)
+    load_into(model, path)
+    torch.testing.assert_close(model(TOKENS), lora(TOKENS), rtol=0, atol=0)
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "nanogpt_lora" and info["tensors"] == len(lora.state_dict())
+
+
+# --- merging from DCP ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_merge_streams_bit_identical_to_merge_lora(tmp_path, lora, dtype):
+    sd = lora.state_dict()
+    path = _save({"model": sd, "model_args": {"lora_alpha": 16.0}}, tmp_path / "ckpt")
+    result = merge_files(path, tmp_path / "out.safetensors", dtype=dtype)
+    assert result.streamed and result.merged == 3
+    assert_state_dict_close(load_checkpoint(tmp_path / "out.safetensors").state_dict,
+                            merge_lora(sd, alpha=16.0, dtype=dtype), rtol=0, atol=0)
+
+
+def test_merged_model_computes_what_the_lora_model_computes(tmp_path):
+    lora = make_gpt(attn_rank=4, randomize=True, alpha=8.0)
+    path = _save(lora.state_dict(), tmp_path / "ckpt")
+    assert main(["merge", str(path), str(tmp_path / "out"), "--alpha", "8", "--quiet"]) == 0
+    plain = make_gpt(seed=9)
+    plain.load_state_dict(load_checkpoint(tmp_path / "out").state_dict, strict=True)
+    torch.testing.assert_close(plain(TOKENS), lora(TOKENS))
+
+
+def test_merge_into_dcp_output_and_back(tmp_path, lora, capsys):
+    sd = lora.state_dict()
+    path = _save(sd, tmp_path / "ckpt")
+    assert main(["merge", str(path), str(tmp_path / "merged"), "--alpha", "16", "--format", "dcp", "--quiet"]) == 0
+    assert "into the DCP checkpoint" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "merged")) == [".metadata", "__0_0.distcp"]
+    expected = merge_lora(sd, alpha=16.0)
+    assert_state_dict_close(load_checkpoint(tmp_path / "merged").state_dict, expected, rtol=0, atol=0)
+    # torch's own reader agrees (it is safe here: we wrote the file)
+    theirs = {k: torch.empty_like(v) for k, v in expected.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(theirs, checkpoint_id=tmp_path / "merged", no_dist=True)
+    assert_state_dict_close(theirs, expected, rtol=0, atol=0)
+    # --force replaces a DCP directory; without it the output is refused
+    assert main(["merge", str(path), str(tmp_path / "merged"), "--alpha", "16", "--format", "dcp", "--quiet"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["merge", str(path), str(tmp_path / "merged"), "--alpha", "16", "--format", "dcp", "--force",
+                 "--quiet"]) == 0
+
+
+def test_dcp_output_refuses_shards_and_tied(tmp_path, lora):
+    path = _save(lora.state_dict(), tmp_path / "ckpt")
+    with pytest.raises(CheckpointFileError, match=r"a DCP output has its own files and no tied keys; drop "
+                                                  r"max_shard_size \(CLI: --max-shard-size\)"):
+        merge_files(path, tmp_path / "m", alpha=16.0, format="dcp", max_shard_size="1MB")
+    with pytest.raises(CheckpointFileError, match=r"drop tied='tie' \(CLI: --tied tie\)"):
+        merge_files(path, tmp_path / "m", alpha=16.0, format="dcp", tied="tie")
+    assert not (tmp_path / "m").exists()
+
+
+def test_llama_peft_model_saved_as_dcp_merges_to_the_same_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=64, bos_token_id=0, eos_token_id=0,
+                                   pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg).eval(),
+                                    peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    path = _save(model.state_dict(), tmp_path / "ckpt")
+    merge_files(path, tmp_path / "out", alpha=8.0, fan_in_fan_out=False)
+    plain = transformers.LlamaForCausalLM(cfg).eval()
+    plain.load_state_dict(load_checkpoint(tmp_path / "out").state_dict, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(TOKENS).logits, model(TOKENS).logits, rtol=1e-5, atol=1e-5)
+
+
+# --- sharded DCP from real process groups ----------------------------------------------------------------
+
+SHARDED_SAVE = """
+    import sys, warnings
+    import torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from lora_ckpt.testing import make_gpt
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    sd = make_gpt(attn_rank=4, wte_rank=2, randomize=True, alpha=16.0).state_dict()
+    # FSDP2 shards dim 0; tensor parallelism shards some weights on dim 1 (row-parallel c_proj here)
+    placed = {k: distribute_tensor(v, mesh, [Shard(1) if k.endswith("c_proj.weight") else Shard(0)])
+              if v.dim() else v for k, v in sd.items()}
+    dcp.save({"model": placed, "model_args": {"lora_alpha": 16.0}}, checkpoint_id=sys.argv[1])
+    dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sharded")
+    proc = _torchrun(tmp, SHARDED_SAVE, tmp / "ckpt", n=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "ckpt"
+
+
+def test_fsdp_and_tp_sharded_dcp_reads_whole(sharded):
+    sd = make_gpt(attn_rank=4, wte_rank=2, randomize=True, alpha=16.0).state_dict()
+    with DcpReader.open(sharded) as r:
+        assert len(r.tensors[C_ATTN].chunks) == 2
+        assert [c.offsets for c in r.tensors["transformer.h.0.attn.c_proj.weight"].chunks] == [(0, 0), (0, 16)]
+        for key in (C_ATTN, "transformer.h.0.attn.c_proj.weight"):  # a row range across both ranks' chunks
+            torch.testing.assert_close(r.read(key, 5, 27), sd[key][5:27], rtol=0, atol=0)
+    assert_state_dict_close(load_checkpoint(sharded).state_dict, sd, rtol=0, atol=0)
+
+
+def test_sharded_dcp_merges_bit_identical(sharded, tmp_path):
+    sd = make_gpt(attn_rank=4, wte_rank=2, randomize=True, alpha=16.0).state_dict()
+    merge_files(sharded, tmp_path / "out", options=None)
+    assert_state_dict_close(load_checkpoint(tmp_path / "out").state_dict, merge_lora(sd, alpha=16.0), rtol=0, atol=0)
+
+
+# --- hostile and damaged directories ---------------------------------------------------------------------
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_metadata_pickle_that_would_run_code_is_refused(tmp_path, lora):
+    path = _save(lora.state_dict(), tmp_path / "ckpt")
+    (path / ".metadata").write_bytes(pickle.dumps(_RunsCode()))
+    with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: refusing to load, the DCP metadata pickle asks "
+                                                    r"for 'posix'\.'system', which DCP metadata never holds"):
+        Source.open(path)
+    assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
+    assert main(["merge", str(path), str(tmp_path / "out"), "--alpha", "1"]) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def _rewrite_metadata(path, change):
+    """Load our own test file's metadata with torch's unpickler (trusted here), change it, write it back."""
+    meta = pickle.loads((path / ".metadata").read_bytes())
+    change(meta)
+    (path / ".metadata").write_bytes(pickle.dumps(meta))
+
+
+def test_missing_shard_file_is_named(tmp_path, lora):
+    path = _save(lora.state_dict(), tmp_path / "ckpt")
+    (path / "__0_0.distcp").unlink()
+    with pytest.raises(CheckpointFileError, match=r"ckpt: \.metadata names '__0_0\.distcp' \(holding "
+                                                  r".*\), which is not in the folder; the checkpoint is incomplete"):
+        Source.open(path)
+
+
+def test_truncated_shard_file(tmp_path, lora):
+    path = _save(lora.state_dict(), tmp_path / "ckpt")
+    f = path / "__0_0.distcp"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointFileError, match=r"__0_0\.distcp: truncated \(\d+ bytes; \.metadata places .* at "
+                                                  r"bytes \d+\.\.\d+\)"):
+        Source.open(path)
+
+
+def test_path_outside_the_folder_is_refused(tmp_path, lora):
+    path = _save(lora.state_dict(), tmp_path / "ckpt")
+    shutil.copy(path / "__0_0.distcp", tmp_path / "outside.distcp")
+
+    def escape(meta):
+        for info in meta.storage_data.values():
+            info.relative_path = "../outside.distcp"
+    _rewrite_metadata(path, escape)
+    with pytest.raises(CheckpointFileError, match=r"names '\.\./outside\.distcp', outside the folder; refusing"):
+        Source.open(path)
+
+
+def test_chunks_that_do_not_cover_the_tensor(tmp_path, lora):
+    path = _save(lora.state_dict(), tmp_path / "ckpt")
+
+    def shrink(meta):
+        meta.state_dict_metadata[C_ATTN].size = torch.Size([200, 32])
+    _rewrite_metadata(path, shrink)
+    with pytest.raises(CheckpointFileError, match=rf"corrupt DCP metadata \({C_ATTN}: chunk at \(0, 0\) of size "
+                                                  r"\(96, 32\) does not fit|cover"):
+        Source.open(path)
+
+
+def test_metadata_that_is_not_dcp_metadata(tmp_path, lora):
+    path = _save(lora.state_dict(), tmp_path / "ckpt")
+    (path / ".metadata").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(CheckpointFileError, match=r"corrupt DCP metadata \(a pickled dict, not DCP Metadata\)"):
+        Source.open(path)
+    (path / ".metadata").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CheckpointFileError, match=r"corrupt DCP metadata \("):
+        Source.open(path)
+
+
+def test_transformed_records_are_refused(tmp_path, lora):
+    path = _save(lora.state_dict(), tmp_path / "ckpt")
+
+    def compress(meta):
+        for info in meta.storage_data.values():
+            info.transform_descriptors = ["zstd"]
+    _rewrite_metadata(path, compress)
+    with pytest.raises(CheckpointFileError, match=r"is stored transformed \(\['zstd'\], e\.g\. compressed\); "
+                                                  r"lora_ckpt reads plain DCP records only"):
+        Source.open(path)
+
+
+def test_record_that_does_not_hold_its_chunk(tmp_path, lora):
+    path = _save(lora.state_dict(), tmp_path / "ckpt")
+
+    def swap(meta):
+        by_fqn = {k.fqn: k for k in meta.storage_data}
+        a, b = by_fqn[C_ATTN], by_fqn["transformer.wpe.weight"]
+        meta.storage_data[a], meta.storage_data[b] = meta.storage_data[b], meta.storage_data[a]
+    _rewrite_metadata(path, swap)
+    with Source.open(path) as src, pytest.raises(CheckpointFileError, match=rf"the record of {C_ATTN} at byte \d+ "
+                                                                            r"holds a torch.float32 tensor of shape"):
+        src.read(C_ATTN)
+
+
+def test_pickled_record_that_would_run_code(tmp_path, lora):
+    path = _save(lora.state_dict(), tmp_path / "ckpt")
+    evil = tmp_path / "evil.distcp"
+    torch.save(_RunsCode(), evil)
+    data = (path / "__0_0.distcp").read_bytes()
+
+    def point(meta):
+        for k, info in meta.storage_data.items():
+            if k.fqn == C_ATTN:
+                info.offset, info.length = len(data), evil.stat().st_size
+    _rewrite_metadata(path, point)
+    (path / "__0_0.distcp").write_bytes(data + evil.read_bytes())
+    with Source.open(path) as src, pytest.raises(UnsafeCheckpointError, match=r"refusing to load, weights_only=True "
+                                                                             r"rejected it"):
+        src.read(C_ATTN)
+    assert not os.path.exists("pwned")
+
+
+# --- the torchrun file-to-file merge -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def llama(tmp_path):
+    shape = LlamaShape(hidden=64, intermediate=172, layers=3, vocab=128)
+    write_llama_checkpoint(tmp_path / "base", shape, dtype=torch.float32, shard_bytes=200_000)
+    write_llama_adapter(tmp_path / "adapter", shape, rank=8, alpha=16.0, dtype=torch.float32)
+    return tmp_path / "base", tmp_path / "adapter"
+
+
+def test_torchrun_merge_writes_the_same_bytes_as_one_process(llama, tmp_path):
+    base, adapter = llama
+    assert main(["merge", str(base), str(adapter), str(tmp_path / "one"), "--max-shard-size", "100kB", "--quiet"]) == 0
+    proc = _torchrun_cli(tmp_path, "merge", base, adapter, tmp_path / "two", "--max-shard-size", "100kB", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(proc.stdout.splitlines()) == 1 and "merged" in proc.stdout  # rank 0 reports
+    assert len(_digest(tmp_path / "one")) == 10  # 8 shards, the index, config.json
+    assert _digest(tmp_path / "two") == _digest(tmp_path / "one")
+    assert not [p for p in tmp_path.iterdir() if ".lora-ckpt-" in p.name]
+
+
+def test_torchrun_merge_of_a_sharded_dcp(sharded, tmp_path):
+    assert main(["merge", str(sharded), str(tmp_path / "one"), "--max-shard-size", "20kB", "--quiet"]) == 0
+    proc = _torchrun_cli(tmp_path, "merge", sharded, tmp_path / "two", "--max-shard-size", "20kB", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _digest(tmp_path / "two") == _digest(tmp_path / "one")
+
+
+def test_torchrun_merge_failure_leaves_nothing(llama, tmp_path):
+    base, adapter = llama
+    (tmp_path / "two").mkdir()
+    proc = _torchrun_cli(tmp_path, "merge", base, adapter, tmp_path / "two", "--max-shard-size", "100kB", "--quiet")
+    assert proc.returncode != 0
+    assert "already exists" in proc.stderr
+    assert os.listdir(tmp_path / "two") == []
+
+
+def test_ranks_refuse_outputs_that_do_not_split(llama, tmp_path):
+    base, adapter = llama
+    with pytest.raises(CheckpointFileError, match=r"out\.pt: a merge across 2 ranks writes safetensors"):
+        merge_files(base, tmp_path / "out.pt", adapter=adapter, ranks=Ranks(rank=0, world=2))
+
+
+def test_ranks_from_env(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert Ranks.from_env() is None
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(CheckpointFileError, match=r"WORLD_SIZE='two', RANK='0': not integers; launch with torchrun"):
+        Ranks.from_env()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(CheckpointFileError, match=r"RANK=5 is outside WORLD_SIZE=2; launch with torchrun"):
+        Ranks.from_env()
+
+
+def test_shards_are_balanced_by_bytes():
+    assert assign_shards([5, 9, 4, 4], 2) == [1, 0, 1, 0]
+    assert assign_shards([1, 1, 1], 4) == [0, 1, 2]
+    assert Ranks(rank=1, world=2).mine([5, 9, 4, 4]) == [0, 2]
+
+
+def test_cli_usage_error_for_an_unknown_format(tmp_path, capsys):
+    assert main(["merge", "a", "b", "--format", "gguf"]) == 2
+    assert "invalid choice: 'gguf'" in capsys.readouterr().err
+
+
+def test_convert_to_standard_dcp_and_refusal_for_lora_layouts(tmp_path, lora, capsys):
+    sd = lora.state_dict()
+    path = _save(sd, tmp_path / "ckpt")
+    assert main(["convert", str(path), str(tmp_path / "std"), "--to", "standard", "--format", "dcp", "--alpha", "16",
+                 "--quiet"]) == 0
+    assert_state_dict_close(load_checkpoint(tmp_path / "std").state_dict, merge_lora(sd, alpha=16.0), rtol=0, atol=0)
+    assert main(["convert", str(path), str(tmp_path / "tt"), "--to", "torchtune", "--format", "dcp"]) == 1
+    assert ("format='dcp' (CLI: --format dcp) writes merged weights; use to='standard' (CLI: --to standard)"
+            .replace("format='dcp' (CLI: --format dcp)", "--format dcp").replace("to='standard' (CLI: --to standard)",
+                                                                                "--to standard")
+            in capsys.readouterr().err)
