@@ -54,6 +54,12 @@ FORMULAS = {
 }
 
 
+def formula_factors(formula: str, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) as ``formula`` stores them for ΔW = left @ right: the inverse of :data:`FORMULAS` (contiguous)."""
+    a, b = {"B@A": (right, left), "A@B.T": (left, right.T), "(B@A).T": (left.T, right.T), "A@B": (left, right)}[formula]
+    return a.contiguous(), b.contiguous()
+
+
 @dataclass(frozen=True)
 class LayoutSpec:
     """One LoRA layout, declaratively.

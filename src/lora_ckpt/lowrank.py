@@ -47,7 +47,7 @@ import torch
 from lora_ckpt._table import render_html, render_text
 from lora_ckpt.checks import check_alpha, check_rank
 from lora_ckpt.errors import KeyMismatchError, LayoutError, LoraCkptError, ShapeError
-from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LayoutSpec, LoraModule, detect_layout, tied_groups
+from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LayoutSpec, LoraModule, detect_layout, formula_factors, tied_groups
 from lora_ckpt.merge import Orientation, plan_merge, require_data, resolve_scales
 
 __all__ = [
@@ -700,12 +700,6 @@ def _canonical(layout: Layout, tensors: Mapping[str, torch.Tensor], m: LoraModul
     return FORMULAS[m.formula][2](a2.to(acc), b2.to(acc))
 
 
-def _layout_factors(spec: LayoutSpec, formula: str, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) in ``formula``'s convention for ΔW = left @ right (the inverse of :data:`~lora_ckpt.layout.FORMULAS`)."""
-    a, b = {"B@A": (right, left), "A@B.T": (left, right.T), "(B@A).T": (left.T, right.T), "A@B": (left, right)}[formula]
-    return a.contiguous(), b.contiguous()
-
-
 def _acc(tensors: Iterable[torch.Tensor]) -> torch.dtype:
     """float64 where a factor is float64, float32 otherwise."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -729,7 +723,7 @@ def _write_module(
     spec: LayoutSpec, m: LoraModule, left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype, conv: bool,
     out: dict[str, torch.Tensor], alphas: dict[str, float],
 ) -> None:
-    a, b = _layout_factors(spec, m.formula, left, right)
+    a, b = formula_factors(m.formula, left, right)
     if conv:
         a, b = a[:, :, None, None], b[:, :, None, None]
     out[m.a_key] = a.to(dtype)
@@ -979,7 +973,7 @@ def unmerge_lora(
                 raise LayoutError(f"{m.name}: a lora-only embedding has no base weight to take its update out of")
             left, right = _canonical(layout, tensors, m, tensors[m.a_key].dtype)
             kind = "embedding" if m.kind == "embedding" else "linear"
-            a, b = _layout_factors(PEFT, PEFT.formulas[kind], left, right)
+            a, b = formula_factors(PEFT.formulas[kind], left, right)
             adapter_only[PEFT.key(m.name, "a", kind)] = a
             adapter_only[PEFT.key(m.name, "b", kind)] = b
             scale_by[m.name] = scale[m.name]

@@ -14,7 +14,7 @@ import torch
 
 from lora_ckpt._table import Compact
 from lora_ckpt.errors import LayoutError
-from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LayoutSpec, LoraModule, detect_layout, layout_spec
+from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, formula_factors, Layout, LayoutSpec, LoraModule, detect_layout, layout_spec
 from lora_ckpt.merge import Alpha, Orientation, orientation, resolve_base_names, resolve_scales, settle_orientation
 
 __all__ = ["Relayout", "convert_layout"]
@@ -41,19 +41,6 @@ class Relayout(Compact):
     def __repr__(self) -> str:
         return (f"Relayout(layout={self.layout!r}, tensors={len(self.state_dict)}, modules={len(self.alpha)}, "
                 f"base={None if self.base is None else len(self.base)}, fan_in_fan_out={self.fan_in_fan_out})")
-
-
-def _factors(spec: LayoutSpec, kind: str, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) in ``spec``'s convention for ΔW = left @ right."""
-    formula = spec.formulas[kind]
-    a, b = {
-        "B@A": (right, left),
-        "A@B.T": (left, right.T),
-        "(B@A).T": (left.T, right.T),
-        "A@B": (left, right),
-    }[formula]
-    assert FORMULAS[formula][2](a, b)[0].shape == left.shape
-    return a.contiguous(), b.contiguous()
 
 
 def convert_layout(
@@ -150,7 +137,7 @@ def convert_layout(
             continue
         a, b = tensors[m.a_key], tensors[m.b_key]
         left, right = FORMULAS[m.formula][2](a.flatten(1) if a.dim() == 4 else a, b.flatten(1) if b.dim() == 4 else b)
-        ta, tb = _factors(target, kind, left, right)
+        ta, tb = formula_factors(target.formulas[kind], left, right)
         if a.dim() == 4 and target.conv_factors:  # a 1x1 convolution: (r, in, 1, 1) and (out, r, 1, 1)
             ta, tb = ta[:, :, None, None], tb[:, :, None, None]
         tname = _kohya_name(name) if target is KOHYA else name
