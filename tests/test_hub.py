@@ -97,6 +97,13 @@ def test_hub_id_rules(tmp_path, monkeypatch):
     assert hub_id("org/name") is None  # what exists here is the local path
     with pytest.raises(CheckpointFileError, match=r"hf://org: not a Hub repo; write hf://ORG/NAME or hf://ORG/NAME@REVISION"):
         hub_id("hf://org")
+    for walk in ("hf://org/name@../../../outside/ref", "hf://org/name@../refs/main", "hf://org/name@/etc",
+                 "hf://org/name@a//b", "hf://org/a..b"):  # nothing may walk out of the cache
+        with pytest.raises(CheckpointFileError, match=r"not a Hub repo; .* no '.', '..' or empty path segments"):
+            hub_id(walk)
+    assert hub_id("org/name@../x") is None  # a bare name that could walk is a local path (then: no such file)
+    (tmp_path / "runs").mkdir()
+    assert hub_id("runs/finl") is None  # a mistyped path under an existing folder is not a Hub id
 
 
 def test_merge_adapter_alone_uses_its_base_from_the_hub_cache(hub):
@@ -116,6 +123,8 @@ def test_hub_ids_as_base_and_for_inspect(hub, name):
     res = _run(tmp_path, "merge", name, "adapter", "out.safetensors")
     assert res.returncode == 0, res.stderr
     assert "hf:/tiny" not in res.stdout + res.stderr  # the URL is never mangled into a path
+    if name != "tiny-org/gpt2":
+        return
     res = _run(tmp_path, "inspect", name, "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["layout"] == "standard"
@@ -137,8 +146,9 @@ def test_offline_and_not_cached_says_how(hub):
     tmp_path, _ = hub
     res = _run(tmp_path, "inspect", "tiny-org/other")
     assert res.returncode == 1
-    assert res.stderr.startswith("lora-ckpt: error: tiny-org/other: not in the Hugging Face cache (")
-    assert "and HF_HUB_OFFLINE is set; download it once with network access (hf download tiny-org/other)" in res.stderr
+    assert res.stderr.startswith("lora-ckpt: error: tiny-org/other: no such file or folder here, and not in the "
+                                 "Hugging Face cache (")
+    assert "while HF_HUB_OFFLINE is set; download it once with network access (hf download tiny-org/other)" in res.stderr
 
 
 def test_without_huggingface_hub_the_extra_is_named(hub):

@@ -59,13 +59,20 @@ def hub_id(path: PathLike) -> HubId | None:
         return None
     if text.startswith(PREFIX):
         m = _REPO.fullmatch(text[len(PREFIX):])
-        if m is None:
-            raise CheckpointFileError(f"{text}: not a Hub repo; write hf://ORG/NAME or hf://ORG/NAME@REVISION")
+        if m is None or not _plain(m[1], m[2]):
+            raise CheckpointFileError(f"{text}: not a Hub repo; write hf://ORG/NAME or hf://ORG/NAME@REVISION (a "
+                                      "branch, tag or commit: no '.', '..' or empty path segments)")
         return HubId(m[1], m[2])
     m = _REPO.fullmatch(text)
-    if m is None or os.path.lexists(text) or text.lower().endswith(_FILE_SUFFIXES):
+    if (m is None or not _plain(m[1], m[2]) or os.path.lexists(text) or text.lower().endswith(_FILE_SUFFIXES)
+            or os.path.isdir(text.split("/", 1)[0])):  # ORG is a folder here: a mistyped local path
         return None
     return HubId(m[1], m[2])
+
+
+def _plain(repo: str, revision: str | None) -> bool:
+    """No ``..`` in the name and no ``.``/``..``/empty segment in the revision: nothing that walks the cache."""
+    return ".." not in repo and (revision is None or all(p not in ("", ".", "..") for p in revision.split("/")))
 
 
 def local_path(path: PathLike) -> Path:
@@ -99,7 +106,8 @@ def local_path(path: PathLike) -> Path:
     except hub_errors.LocalEntryNotFoundError:
         offline = "HF_HUB_OFFLINE is set" if _offline(huggingface_hub) else "the Hub cannot be reached"
         raise CheckpointFileError(
-            f"{spec}: not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}) and {offline}; "
+            f"{spec}: no such file or folder here, and not in the Hugging Face cache "
+            f"({huggingface_hub.constants.HF_HUB_CACHE}) while {offline}; "
             f"download it once with network access (hf download {spec.repo}) or give a local folder"
         ) from None
     except hub_errors.HfHubHTTPError as e:
