@@ -249,3 +249,61 @@ def test_without_tqdm_the_cli_says_so_once(lora_file, tmp_path):
     assert res.returncode == 0, res.stderr
     hint = "lora-ckpt: no progress bar: tqdm is not installed (pip install 'lora-ckpt[progress]', or pass --quiet)"
     assert res.stderr.count(hint) == 1, res.stderr
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])  # in memory and streamed
+def test_convert_like_onto_a_tied_template_keeps_different_values_apart_and_says_so(lora_file, tmp_path, capsys,
+                                                                                      suffix):
+    """A merged file with the wte update holds wte and lm_head apart; a template tying them gets both, and a warning."""
+    model, path = lora_file
+    merged = tmp_path / "merged.safetensors"
+    assert main(["merge", str(path), str(merged), "--quiet"]) == 0
+    capsys.readouterr()
+    dst = tmp_path / f"again{suffix}"
+    assert main(["convert", str(merged), str(dst), "--to", "nanogpt", "--like", str(path), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "untied transformer.wte.main_weight.weight = lm_head.weight: the source holds different values" in out
+    assert f"warning: {dst} holds its own value for lm_head.weight, which {path} ties to another key" in err
+    assert "load_into(model, path, tied='untie')" in err
+    tied = make_gpt(seed=6, attn_rank=4, wte_rank=2, alpha=8.0)
+    with pytest.raises(LoraCkptError, match="the model ties transformer.wte.main_weight.weight = lm_head.weight"):
+        load_into(tied, dst)
+    load_into(tied, dst, tied="untie")
+    torch.testing.assert_close(logits(tied), logits(model))
+    # equal values (no update on wte) stay tied, without a warning
+    plain = save_checkpoint(tmp_path / "plain.safetensors", make_gpt(seed=4).state_dict())
+    assert main(["convert", str(plain), str(dst), "--to", "nanogpt", "--like", str(path), "--quiet", "--force"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    out_sd = {k.removeprefix("_orig_mod."): v for k, v in load_checkpoint(dst).state_dict.items()}
+    assert torch.equal(out_sd["transformer.wte.main_weight.weight"], out_sd["lm_head.weight"])
+
+
+def test_folder_outputs_say_so_list_what_they_leave_out_and_name_output_keys(lora_file, tmp_path, capsys):
+    _, path = lora_file
+    for typo in ("out.txt", "merged.safetensor"):
+        assert main(["merge", str(path), str(tmp_path / typo), "--quiet"]) == 1
+        assert f"{typo}: '.{typo.rsplit('.', 1)[1]}' is not a checkpoint suffix (.safetensors, .pt" in capsys.readouterr().err
+        assert not (tmp_path / typo).exists()
+    assert main(["merge", str(path), str(tmp_path / "run.merged") + "/", "--quiet"]) == 0  # a trailing / says folder
+    out, err = capsys.readouterr()
+    assert f"into the model folder {tmp_path / 'run.merged'}/" in out
+    assert "left out: optimizer, iter_num" in out  # a folder keeps model_args only, and says what it left
+    assert (tmp_path / "run.merged" / "model.safetensors").is_file()
+    # the tie warning names the keys as the output has them, not the source's prefixed LoRA keys
+    assert "keeps transformer.wte.weight and lm_head.weight apart" in err and "_orig_mod." not in err
+
+
+def test_merge_with_the_output_forgotten_or_nothing_to_merge(tmp_path, capsys):
+    from lora_ckpt.testing.llama import LlamaShape, write_llama_adapter, write_llama_checkpoint
+
+    shape = LlamaShape(hidden=32, intermediate=64, layers=1, vocab=64)
+    base = write_llama_checkpoint(tmp_path / "base", shape)
+    adapter = write_llama_adapter(tmp_path / "ad", shape, rank=4, alpha=8.0)
+    before = sorted(p.name for p in adapter.iterdir())
+    assert main(["merge", str(base), str(adapter)]) == 2
+    assert f"{adapter} is a PEFT adapter folder, not an output; to merge it into {base} name the output too: " \
+           "merge BASE ADAPTER DST" in capsys.readouterr().err
+    assert sorted(p.name for p in adapter.iterdir()) == before
+    assert main(["merge", str(base), str(tmp_path / "out"), "--quiet"]) == 1
+    assert f"{base}: holds no LoRA modules (standard layout), so there is nothing to merge; to merge an adapter " \
+           "into it give both: merge BASE ADAPTER DST" in capsys.readouterr().err

@@ -323,7 +323,7 @@ def test_untied_outputs_and_zero_updates_are_said(tmp_path, capsys):
                            alpha=8.0)
     assert main(["merge", str(tied), str(tmp_path / "m.safetensors"), "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert "keeps transformer.wte.main_weight.weight and lm_head.weight apart" in err
+    assert "keeps transformer.wte.weight and lm_head.weight apart" in err
     assert "load it with lora_ckpt.load_into(model, path, tied='untie'), or merge with --tied tie" in err
     fresh = save_checkpoint(tmp_path / "f.pt", make_gpt(attn_rank=4, alpha=8.0).state_dict(), alpha=8.0)  # B = 0
     assert main(["merge", str(fresh), str(tmp_path / "z.safetensors"), "--quiet"]) == 0

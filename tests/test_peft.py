@@ -213,7 +213,8 @@ def test_hf_gpt2_folder_to_nanogpt_lora_for_finetuning(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf.save_pretrained(tmp_path / "gpt2")
-    template = save_checkpoint(tmp_path / "t.pt", make_gpt(attn_rank=4, alpha=8.0).state_dict(), alpha=8.0)
+    template = save_checkpoint(tmp_path / "t.pt", make_gpt(attn_rank=4, alpha=8.0).state_dict(), alpha=8.0,
+                               extra={"model_args": {"n_layer": 2, "lora_alpha": 8.0}})
     out = tmp_path / "start.pt"
     assert main(["convert", str(tmp_path / "gpt2"), str(out), "--to", "nanogpt", "--like", str(template), "--gpt2",
                  "--quiet"]) == 0
@@ -222,6 +223,9 @@ def test_hf_gpt2_folder_to_nanogpt_lora_for_finetuning(tmp_path, capsys):
     assert lora.lm_head.weight is lora.transformer.wte.weight  # the tie survives
     with torch.no_grad():
         torch.testing.assert_close(lora(TOKENS), hf(TOKENS).logits, rtol=1e-5, atol=1e-5)
+    from lora_ckpt import load_checkpoint
+
+    assert load_checkpoint(out).extra["model_args"] == {"n_layer": 2, "lora_alpha": 8.0}  # the template's, to resume
     capsys.readouterr()
     # the same file again is nanoGPT's layout already: refused, not transposed twice
     assert main(["convert", str(out), str(tmp_path / "again.pt"), "--to", "nanogpt", "--like", str(template),
@@ -231,3 +235,32 @@ def test_hf_gpt2_folder_to_nanogpt_lora_for_finetuning(tmp_path, capsys):
            "the state dict looks like nanoGPT's layout already: drop --gpt2" in err
     assert main(["convert", str(tmp_path / "gpt2"), str(tmp_path / "s.pt"), "--to", "standard", "--gpt2"]) == 1
     assert "--gpt2 converts between nanoGPT and Hugging Face GPT-2 in a LoRA conversion" in capsys.readouterr().err
+
+
+def test_n_head_must_fit_and_agree_with_the_checkpoint(tmp_path, capsys):
+    from lora_ckpt import save_checkpoint
+
+    lora = make_gpt(attn_rank=4, alpha=8.0, randomize=True)
+    src = save_checkpoint(tmp_path / "ckpt.pt", lora.state_dict(), alpha=8.0, extra={"model_args": {"n_head": 2}})
+    args = ["convert", str(src), str(tmp_path / "adapter"), "--to", "peft", "--gpt2", "--base-out", str(tmp_path / "g")]
+    assert main([*args, "--n-head", "12"]) == 1
+    assert "--n-head 12 contradicts the checkpoint's model_args['n_head'] = 2; drop --n-head" in capsys.readouterr().err
+    bare = save_checkpoint(tmp_path / "bare.pt", lora.state_dict(), alpha=8.0)
+    args[1] = str(bare)
+    assert main([*args, "--n-head", "3"]) == 1
+    assert "--n-head does not divide n_embd = 32; GPT-2's attention splits n_embd" in capsys.readouterr().err
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "g").exists()
+    assert main(args) == 1
+    assert "needs --base-out DIR (the GPT-2 model folder) and --n-head" in capsys.readouterr().err
+
+
+def test_loading_hugging_face_gpt2_weights_directly_points_at_gpt2(tmp_path):
+    from lora_ckpt import KeyMismatchError, ShapeError
+
+    sd = {k: v for k, v in _gpt2().state_dict().items() if k != "lm_head.weight" and not k.endswith(".attn.bias")}
+    with pytest.raises(KeyMismatchError, match=r"\['lm_head.weight'\] \(Hugging Face GPT-2 files leave lm_head.weight "
+                                               r"out, tied to wte: convert them with gpt2=True \(CLI: convert --gpt2"):
+        load_into(make_gpt(attn_rank=4), sd)
+    with pytest.raises(ShapeError, match=r"each is the model's shape transposed: the checkpoint stores these weights "
+                                         r"\(in, out\), as Hugging Face GPT-2's Conv1D does; convert it first with gpt2=True"):
+        load_into(make_gpt(attn_rank=4), sd, ignore=["lm_head.weight"])

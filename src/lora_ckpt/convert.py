@@ -7,7 +7,7 @@ LoRA -> LoRA copies where kind, rank and scale agree and otherwise merges into `
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -173,6 +173,9 @@ def _check_strict(
     unused = [k for k in unused if k not in report.ignored]
     if missing or unused:
         parts = [f"the checkpoint supplies nothing for model key(s) {missing[:8]}"] if missing else []
+        if "lm_head.weight" in missing and "transformer.wte.weight" in values and src.kind == "standard":
+            parts[0] += (" (Hugging Face GPT-2 files leave lm_head.weight out, tied to wte: convert them with "
+                         "gpt2=True (CLI: convert --gpt2 --like TEMPLATE))")
         parts += [f"the model has no place for checkpoint key(s) {unused[:8]}"] if unused else []
         raise KeyMismatchError(
             "; ".join(parts) + f" ({src.kind} checkpoint -> {dst.kind} model); check the model config "
@@ -181,11 +184,14 @@ def _check_strict(
 
 
 def _check_shapes(dst: Layout, values: Mapping[str, torch.Tensor]) -> None:
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {dst.shapes[k]}" for k, v in values.items() if tuple(v.shape) != dst.shapes[k]]
-    if bad:
-        raise ShapeError("shapes differ: " + "; ".join(bad[:8]) + "; the model config does not match the checkpoint")
-
-
+    odd = {k: tuple(v.shape) for k, v in values.items() if tuple(v.shape) != dst.shapes[k]}
+    if odd:
+        bad = [f"{k}: checkpoint {s} vs model {dst.shapes[k]}" for k, s in odd.items()]
+        flipped = all(len(s) == 2 and s[::-1] == dst.shapes[k] for k, s in odd.items())
+        raise ShapeError("shapes differ: " + "; ".join(bad[:8]) + (
+            "; each is the model's shape transposed: the checkpoint stores these weights (in, out), as Hugging Face "
+            "GPT-2's Conv1D does; convert it first with gpt2=True (CLI: convert --gpt2 --like TEMPLATE), or "
+            "lora_ckpt.formats.gpt2.hf_to_nanogpt" if flipped else "; the model config does not match the checkpoint"))
 
 
 @dataclass
@@ -239,6 +245,41 @@ def convert_state_dict(
     _check_strict(src, dst, values, plan.used, ignore, report)
     _check_shapes(dst, values)
     return Conversion(values, sources, report)
+
+
+def tie_conflicts(
+    groups: Iterable[Sequence[str]],
+    values: Mapping[str, torch.Tensor],
+    report: LoadReport,
+    *,
+    read: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> list[tuple[str, ...]]:
+    """The template's tied ``groups`` of keys (``wte`` = ``lm_head``) whose converted values differ, recorded in
+    ``report``.
+
+    The output keeps each key's own value (exact function), as a merge does; a model built like the template
+    would keep only one of them, so callers warn. ``values`` are keyed without prefix; ``read`` turns a
+    stand-in (a ``meta`` tensor) into its data.
+    """
+    found = []
+    for group in groups:
+        given = [k for k in group if k in values]
+        first = values[given[0]] if given else None
+        if first is None or all(values[k] is first for k in given[1:]):
+            continue
+        ref = read(first)
+        if all(same_value(ref, read(values[k])) for k in given[1:]):
+            continue
+        found.append(tuple(given))
+        report.untied += given[1:]
+        report.notes.append(f"untied {' = '.join(given)}: the source holds different values for them; each keeps "
+                            "its own (exact function)")
+    return found
+
+
+def same_value(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same tensor, or equal in shape, dtype and every element."""
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
 
 
 def fresh_factors(layout: Layout, keys: Iterable[str], *, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ import torch
 from lora_ckpt._table import Compact
 from lora_ckpt.dtypes import DType, as_dtype
 from lora_ckpt.checkpoint import Checkpoint
-from lora_ckpt.convert import LoadReport, convert_state_dict, fresh_factors
+from lora_ckpt.convert import LoadReport, tie_conflicts, convert_state_dict, fresh_factors
 from lora_ckpt.errors import CheckpointFileError, LayoutError
 from lora_ckpt.formats.gpt2 import hf_to_nanogpt, nanogpt_lora_to_peft
 from lora_ckpt.formats.hf import write_model_folder
@@ -34,6 +34,7 @@ from lora_ckpt.output import FILE_SUFFIXES, Output, PathLike, write_together
 from lora_ckpt.relayout import convert_layout
 from lora_ckpt.source import ADAPTER_CONFIG, Source
 from lora_ckpt.streaming import StreamOptions, stream_convert, stream_merge
+from lora_ckpt.streaming.writer import human_size
 from lora_ckpt.streaming.merge import merge_to_dcp, tie_metadata
 from lora_ckpt.streaming.parallel import Ranks
 
@@ -130,6 +131,10 @@ def merge_files(
             return result
         if streams:
             layout = detect_layout(src.meta_tensors())
+            if not layout.is_lora:
+                raise LayoutError(f"{src.path}: holds no LoRA modules (standard layout), so there is nothing to "
+                                  "merge; to merge an adapter into it give both: merge_files(BASE, DST, "
+                                  "adapter=ADAPTER) (CLI: merge BASE ADAPTER DST)")
             updated = _tied_updates(src, layout)
             report = stream_merge(src, out, alpha=alpha, dtype=dtype, max_shard_size=max_shard_size, device=device,
                                   progress=progress, layout=layout, fan_in_fan_out=fan_in_fan_out, options=options,
@@ -152,7 +157,8 @@ def merge_files(
             inert = plan.inert_modules()
         result.leftovers = list(out.removed)
         present = sum(m.has_factors for m in layout.modules)
-        result.lines.append(f"merged {result.merged} LoRA module(s) of {source} into {dst}"
+        result.lines.append(f"merged {result.merged} LoRA module(s) of {source} into "
+                            + (f"the model folder {dst}/" if out.folder else f"{dst}")
                             + (f" ({present} present)" if present != result.merged else ""))
         for group in updated:
             how = "untied: each key keeps its own value" if tied == "untie" else "tied to the merged weight"
@@ -196,7 +202,7 @@ def _merge_adapter(
         inert = report.inert
         result.lines.append(
             f"merged {adapter.path} into {base.path}: {out.path} ({len(report.merged)} weights merged, "
-            f"{report.bytes / 1e9:.2f} GB in {len(report.files)} file(s), {report.seconds:.1f} s)"
+            f"{human_size(report.bytes)} in {len(report.files)} file(s), {report.seconds:.1f} s)"
         )
     else:
         plan = plan_adapter_merge(adapter, base.load().state_dict, model_config=base.model_config, alpha=alpha,
@@ -230,7 +236,7 @@ def _merge_dcp(
                         leftovers=list(out.removed))
     result.lines.append(f"merged {len(report.merged)} LoRA module(s) of {src.path}"
                         + (f" and {ad.path}" if ad is not None else "")
-                        + f" into the DCP checkpoint {out.path} ({report.tensors} tensors, {report.bytes / 1e9:.2f} GB)")
+                        + f" into the DCP checkpoint {out.path} ({report.tensors} tensors, {human_size(report.bytes)})")
     _warn_inert(result, report.inert)
     return result
 
@@ -271,13 +277,20 @@ def _tied_updates(src: Source, layout: Layout) -> list[tuple[str, ...]]:
     else:
         groups = tie_metadata(src.aliases())
     updated = {layout.prefix + m.weight_key for m in layout.modules if m.has_factors and m.has_base}
-    return [g for g in groups if updated.intersection(g)]
+    by_key = layout.module_by_key
+
+    def written(key: str) -> str:  # the key as the merged output names it: no prefix, no main_weight
+        plain = key[len(layout.prefix):]
+        m = by_key.get(plain)
+        return f"{m.name}.weight" if m is not None and plain == m.weight_key else plain
+
+    return [tuple(written(k) for k in g) for g in groups if updated.intersection(g)]
 
 
 def _standard_extra(ckpt: Checkpoint, dst: Path) -> tuple[dict[str, object], list[str]]:
     """Entries to keep beside merged weights, and the names left out (optimizer state, LoRA args)."""
-    dropped = [k for k in ckpt.extra
-               if k == "optimizer" or dst.suffix == ".bin" or (dst.suffix == ".safetensors" and k != "model_args")]
+    dropped = [k for k in ckpt.extra  # safetensors and folders keep model_args only; HF's flat .bin nothing
+               if k == "optimizer" or dst.suffix == ".bin" or (dst.suffix not in _PICKLES and k != "model_args")]
     extra = {k: v for k, v in ckpt.extra.items() if k not in dropped}
     model_args = extra.get("model_args")
     if isinstance(model_args, dict):
@@ -347,11 +360,18 @@ def convert_files(
                 result = FileResult(report.files, True, len(report.merged), report.bytes, report.seconds,
                                     conversion=report.conversion)
                 result.lines.append(f"converted {source} to the layout of {like}: {dst} ({report.tensors} tensors, "
-                                    f"{report.bytes / 1e9:.2f} GB streamed, {report.seconds:.1f} s)")
+                                    f"{human_size(report.bytes)} streamed, {report.seconds:.1f} s)")
             else:
                 result = _convert_like(src, template, dst_path, alpha, seed, tuple(ignore), overwrite, gpt2)
             if result.conversion is not None:
                 result.lines.append(str(result.conversion))
+                if result.conversion.untied:
+                    result.warnings.append(
+                        f"{dst} holds its own value for {', '.join(result.conversion.untied)}, which {like} ties to "
+                        "another key, because the source holds different values for them; a model that ties them (karpathy's nanoGPT does) would keep only one in "
+                        "load_state_dict and compute something else: load it with lora_ckpt.load_into(model, path, "
+                        "tied='untie'), or convert the LoRA checkpoint itself rather than its merged form"
+                    )
             return result
         if src.kind != "peft" and not gpt2 and base is None and _streams_convert(target_layout, dst_path, base_out):
             report = stream_convert(src, dst, to=target_layout, alpha=alpha, base_out=base_out,
@@ -360,7 +380,7 @@ def convert_files(
             result = FileResult(report.files, True, len(report.merged), report.bytes, report.seconds)
             result.lines.append(
                 f"converted {source} to the {target_layout} layout: {dst} ({report.tensors} tensors, "
-                f"{report.bytes / 1e9:.2f} GB streamed" + (f" to {base_out}" if base_out else "")
+                f"{human_size(report.bytes)} streamed" + (f" to {base_out}" if base_out else "")
                 + f", {report.seconds:.1f} s)"
             )
             return result
@@ -460,7 +480,11 @@ def _nanogpt_to_gpt2_peft(
     src: Source, ckpt: Checkpoint, dst: Path, base_out: PathLike | None, n_head: int | None, alpha: Alpha | None,
     overwrite: bool,
 ) -> FileResult:
-    n_head = n_head or (ckpt.extra.get("model_args") or {}).get("n_head")
+    recorded = (ckpt.extra.get("model_args") or {}).get("n_head")
+    if n_head is not None and recorded is not None and n_head != recorded:
+        raise LayoutError(f"n_head={n_head} (CLI: --n-head {n_head}) contradicts the checkpoint's "
+                          f"model_args['n_head'] = {recorded!r}; drop n_head=... (CLI: --n-head) to use the recorded one")
+    n_head = n_head or recorded
     if not base_out or not n_head:
         raise LayoutError("--to peft --gpt2 needs --base-out DIR (the GPT-2 model folder) and --n-head "
                           "(or model_args['n_head'] in the checkpoint)")
@@ -480,12 +504,16 @@ def _convert_like(src: Source, template: Source, dst: Path, alpha: Alpha | None,
     layout = detect_layout(t_ckpt.state_dict)
     conversion = convert_state_dict(ckpt, layout, alpha=alpha, target_alpha=t_ckpt.alpha, ignore=ignore)
     values = {**conversion.values, **fresh_factors(layout, conversion.report.initialised, seed=seed)}
+    tie_conflicts(layout.tied, values, conversion.report)
     ordered = {layout.prefix + k: values[k] for k in layout.shapes}
     extra = {k: v for k, v in ckpt.extra.items() if k != "optimizer"}
+    if isinstance(t_ckpt.extra.get("model_args"), dict):  # the output is for the template's model (nanoGPT resumes
+        extra["model_args"] = dict(t_ckpt.extra["model_args"])  # from checkpoint['model_args'])
+    if dst.suffix == ".safetensors":
+        extra = {k: v for k, v in extra.items() if k == "model_args"}
     out = Output.prepare(dst, overwrite=overwrite, folder=False, inputs=[*src.paths(), *template.paths()])
     with out.writing() as tmp:
-        write_checkpoint(tmp, ordered, alpha=t_ckpt.alpha, extra=extra if dst.suffix != ".safetensors" else None,
-                         suffix=dst.suffix)
+        write_checkpoint(tmp, ordered, alpha=t_ckpt.alpha, extra=extra, suffix=dst.suffix)
     result = FileResult([dst], False, conversion=conversion.report, leftovers=list(out.removed))
     result.lines.append(f"converted {src.path} ({conversion.report.source_layout}) to the layout of {template.path}: {dst}")
     return result

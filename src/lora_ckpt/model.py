@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lora_ckpt.dtypes import DType, as_dtype
-from lora_ckpt.convert import LoadReport, convert_state_dict
+from lora_ckpt.convert import LoadReport, convert_state_dict, same_value
 from lora_ckpt.distributed import ShardedState
 from lora_ckpt.checks import check_alpha
 from lora_ckpt.errors import AlphaError, KeyMismatchError, TiedWeightError
@@ -260,7 +260,7 @@ def _resolve_ties(
     to_untie: list[str] = []
     for group in _model_ties(model):
         given = [k for k in group if k in values]
-        if len(given) < 2 or all(_same(values[given[0]], values[k]) for k in given[1:]):
+        if len(given) < 2 or all(same_value(values[given[0]], values[k]) for k in given[1:]):
             continue
         merged = [k for k in given if sources.get(k) == "merge"]
         if tied == "untie":
@@ -287,10 +287,6 @@ def _resolve_ties(
             )
             raise TiedWeightError(f"the model ties {' = '.join(given)}, but {reason}; choose {choices}")
     return to_untie
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
 
 
 def _model_ties(model: nn.Module) -> list[list[str]]:

@@ -102,6 +102,11 @@ class Output:
         if p.name in ("", ".", "..") or Path(os.path.abspath(p)) == Path(os.path.abspath(p)).parent:
             raise CheckpointFileError(f"{p}: name a new file or folder for the output, not {str(p)!r}")
         is_folder = (p.suffix.lower() not in FILE_SUFFIXES) if folder is None else folder
+        if folder is None and is_folder and p.suffix[1:].isalpha() and not str(path).endswith(("/", os.sep)):
+            raise CheckpointFileError(  # out.txt, merged.safetensor: a mistyped file name, not a folder
+                f"{path}: {p.suffix!r} is not a checkpoint suffix ({', '.join(FILE_SUFFIXES)}); for a model folder "
+                "name it without a suffix, or end the name with '/'"
+            )
         if not is_folder and str(path).endswith(("/", os.sep)):
             raise CheckpointFileError(f"{path}: names a folder (a trailing /) but the output is a file; drop the /")
         parent = p.parent

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lora_ckpt.errors import KeyMismatchError
+from lora_ckpt.errors import KeyMismatchError, LayoutError
 
 if TYPE_CHECKING:
     from lora_ckpt.io import PathLike
@@ -66,6 +66,9 @@ def hf_to_nanogpt(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 def hf_gpt2_config(state_dict: Mapping[str, torch.Tensor], *, n_head: int, tied: bool = True) -> dict[str, Any]:
     """A ``GPT2Config`` dict for a nanoGPT state dict (nanoGPT's exact GELU, bias on, LayerNorm eps 1e-5)."""
     vocab, n_embd = state_dict["transformer.wte.weight"].shape
+    if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head <= 0 or n_embd % n_head:
+        raise LayoutError(f"n_head={n_head!r} (CLI: --n-head) does not divide n_embd = {n_embd}; GPT-2's attention "
+                          "splits n_embd into n_head equal heads: give the model's head count")
     n_layer = len({k.split(".")[2] for k in state_dict if k.startswith("transformer.h.")})
     return {
         "model_type": "gpt2",

@@ -11,13 +11,15 @@ are, and the weights it merges (where a module's rank or alpha change) are merge
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
+
+from typing import Any
 
 import torch
 
 from lora_ckpt.checkpoint import Checkpoint
-from lora_ckpt.convert import LoadReport, convert_state_dict, fresh_factors
+from lora_ckpt.convert import LoadReport, tie_conflicts, convert_state_dict, fresh_factors
 from lora_ckpt.errors import CheckpointFileError, LayoutError
 from lora_ckpt.formats.peft import write_peft_adapter
 from lora_ckpt.io import file_meta, write_checkpoint
@@ -116,11 +118,16 @@ def _convert(
     merges: dict[str, str] = {}
     conversion = None
     if like is not None:
-        values, alphas, merges, conversion = _like(lazy, factors, info, alpha, like, seed, ignore)
+        by_id = {id(t): k for k, t in lazy.items()}
+
+        def read(t: torch.Tensor) -> torch.Tensor:  # a stand-in's data, to compare tied values
+            return src.read(by_id[id(t)]) if t.device.type == "meta" and id(t) in by_id else t
+
+        values, alphas, merges, conversion, t_args = _like(lazy, factors, info, alpha, like, seed, ignore, read)
     else:
         assert to is not None
         rel = convert_layout({**lazy, **factors}, to, alpha=source_alpha, layout=layout)
-        values, alphas = rel.state_dict, rel.alpha
+        values, alphas, t_args = rel.state_dict, rel.alpha, None
         if not LAYOUTS[to].base_in_file:
             return _write_apart(src, lazy, layout, rel.base or {}, values, alphas, to, target, base_out,
                                 max_shard_size, progress, overwrite, options, inputs, rel.fan_in_fan_out)
@@ -128,7 +135,9 @@ def _convert(
     plan = _copy_plan(values, src, lazy, layout, merges, scales, plain_factors)
     aliases = _aliases(plan)
     model_args = None
-    if info.extra.get("model_args"):  # a template's ranks and alpha may differ from the source's lora_* entries
+    if like is not None and t_args is not None:  # the output is for the template's model
+        model_args = t_args
+    elif info.extra.get("model_args"):  # a template's ranks and alpha may differ from the source's lora_* entries
         model_args = {k: v for k, v in dict(info.extra["model_args"]).items()
                       if like is None or not str(k).startswith("lora_")}
     meta = replace(file_meta(values, alphas), order=tuple(values), aliases=aliases, tied=tie_metadata(aliases),
@@ -148,25 +157,33 @@ def _like(
     like: PathLike | Source,
     seed: int,
     ignore: tuple[str, ...],
-) -> tuple[dict[str, torch.Tensor], Alpha | None, dict[str, str], LoadReport]:
-    """The source in the template's layout and key order, the template's alpha, merged key -> module, the report."""
+    read: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], Alpha | None, dict[str, str], LoadReport, dict[str, Any] | None]:
+    """The source in the template's layout and key order, the template's alpha, merged key -> module, the report,
+    the template's ``model_args``."""
     template = like if isinstance(like, Source) else Source.open(like)
     try:
         t_layout = detect_layout(template.meta_tensors())
         t_alpha = template.recorded().alpha
+        recorded_args = template.recorded().extra.get("model_args")
+        tied: dict[str, list[str]] = {}  # the template's tied groups, from its file (meta tensors cannot show them)
+        for alias, stored in template.aliases().items():
+            tied.setdefault(stored[len(t_layout.prefix):], [stored[len(t_layout.prefix):]]).append(
+                alias[len(t_layout.prefix):])
     finally:
         if not isinstance(like, Source):
             template.close()
     ckpt = Checkpoint({**lazy, **factors}, alpha=info.alpha, alpha_source=info.alpha_source, path=info.path)
     conversion = convert_state_dict(ckpt, t_layout, alpha=alpha, target_alpha=t_alpha, ignore=ignore)
     values = {**conversion.values, **fresh_factors(t_layout, conversion.report.initialised, seed=seed)}
+    tie_conflicts(tied.values(), values, conversion.report, read=read)
     by_key = t_layout.module_by_key
     merges = {
         t_layout.prefix + k: by_key[k].name if k in by_key else k.removesuffix(".weight")
         for k, how in conversion.sources.items()
         if how == "merge"
     }
-    return {t_layout.prefix + k: values[k] for k in t_layout.shapes}, t_alpha, merges, conversion.report
+    return {t_layout.prefix + k: values[k] for k in t_layout.shapes}, t_alpha, merges, conversion.report, dict(recorded_args) if isinstance(recorded_args, dict) else None
 
 
 def _copy_plan(
