@@ -308,6 +308,94 @@ def test_chunks_that_do_not_cover_the_tensor(tmp_path, lora):
         Source.open(path)
 
 
+def _tiled(path, whole, blocks):
+    """A DCP directory holding ``whole`` as ``fc.weight`` in the chunks ``blocks`` ((offsets, sizes) each), as listed.
+
+    Each block is saved as its own record, then ``.metadata`` is rewritten to list them as chunks of one tensor:
+    blocks may repeat, overlap or leave gaps, as a hostile or damaged metadata file would.
+    """
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+
+    _save({f"part{i}": whole[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))].clone()
+           for i, (offsets, sizes) in enumerate(blocks)}, path)
+
+    def tile(meta):
+        records = {k.fqn: v for k, v in meta.storage_data.items()}
+        props = meta.state_dict_metadata["part0"].properties
+        meta.storage_data = {MetadataIndex("fc.weight", offsets): records[f"part{i}"]
+                             for i, (offsets, _) in enumerate(blocks)}
+        chunks = [ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)) for offsets, sizes in blocks]
+        meta.state_dict_metadata = {"fc.weight": TensorStorageMetadata(props, whole.shape, chunks)}
+        meta.planner_data = {"fc.weight": ("fc.weight",)}
+    _rewrite_metadata(path, tile)
+    return path
+
+
+ROWS = torch.arange(1100 * 4, dtype=torch.float32).reshape(1100, 4)  # row i holds 4i .. 4i+3
+
+
+def test_more_than_1024_chunks_read_exactly(tmp_path):
+    rows = [*range(1, 1100, 2), *range(0, 1100, 2)]  # 1100 one-row chunks, listed out of order
+    path = _tiled(tmp_path / "ckpt", ROWS, [((r, 0), (1, 4)) for r in rows])
+    torch.testing.assert_close(load_checkpoint(path).state_dict["fc.weight"], ROWS, rtol=0, atol=0)
+    with DcpReader.open(path) as r:
+        assert len(r.tensors["fc.weight"].chunks) == 1100
+        torch.testing.assert_close(r.read("fc.weight", 1020, 1100), ROWS[1020:], rtol=0, atol=0)
+
+
+def test_more_than_1024_chunks_with_a_duplicate_hiding_a_gap(tmp_path):
+    """Row 0 twice, row 1099 missing: the element count adds up, the rows do not (once read as uninitialised memory)."""
+    path = _tiled(tmp_path / "ckpt", ROWS, [((r, 0), (1, 4)) for r in [0, *range(1099)]])
+    with pytest.raises(CheckpointFileError, match=r"ckpt/\.metadata: corrupt DCP metadata \(fc\.weight: its chunks "
+                                                  r"overlap: 2 hold the element at \(0, 0\) \(they add up to 4400 of "
+                                                  r"its 4400 elements\)\)"):
+        load_checkpoint(path)
+
+
+def test_more_than_1024_chunks_with_a_gap_name_the_missing_row(tmp_path):
+    path = _tiled(tmp_path / "ckpt", ROWS, [((r, 0), (1, 4)) for r in range(1100) if r != 1037])
+    with pytest.raises(CheckpointFileError, match=r"corrupt DCP metadata \(fc\.weight: its chunks cover 4396 of "
+                                                  r"4400 elements and none holds the element at \(1037, 0\); a rank's "
+                                                  r"file is missing from the metadata\)"):
+        Source.open(path)
+
+
+GRID = torch.arange(4 * 6, dtype=torch.float32).reshape(4, 6)
+GRID_BLOCKS = [((i, j), (2, 2)) for i in (0, 2) for j in (0, 2, 4)]  # a 2 x 3 grid, as a 2-D device mesh saves it
+
+
+def test_2d_grid_reads_exactly_and_a_missing_cell_is_refused(tmp_path):
+    path = _tiled(tmp_path / "grid", GRID, GRID_BLOCKS)
+    torch.testing.assert_close(load_checkpoint(path).state_dict["fc.weight"], GRID, rtol=0, atol=0)
+    holed = _tiled(tmp_path / "holed", GRID, [b for b in GRID_BLOCKS if b[0] != (2, 2)])
+    with pytest.raises(CheckpointFileError, match=r"holed/\.metadata: corrupt DCP metadata \(fc\.weight: its chunks "
+                                                  r"cover 20 of 24 elements and none holds the element at \(2, 2\); a "
+                                                  r"rank's file is missing from the metadata\)"):
+        load_checkpoint(holed)
+
+
+def test_chunks_that_are_not_a_grid_are_checked_exactly(tmp_path):
+    """Rows 0-1 split at column 2, rows 2-3 at column 3: not a grid, but each element held once; then one overlapping."""
+    brick = [((0, 0), (2, 2)), ((0, 2), (2, 4)), ((2, 0), (2, 3)), ((2, 3), (2, 3))]
+    path = _tiled(tmp_path / "brick", GRID, brick)
+    torch.testing.assert_close(load_checkpoint(path).state_dict["fc.weight"], GRID, rtol=0, atol=0)
+    # the last block (rows 2-3 of column 2) lies over the one before at (2, 2) and leaves (3, 1) empty: 6+3+4+9+2 = 24
+    bad = [((0, 0), (1, 6)), ((1, 0), (3, 1)), ((1, 3), (3, 3)), ((1, 1), (2, 2)), ((2, 2), (2, 1))]
+    path = _tiled(tmp_path / "bad", GRID, bad)
+    with pytest.raises(CheckpointFileError, match=r"fc\.weight: its chunks overlap: 2 hold the element at \(2, 2\) "
+                                                  r"\(they add up to 24 of its 24 elements\)"):
+        Source.open(path)
+
+
+def test_chunks_split_along_too_many_dimensions_to_check(tmp_path):
+    cube = torch.zeros((2,) * 18)
+    path = _tiled(tmp_path / "ckpt", cube, [((0,) * 18, (1,) * 18), ((1,) * 18, (1,) * 18)])
+    with pytest.raises(CheckpointFileError, match=r"fc\.weight: its 2 chunks split 18 dimensions: too many corners "
+                                                  r"\(2 \* 2\*\*18\) to check that they hold each element once; "
+                                                  r"re-save with fewer chunks\)"):
+        Source.open(path)
+
+
 def test_metadata_that_is_not_dcp_metadata(tmp_path, lora):
     path = _save(lora.state_dict(), tmp_path / "ckpt")
     (path / ".metadata").write_bytes(pickle.dumps({"a": 1}))

@@ -21,6 +21,7 @@ a streamed merge to DCP holds one tensor, not the model.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import os
 import pickle
@@ -42,7 +43,7 @@ __all__ = ["DCP_METADATA", "DcpReader", "DcpTensor", "is_dcp", "write_dcp"]
 DCP_METADATA = ".metadata"
 _MAX_METADATA = 1 << 30  # 1 GiB: far above a 70B FSDP checkpoint's metadata
 _MAX_VALUE = 16 << 20  # a non-tensor entry larger than this is listed, not loaded
-_MAX_PAIRWISE = 1024  # chunks per tensor checked pairwise for overlap (more: sizes and bounds only)
+_MAX_COVER_WORK = 1 << 22  # chunks * 2**k * (k + 1), k split dims: the cover check's work per tensor (<~7 s)
 
 _DCP = "torch.distributed.checkpoint.metadata"
 _ALLOWED = {
@@ -393,15 +394,49 @@ def _tensor(folder: Path, fqn: str, item: Any, storage: Mapping[tuple[str, tuple
                                f"{brief(list(shape))}")
         f, start, length = place(storage.get((fqn, offsets)), fqn)
         chunks.append(Chunk(offsets, sizes, f, start, length))
-    covered = sum(math.prod(c.sizes) for c in chunks)
-    overlap = len(chunks) <= _MAX_PAIRWISE and any(
-        all(a.offsets[d] < b.offsets[d] + b.sizes[d] and b.offsets[d] < a.offsets[d] + a.sizes[d]
-            for d in range(len(shape))) and math.prod(a.sizes) and math.prod(b.sizes)
-        for i, a in enumerate(chunks) for b in chunks[i + 1:])
-    if covered != math.prod(shape) or overlap:
-        raise _bad(folder, f"{fqn}: its chunks cover {covered} of {math.prod(shape)} elements"
-                           + (" and overlap" if overlap else "") + "; a rank's file is missing from the metadata")
+    problem = _cover_problem(shape, chunks)
+    if problem is not None:
+        raise _bad(folder, f"{fqn}: {problem}")
     return DcpTensor(fqn, dtype, shape, tuple(sorted(chunks, key=lambda c: c.offsets)))
+
+
+def _cover_problem(shape: tuple[int, ...], chunks: list[Chunk]) -> str | None:
+    """Why ``chunks`` (inside ``shape``) do not hold every element exactly once, naming one such element; else None.
+
+    Exact for any layout (grids, uneven or brick-like splits) in O(n * 2**k), k the dimensions some chunk
+    splits: a box's indicator is the signed sum of orthant steps at its 2**k corners (+ where an even number
+    of its coordinates are upper bounds), so the chunks tile the tensor exactly when their signed corners
+    add up to the tensor's own. Where they do not, the lexicographically first differing corner ``q`` is
+    an element held ``1 + difference`` times: every corner below it agrees, and both sides vanish outside.
+    """
+    total, boxes = math.prod(shape), [c for c in chunks if math.prod(c.sizes)]  # empty chunks hold nothing
+    covered = sum(math.prod(c.sizes) for c in boxes)
+    if not total:
+        return None  # chunks fit the shape, so none holds anything either
+    split = [d for d in range(len(shape)) if any(c.offsets[d] or c.sizes[d] != shape[d] for c in boxes)]
+    if (len(boxes) << len(split)) * (len(split) + 1) > _MAX_COVER_WORK:
+        return (f"its {len(boxes)} chunks split {len(split)} dimensions: too many corners ({len(boxes)} * "
+                f"2**{len(split)}) to check that they hold each element once; re-save with fewer chunks")
+    corners = [(bits, -1 if sum(bits) % 2 else 1) for bits in itertools.product((False, True), repeat=len(split))]
+    signed: dict[tuple[int, ...], int] = {}
+    signed_boxes = [(c.offsets, tuple(o + s for o, s in zip(c.offsets, c.sizes)), 1) for c in boxes]
+    for offsets, ends, box_sign in [*signed_boxes, ((0,) * len(shape), shape, -1)]:  # chunks minus the whole
+        lo, hi = [offsets[d] for d in split], [ends[d] for d in split]
+        for bits, sign in corners:
+            p = tuple(h if b else a for b, a, h in zip(bits, lo, hi))
+            signed[p] = signed.get(p, 0) + box_sign * sign
+    wrong = [p for p, v in signed.items() if v]
+    if not wrong:
+        return None
+    first = min(wrong)
+    held, at = 1 + signed[first], [0] * len(shape)
+    for d, i in zip(split, first):
+        at[d] = i
+    if held == 0:
+        return (f"its chunks cover {covered} of {total} elements and none holds the element at {brief(tuple(at))}; "
+                "a rank's file is missing from the metadata")
+    return (f"its chunks overlap: {held} hold the element at {brief(tuple(at))} (they add up to {covered} of its "
+            f"{total} elements)")
 
 
 class _Window(io.RawIOBase):
