@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from lora_ckpt.progress import progress_bar
 from lora_ckpt.errors import CheckpointFileError, LayoutError
 from lora_ckpt.formats.hf import module_types, write_model_folder
 from lora_ckpt.formats.peft import load_peft_adapter, write_peft_adapter
@@ -187,17 +188,6 @@ def warnings_quiet() -> Any:
         yield
 
 
-def _progress(total: int, label: str, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm  # type: ignore[import-untyped]
-    except ImportError:
-        log.info("install lora-ckpt[progress] (tqdm) for a progress bar")
-        return None
-    return tqdm(total=total, unit="param", unit_scale=True, desc=label, dynamic_ncols=True)
-
-
 def extract_files(
     base: PathLike,
     tuned: PathLike,
@@ -246,7 +236,7 @@ def extract_files(
         tied = {a: s for a, s in tied.items() if a not in set(rt.keys()) and s in set(rt.keys())}
         largest = max((e.nbytes for e in [*b.entries.values(), *t.entries.values()]), default=0)
         total = sum(rt.shape(k)[0] * rt.shape(k)[1] for k in rt.keys() if len(rt.shape(k)) == 2)
-        bar = _progress(total, "extracting", progress)
+        bar = progress_bar(total, "extracting", unit="param") if progress else None
         try:
             result = extract_lora(
                 rb, rt, rank=rank, energy=energy, sv_epsilon=sv_epsilon, sv_ratio=sv_ratio, modules=modules,

@@ -9,7 +9,6 @@ then produced block by block (:class:`~lora_ckpt.streaming.blocks.BlockMerger`) 
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -28,6 +27,7 @@ from lora_ckpt.adapter import plan_adapter_merge
 from lora_ckpt.layout import Layout, detect_layout, split_prefix
 from lora_ckpt.merge import Alpha, MergePlan, Step, plan_merge
 from lora_ckpt.output import Output, PathLike
+from lora_ckpt.progress import progress_bar
 from lora_ckpt.source import Source
 from lora_ckpt.streaming.blocks import BlockMerger
 from lora_ckpt.streaming.parallel import Ranks
@@ -200,7 +200,7 @@ def write_plan(
     by_key = {s.key: s for s in plan.steps}
     merger = BlockMerger(plan, src, prefix, device, writer.options)
     total = sum(t.numel() * t.dtype.itemsize for t in meta_out.values())
-    bar = _progress(total, label) if progress else None
+    bar = progress_bar(total, label) if progress else None
 
     def on_bytes(key: str, n: int) -> None:
         if bar is not None:
@@ -228,20 +228,6 @@ def _meta_result(plan: MergePlan, step: Step) -> torch.Tensor:
     else:
         shape = tuple(src.shape)
     return torch.empty(shape, dtype=plan.out_dtype(step), device="meta")
-
-
-@functools.lru_cache(maxsize=1)
-def _no_tqdm() -> None:
-    log.warning("no progress bar: tqdm is not installed (pip install 'lora-ckpt[progress]', or pass --quiet)")
-
-
-def _progress(total: int, label: str) -> Any:
-    try:
-        from tqdm.auto import tqdm  # type: ignore[import-untyped]
-    except ImportError:  # the progress extra is not installed: say so once (the CLI shows warnings on stderr)
-        _no_tqdm()
-        return None
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, dynamic_ncols=True)
 
 
 def merge_to_dcp(
