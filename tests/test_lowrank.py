@@ -127,7 +127,7 @@ def test_randomized_matches_full_and_reports_its_true_error():
     full = extract_lora(base, tuned, rank=8, svd="full")
     fast = extract_lora(base, tuned, rank=8, svd="randomized", niter=4)
     actual = float(torch.linalg.matrix_norm(delta - _product(fast.state_dict, "w", "linear")) / torch.linalg.matrix_norm(delta))
-    assert fast.report.rows[0].rel_error == pytest.approx(actual, rel=1e-9)  # Pythagoras: exact, not an estimate
+    assert fast.report.rows[0].rel_error == pytest.approx(actual, rel=1e-9)  # measured, not an estimate
     assert full.report.rows[0].rel_error <= actual <= 1.05 * full.report.rows[0].rel_error
 
 
@@ -140,6 +140,41 @@ def test_streamed_row_blocks_equal_the_whole_tensor():
     torch.testing.assert_close(_product(blocks.state_dict, "w", "linear"), _product(whole.state_dict, "w", "linear"),
                                rtol=0, atol=1e-6)
     assert blocks.report.rows[0].rel_error == pytest.approx(whole.report.rows[0].rel_error, rel=1e-4)
+
+
+def _exact_rank_pair(m: int, n: int, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 ``base``, ``tuned`` and their float64 difference, exactly of rank ``r``: dyadic values (multiples
+    of 2⁻⁸ below 2⁴), so the product and the sums are exact in float32."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(-512, 513, (m, n), generator=g).float() / 256
+    delta = (torch.randint(-8, 9, (m, r), generator=g).double() / 16) @ (torch.randint(-8, 9, (r, n), generator=g).double() / 16)
+    tuned = (base.double() + delta).float()
+    assert torch.equal(tuned.double() - base.double(), delta) and int(torch.linalg.matrix_rank(delta)) == r
+    return base, tuned, delta
+
+
+@pytest.mark.parametrize("update", ["rank4", "full_rank"])
+@pytest.mark.parametrize(("svd", "resident"), [("auto", None), ("auto", 0), ("full", None)])
+def test_reported_error_is_the_measured_one(update, svd, resident):
+    """Regression: the randomized path reported √(Σσ² − Σkept σ²), float32 noise (0 or 2e-4 against a true 4e-7)."""
+    if update == "rank4":
+        base, tuned, delta = _exact_rank_pair(128, 64, 4, 0)
+    else:
+        g = torch.Generator().manual_seed(1)
+        base = torch.randn(128, 64, generator=g)
+        tuned = base + 0.01 * torch.randn(128, 64, generator=g)
+        delta = tuned.double() - base.double()
+    out = extract_lora({"w.weight": base}, {"w.weight": tuned}, rank=8, svd=svd, resident_bytes=resident,
+                       block_bytes=20 * 64 * 4)
+    (row,) = out.report.rows
+    measured = float(torch.linalg.matrix_norm(delta - _product(out.state_dict, "w", "linear"))
+                     / torch.linalg.matrix_norm(delta))
+    assert row.rel_error == pytest.approx(measured, rel=1e-6)
+    assert row.energy == pytest.approx(1 - measured**2, rel=0, abs=1e-12)
+    if update == "rank4":
+        assert row.rank == 4 and 0 < measured < 2e-6  # float32 round-off of the factors, nothing else
+    else:
+        assert row.rank == 8 and measured > 0.5
 
 
 KINDS = st.sampled_from(["linear", "conv1d", "embedding"])
@@ -257,6 +292,30 @@ def test_combine_equals_weighted_sum_of_merges():
         torch.testing.assert_close(got[k], expected, rtol=0, atol=1e-12)
     compressed = combine_lora([a, b], weights=weights, alphas=alphas, rank=3)
     assert [r.rank for r in compressed.report.rows] == [3, 3] and [r.rank_in for r in compressed.report.rows] == [8, 8]
+
+
+def _measured(out, module: str, target: torch.Tensor) -> float:
+    got = out.state_dict[f"base_model.model.{module}.lora_B.weight"].double() @ \
+        out.state_dict[f"base_model.model.{module}.lora_A.weight"].double()
+    return float(torch.linalg.matrix_norm(target - got) / torch.linalg.matrix_norm(target))
+
+
+@pytest.mark.parametrize("k", [8, 4])
+def test_resize_and_combine_report_the_measured_error(k):
+    """Regression: with nothing cut the error was reported as 0.0 (Σkept σ² = Σσ²), not the round-off it is."""
+    sd = _peft_sd(128, 64, 8, 0, torch.float32)
+    update = sd["base_model.model.q.lora_B.weight"].double() @ sd["base_model.model.q.lora_A.weight"].double()
+    rows = [(resize_lora(sd, rank=k, scales={"q": 0.5}, layout="peft"), 0.5 * update)]
+    both = dict(weights=[1.0, -0.3], scales=[{"q": 0.5}, {"q": 0.5}], layouts=["peft", "peft"])
+    rows.append((combine_lora([sd, sd], rank=k, **both), 0.35 * update))
+    if k == 8:
+        rows.append((combine_lora([sd, sd], **both), 0.35 * update))  # exact: ranks stacked, no SVD
+    for out, target in rows:
+        measured = _measured(out, "q", target)
+        (row,) = out.report.rows
+        assert row.rel_error == pytest.approx(measured, rel=1e-6)
+        assert row.energy == pytest.approx(1 - measured**2, rel=0, abs=1e-12)
+        assert (0 < measured < 2e-6) if k == 8 else measured > 0.1
 
 
 def test_combine_module_in_one_adapter_only():

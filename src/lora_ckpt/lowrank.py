@@ -27,8 +27,12 @@ Conventions, the same everywhere here:
   ``torch.svd_lowrank`` (Halko, Martinsson & Tropp 2011, randomized range finder with ``q = k + p`` columns and
   ``niter`` QR-stabilised power iterations), run over row blocks so ``ΔW`` need not be held. Its error bound
   (HMT Cor. 10.10): ``E‖ΔW − QQᵀΔW‖ ≤ [1 + √(k/(p−1)) + e√(k+p)/p · √(min(m,n)−k)]^{1/(2·niter+1)} σₖ₊₁``, and
-  it is exact to round-off when rank(ΔW) ≤ q. The error actually reached is reported per module, exactly:
-  the kept part is an orthogonal projection of ``ΔW``, so ``‖ΔW − BA‖²_F = E_total − Σkept σ²``.
+  it is exact to round-off when rank(ΔW) ≤ q.
+- **Reported error**: measured, per module, on the factors as computed (before rounding to the output dtype):
+  ``‖ΔW − BA‖_F`` directly in float64, never as ``√(E_total − Σkept σ²)``, which cancels to noise (√ε of the
+  accumulation dtype, ~3e-4 in float32) where the error is small. Extract reads ``ΔW = W_tuned − W_base`` once
+  more, in float64 and cache-sized row blocks (one more pass over the rows, memory bounded as the others);
+  resize and combine compare factor pairs by a QR of the stacked left factors (``B@A`` is never formed).
 
 DoRA adapters are refused by resize, combine and unmerge: their magnitude vector rescales each row by the norm
 of ``W + s·ΔW``, which is not a low-rank update of the weight.
@@ -39,7 +43,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import torch
@@ -135,9 +139,10 @@ class RankRule:
 class ModuleRow:
     """One module of a report: what was kept and how close it is.
 
-    ``rank_in``: the rank of the input update (an adapter's rank; ``min(m, n)`` for a full ΔW). ``energy``:
-    ``Σkept σ²/Σσ²``. ``rel_error``: ``‖ΔW − ΔW_kept‖_F / ‖ΔW‖_F`` (of the float32/64 factors, before rounding
-    to the output dtype). ``max_abs_error``: for unmerge against a known base, the largest ``|W − W_base|``.
+    ``rank_in``: the rank of the input update (an adapter's rank; ``min(m, n)`` for a full ΔW). ``rel_error``:
+    ``‖ΔW − ΔW_kept‖_F / ‖ΔW‖_F``, measured in float64 on the float32/64 factors (before rounding to the output
+    dtype). ``energy``: ``1 − rel_error²`` from the same measurement (``Σkept σ²/Σσ²`` in exact arithmetic).
+    ``max_abs_error``: for unmerge against a known base, the largest ``|W − W_base|``.
     """
 
     module: str
@@ -331,10 +336,27 @@ def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int) -> tuple[
     return u[:, :k] * root, root[:, None] * vh[:k]
 
 
-def _row(module: str, kind: str, shape: tuple[int, ...], rank_in: int, k: int, s: torch.Tensor, total: float) -> ModuleRow:
-    kept = float(s[:k].double().square().sum())
-    energy = 1.0 if total <= 0 else min(1.0, kept / total)
-    return ModuleRow(module, kind, shape, rank_in, k, energy, math.sqrt(max(0.0, 1.0 - energy)))
+def _row(
+    module: str, kind: str, shape: tuple[int, ...], rank_in: int, k: int, total: float, residual: float
+) -> ModuleRow:
+    """The row from measured ``‖ΔW‖²_F`` and ``‖ΔW − left@right‖²_F``; never ``1 − Σkept σ²/Σσ²``, which cancels."""
+    if total <= 0:
+        return ModuleRow(module, kind, shape, rank_in, k, 1.0, 0.0)
+    ratio = residual / total
+    return ModuleRow(module, kind, shape, rank_in, k, max(0.0, 1.0 - ratio), math.sqrt(ratio))
+
+
+def _factor_residual(
+    left: torch.Tensor, right: torch.Tensor, new_left: torch.Tensor, new_right: torch.Tensor
+) -> tuple[float, float]:
+    """``(‖left@right‖²_F, ‖left@right − new_left@new_right‖²_F)`` in float64 without forming a product: by QR of
+    the stacked left factors, ``‖PQ‖_F = ‖R_P·Q‖_F``, accurate to ``ε₆₄·‖P‖‖Q‖`` (no difference of squares)."""
+    left, right = left.double(), right.double()
+    stacked = torch.cat([left, -new_left.to(left.device, torch.float64)], 1)  # (m, r + k)
+    both = torch.cat([right, new_right.to(right.device, torch.float64)], 0)  # (r + k, n)
+    total = float(torch.linalg.vector_norm(torch.linalg.qr(left).R @ right)) ** 2
+    residual = float(torch.linalg.vector_norm(torch.linalg.qr(stacked).R @ both)) ** 2
+    return total, residual
 
 
 # --- reading row blocks -------------------------------------------------------------------------------------------
@@ -382,6 +404,9 @@ def _reader(x: Mapping[str, torch.Tensor] | RowReader) -> RowReader:
 # --- extract -------------------------------------------------------------------------------------------------------
 
 
+_RESIDUAL_BLOCK_BYTES = 2 << 20  # the float64 residual pass: blocks that stay in cache through its five steps
+
+
 @dataclass
 class _Delta:
     """One changed weight's difference, readable in row blocks (float ``acc``), or held whole."""
@@ -404,6 +429,22 @@ class _Delta:
 
     def changed(self) -> bool:
         return any(bool(d.any()) for _, d in self.blocks())
+
+    def residual(self, left: torch.Tensor, right: torch.Tensor) -> tuple[float, float]:
+        """``(‖ΔW‖²_F, ‖ΔW − left@right‖²_F)``, ΔW read again as ``tuned − base`` in float64 (exact for float32
+        and narrower inputs, where the ``acc`` difference may round), on ``left``'s device, in cache-sized blocks."""
+        dev, f64 = left.device, torch.float64
+        left, right = left.to(f64), right.to(f64)
+        cached = max(1, min(self.step, _RESIDUAL_BLOCK_BYTES // (f64.itemsize * self.shape[1])))
+        step = self.step if dev.type != "cpu" else cached
+        total = residual = torch.zeros((), dtype=f64, device=dev)
+        for start in range(0, self.shape[0], step):
+            stop = min(start + step, self.shape[0])
+            tuned = self.tuned.rows(self.key, start, stop).to(dev).to(f64)  # may be the caller's tensor: no in-place
+            d = tuned - self.base.rows(self.key, start, stop).to(dev).to(f64)
+            total = total + torch.linalg.vector_norm(d).square()
+            residual = residual + torch.linalg.vector_norm(d.addmm_(left[start:stop], right, alpha=-1)).square()
+        return float(total), float(residual)
 
 
 def extract_lora(
@@ -503,7 +544,7 @@ def extract_lora(
     saved: dict[str, torch.Tensor] = {}
     lora_kinds: dict[str, Kind] = {}
     changed_bias: dict[str, str] = {}
-    svd_done: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, Kind]] = {}
+    done: dict[str, tuple[torch.Tensor, torch.Tensor, ModuleRow]] = {}  # key -> (left, right, row)
 
     def kind_of(key: str) -> Kind:
         module = key[: -len(".weight")]
@@ -557,21 +598,27 @@ def extract_lora(
             whole = whole.to(device) if device is not None else whole
             u, s, vh = torch.linalg.svd(whole, full_matrices=False)
             total = float(s.double().square().sum())
+            del whole
         delta.whole = None
-        svd_done[key] = (u, s, vh, total, kind)
+        k = max(1, rule.select(s, total, floor=_noise_floor(s, (m, n), acc_k)))
+        left, right = _split(u, s, vh, k)  # stored ΔW ≈ left @ right
+        del u, vh
         module = key[: -len(".weight")]
-        _emit(module, kind, u, s, vh, total, rule, acc_k, dtype or t.dtype(key), out, alphas, report)
+        row = _row(module, kind, (m, n), min(m, n), k, *delta.residual(left, right))
+        done[key] = (left, right, row)
+        _emit(module, kind, left, right, row, dtype or t.dtype(key), out, alphas, report)
         lora_kinds[module] = kind
         if on_module is not None:
             on_module(module, m * n)
     for alias, source in tied.items():
-        if source in svd_done and alias.endswith(".weight"):
-            u, s, vh, total, _ = svd_done[source]
+        if source in done and alias.endswith(".weight"):
+            left, right, row = done[source]
             module = alias[: -len(".weight")]
             kind = kinds.get(module, "linear")
             if kind == "other":
                 continue
-            _emit(module, kind, u, s, vh, total, rule, s.dtype, dtype or t.dtype(source), out, alphas, report)
+            row = replace(row, module=module, kind=kind)
+            _emit(module, kind, left, right, row, dtype or t.dtype(source), out, alphas, report)
             lora_kinds[module] = kind
             report.notes.append(f"{alias} shares {source}'s storage: its module gets the same update")
     for key in plain:
@@ -654,14 +701,11 @@ def _keep_whole(key: str, t: RowReader, saved: dict[str, torch.Tensor], report: 
 
 
 def _emit(
-    module: str, kind: Kind, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, total: float, rule: RankRule,
-    acc: torch.dtype, dtype: torch.dtype, out: dict[str, torch.Tensor], alphas: dict[str, float],
-    report: LowRankReport,
+    module: str, kind: Kind, left: torch.Tensor, right: torch.Tensor, row: ModuleRow, dtype: torch.dtype,
+    out: dict[str, torch.Tensor], alphas: dict[str, float], report: LowRankReport,
 ) -> None:
-    """Choose the rank, split the factors and write them under PEFT's keys for the layer ``kind``."""
-    shape = (u.shape[0], vh.shape[1])
-    k = max(1, rule.select(s, total, floor=_noise_floor(s, shape, acc)))
-    left, right = _split(u, s, vh, k)  # stored ΔW ≈ left @ right
+    """Write the factors of the stored ``ΔW ≈ left @ right`` under PEFT's keys for the layer ``kind``."""
+    k = left.shape[1]
     if kind == "linear":
         a, bb, ka, kb = right, left, "lora_A.weight", "lora_B.weight"
     elif kind == "conv1d":  # stored (in, out): ΔW = (left @ right)ᵀ = rightᵀ @ leftᵀ
@@ -671,7 +715,7 @@ def _emit(
     out[f"{_PEFT_PREFIX}{module}.{ka}"] = a.to("cpu", dtype).contiguous()
     out[f"{_PEFT_PREFIX}{module}.{kb}"] = bb.to("cpu", dtype).contiguous()
     alphas[module] = float(k)
-    report.rows.append(_row(module, kind, shape, min(shape), k, s.cpu(), total))
+    report.rows.append(row)
 
 
 def _peft_fields(lora_kinds: Mapping[str, Kind], b: RowReader, saved: Mapping[str, torch.Tensor],
@@ -787,7 +831,9 @@ def resize_lora(
         _write_module(layout.spec, m, nl, nr, tensors[m.a_key].dtype, tensors[m.a_key].dim() == 4, out, alphas)
         if "b_bias" in m.key_map:
             out[m.key_map["b_bias"]] = tensors[m.key_map["b_bias"]] * scale[m.name]
-        report.rows.append(_row(m.name, m.kind, m.delta_shape, m.rank, k, s, total))
+        exact_left, exact_right = _canonical(layout, tensors, m, torch.float64)  # the target, in float64
+        report.rows.append(_row(m.name, m.kind, m.delta_shape, m.rank, k,
+                                *_factor_residual(exact_left * scale[m.name], exact_right, nl, nr)))
     return LowRankResult({layout.prefix + k: v for k, v in out.items()}, alphas, layout.kind, report)
 
 
@@ -886,25 +932,28 @@ def combine_lora(
     out = dict(rest)
     new_alpha: dict[str, float] = {}
     for name, items in parts.items():
-        lefts, rights = [], []
+        lefts, rights, exact_lefts, exact_rights = [], [], [], []
         for i, m in items:
             left, right = _canonical(found[i], plain[i], m, acc)
             c = weights[i] * scale[i][m.name]
             root = math.sqrt(abs(c))
             lefts.append(left * (root if c >= 0 else -root))
             rights.append(right * root)
+            exact_left, exact_right = _canonical(found[i], plain[i], m, torch.float64)
+            exact_lefts.append(exact_left * c)  # the target Σ cᵢ·leftᵢ@rightᵢ, in float64
+            exact_rights.append(exact_right)
         left, right = torch.cat(lefts, 1), torch.cat(rights, 0)
+        exact = torch.cat(exact_lefts, 1), torch.cat(exact_rights, 0)
         i0, m0 = items[0]
         r_in = left.shape[1]
         if rule is None:  # exact: the concatenated factors as they are
             nl, nr = left, right
-            row = ModuleRow(name, m0.kind, m0.delta_shape, r_in, r_in, 1.0, 0.0)
         else:
             u, s, vh = factor_svd(left, right)
             total = float(s.double().square().sum())
             keep = max(1, rule.select(s, total, floor=_noise_floor(s, m0.delta_shape, acc)))
             nl, nr = _split(u, s, vh, keep)
-            row = _row(name, m0.kind, m0.delta_shape, r_in, keep, s, total)
+        row = _row(name, m0.kind, m0.delta_shape, r_in, nl.shape[1], *_factor_residual(*exact, nl, nr))
         dtype = plain[i0][m0.a_key].dtype
         _write_module(spec, m0, nl, nr, dtype, plain[i0][m0.a_key].dim() == 4, out, new_alpha)
         biases = [(weights[i] * scale[i][m.name], plain[i][m.key_map["b_bias"]]) for i, m in items if "b_bias" in m.key_map]
