@@ -119,6 +119,9 @@ def test_demo(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("[ok]") == 3 and "all outputs match" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.pt", "lora_again.pt", "merged.safetensors"]
+    assert main(["demo", "--steps", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] is True and len(result["steps"]) == 3 and all(s["ok"] for s in result["steps"])
 
 
 def test_version(capsys):

@@ -104,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
                        "reloads every file into a fresh model and checks that the outputs match. Takes seconds.")
     s.add_argument("--out", metavar="DIR", help="keep the files in DIR (default: a temporary folder, removed after)")
     s.add_argument("--steps", type=_positive, default=20, help="training steps (default: 20)")
+    s.add_argument("--json", action="store_true", help="print the steps and their results (or the error) as JSON")
     return p
 
 
@@ -411,16 +412,23 @@ def _demo(args: argparse.Namespace) -> int:
     from lora_ckpt.demo import DemoStep, run_demo
 
     def show(s: DemoStep) -> None:
-        print(f"[{'ok' if s.ok else 'MISMATCH'}] {s.name}: {s.path.name}, max |Δlogits| = {s.max_abs_diff:.2e}")
+        if not args.json:
+            print(f"[{'ok' if s.ok else 'MISMATCH'}] {s.name}: {s.path.name}, max |Δlogits| = {s.max_abs_diff:.2e}")
 
-    print("lora-ckpt demo: tiny nanoGPT, LoRA rank 4 on c_attn and rank 2 on the tied wte, alpha 8")
+    if not args.json:
+        print("lora-ckpt demo: tiny nanoGPT, LoRA rank 4 on c_attn and rank 2 on the tied wte, alpha 8")
     if args.out:
         steps = run_demo(args.out, steps=args.steps, on_step=show)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             steps = run_demo(tmp, steps=args.steps, on_step=show)
     ok = all(s.ok for s in steps)
-    print("all outputs match" if ok else "some outputs differ")
+    if args.json:
+        rows = [{"name": s.name, "file": s.path.name if not args.out else str(s.path), "ok": s.ok,
+                 "max_abs_diff": s.max_abs_diff} for s in steps]
+        print(json.dumps({"ok": ok, "steps": rows}, indent=2, allow_nan=False))
+    else:
+        print("all outputs match" if ok else "some outputs differ")
     return 0 if ok else 1
 
 
