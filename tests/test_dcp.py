@@ -527,3 +527,26 @@ def test_convert_to_standard_dcp_and_refusal_for_lora_layouts(tmp_path, lora, ca
             .replace("format='dcp' (CLI: --format dcp)", "--format dcp").replace("to='standard' (CLI: --to standard)",
                                                                                 "--to standard")
             in capsys.readouterr().err)
+
+
+def test_dcp_records_no_ties_so_tie_is_refused_and_a_tied_embedding_update_is_said(tmp_path, lora, capsys):
+    """The wte update of a tied nanoGPT saved as DCP: DCP stores wte and lm_head apart and records no tie."""
+    path = _save({"model": lora.state_dict(), "model_args": {"lora_alpha": 16.0}}, tmp_path / "ckpt")
+    assert main(["merge", str(path), str(tmp_path / "tied"), "--tied", "tie", "--quiet"]) == 1
+    assert "a DCP checkpoint does not record which weights are tied, so --tied tie has nothing to tie" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "tied").exists()
+    assert main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "is a DCP checkpoint, which does not record tied weights: if the model ties transformer.wte.weight and " \
+           "lm_head.weight (karpathy's nanoGPT ties wte and lm_head), the merged output keeps them apart" in err
+
+
+def test_tie_with_a_folder_output_ties(tmp_path, lora, capsys):
+    """--tied tie used to be ignored for folder outputs (they always streamed, untied)."""
+    src = tmp_path / "lora.pt"
+    torch.save({"model": lora.state_dict(), "model_args": {"lora_alpha": 16.0}}, src)
+    assert main(["merge", str(src), str(tmp_path / "folder"), "--tied", "tie", "--quiet"]) == 0
+    assert "tied group transformer.wte.weight = lm_head.weight: tied to the merged weight" in capsys.readouterr().out
+    sd = load_checkpoint(tmp_path / "folder").state_dict
+    assert torch.equal(sd["transformer.wte.weight"], sd["lm_head.weight"])

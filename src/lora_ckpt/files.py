@@ -113,7 +113,11 @@ def merge_files(
             src = stack.enter_context(Source.open(named_base))
         out = Output.prepare(dst, overwrite=overwrite, inputs=[*src.paths(), *(ad.paths() if ad else [])],
                              folder=True if format == "dcp" else None)
-        streams = out.folder or (out.path.suffix not in _PICKLES and tied == "untie")
+        streams = tied == "untie" and (out.folder or out.path.suffix not in _PICKLES)
+        if tied == "tie" and src.kind == "dcp":
+            raise LayoutError(f"{src.path}: a DCP checkpoint does not record which weights are tied, so "
+                              "tied='tie' (CLI: --tied tie) has nothing to tie; merge without it (each key keeps "
+                              "its own value: exact function)")
         if ranks is not None and (format == "dcp" or not streams):
             raise CheckpointFileError(f"{out.path}: a merge across {ranks.world} ranks writes safetensors (a folder, "
                                       "sharded with --max-shard-size); run a .pt, --tied tie or --format dcp output "
@@ -151,8 +155,11 @@ def merge_files(
                               fan_in_fan_out=fan_in_fan_out)
             merged = plan.execute(plan.big)  # a loaded file holds data (meta tensors are refused when it is read)
             extra, dropped = _standard_extra(ckpt, out.path)
-            with out.writing() as tmp:
-                write_checkpoint(tmp, merged, extra=extra, suffix=out.path.suffix)
+            if out.folder:
+                _write_standard(out, merged, like=src.path, dtype=dtype)
+            else:
+                with out.writing() as tmp:
+                    write_checkpoint(tmp, merged, extra=extra, suffix=out.path.suffix)
             result = FileResult([out.path], False, len(plan.merged_modules()))
             inert = plan.inert_modules()
         result.leftovers = list(out.removed)
@@ -171,6 +178,8 @@ def merge_files(
                 "it with lora_ckpt.load_into(model, path, tied='untie'), or merge with --tied tie to keep them tied"
             )
         _warn_inert(result, inert)
+        if src.kind == "dcp":
+            result.warnings += _dcp_tie_hints(src, layout)
         if dropped:
             result.lines.append(f"left out: {', '.join(dropped)} (they do not apply to merged weights)")
         return result
@@ -268,6 +277,27 @@ def _write_standard(
         else:
             write_checkpoint(tmp, sd, suffix=out.path.suffix)
     return left
+
+
+def _dcp_tie_hints(src: Source, layout: Layout) -> list[str]:
+    """DCP records no ties: where an update lands on an embedding that another key could be tied to (same shape
+    and dtype, as nanoGPT's wte and lm_head), say what a model that ties them would do."""
+    hints = []
+    meta = {k[len(layout.prefix):]: t for k, t in src.meta_tensors().items()}
+    for m in layout.modules:
+        if not (m.has_factors and m.has_base and m.kind == "embedding"):
+            continue
+        w = meta[m.weight_key]
+        partners = [k for k, t in meta.items() if k != m.weight_key and k not in layout.module_by_key
+                    and t.shape == w.shape and t.dtype == w.dtype]
+        for partner in partners:
+            hints.append(
+                f"{src.path} is a DCP checkpoint, which does not record tied weights: if the model ties "
+                f"{m.name}.weight and {partner} (karpathy's nanoGPT ties wte and lm_head), the merged output keeps "
+                "them apart and a model that ties them would keep only one in load_state_dict: load it with "
+                "lora_ckpt.load_into(model, path, tied='untie')"
+            )
+    return hints
 
 
 def _tied_updates(src: Source, layout: Layout) -> list[tuple[str, ...]]:
