@@ -323,6 +323,9 @@ def errors_are_raised_on_every_rank(tmp):
     with pytest.raises(TiedWeightError) as e:
         load_into(_fsdp(make_gpt(vocab_size=67, n_embd=34, n_head=2)), lora_sd, tied="untie")
     out["untie"] = str(e.value)
+    with pytest.raises(TiedWeightError) as e:  # the default: the advice must be one that works on a sharded model
+        load_into(_fsdp(make_gpt(vocab_size=67, n_embd=34, n_head=2)), lora_sd)
+    out["tied"] = str(e.value)
     return out
 
 
@@ -415,6 +418,8 @@ def test_errors_are_raised_on_every_rank_with_one_message(two_ranks, four_ranks)
                           "broken (a diverged run?): merge a good checkpoint")
     assert msg["overflow"].startswith("transformer.h.0.attn.c_attn: the merged weight has non-finite values in "
                                       "bfloat16")
+    assert msg["tied"].endswith("choose untie them in the model before fully_shard, then pass tied='untie' (a sharded "
+                                "model's parameters cannot be untied afterwards)")
     assert msg["untie"] == ("lm_head.weight: tied to another key, and a sharded model's parameters cannot be untied "
                             "after fully_shard; untie them before sharding, or pass tied='tie'")
 

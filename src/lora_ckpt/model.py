@@ -234,7 +234,7 @@ def load_into(
         m = by_key[key]
         if key == m.b_key and m.has_base:
             values[key] = torch.zeros_like(model_sd[model_layout.prefix + key])
-    untie = _resolve_ties(inner, values, sources, tied, report)
+    untie = _resolve_ties(inner, values, sources, tied, report, sharded=shards is not None)
     if untie and shards is not None:
         raise TiedWeightError(f"{', '.join(untie)}: tied to another key, and a sharded model's parameters cannot be "
                               "untied after fully_shard; untie them before sharding, or pass tied='tie'")
@@ -255,6 +255,8 @@ def _resolve_ties(
     sources: Mapping[str, str],
     tied: str,
     report: LoadReport,
+    *,
+    sharded: bool = False,
 ) -> list[str]:
     """Check tied model parameters receive one value; return the keys to untie."""
     to_untie: list[str] = []
@@ -279,11 +281,13 @@ def _resolve_ties(
                 if len(merged) == 1
                 else "the checkpoint holds different values for them"
             )
+            untie = ("untie them in the model before fully_shard, then pass tied='untie' (a sharded model's parameters "
+                     "cannot be untied afterwards)" if sharded else "tied='untie' (give each key its own parameter")
             choices = (
-                "tied='untie' (give each key its own parameter: the model computes exactly what the checkpoint did) "
-                "or tied='tie' (load the merged weight into the shared parameter: the tied head changes too)"
+                f"{untie}{'' if sharded else ': the model computes exactly what the checkpoint did)'} or tied='tie' "
+                "(load the merged weight into the shared parameter: the tied head changes too)"
                 if len(merged) == 1
-                else "tied='untie' (give each key its own parameter)"
+                else untie + ("" if sharded else ")")
             )
             raise TiedWeightError(f"the model ties {' = '.join(given)}, but {reason}; choose {choices}")
     return to_untie
