@@ -183,7 +183,7 @@ def test_cli_errors_name_flags_not_python_arguments(tmp_path, capsys):
     raw = save_checkpoint(tmp_path / "raw.safetensors", make_lora_state_dict(rank=2))  # no alpha recorded
     assert main(["merge", str(raw), str(tmp_path / "o.safetensors"), "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "pass --alpha A, or a per-module mapping" in err and "alpha=<float>" not in err
+    assert "pass --alpha A (in Python also a per-module mapping" in err and "alpha=<float>" not in err
     with pytest.raises(Exception, match=r"pass alpha=<float> \(CLI: --alpha A\)"):  # Python keeps both
         from lora_ckpt import merge_lora
 

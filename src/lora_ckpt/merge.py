@@ -51,8 +51,8 @@ def resolve_scales(
         names = [m.name for m in needing]
         raise AlphaError(
             f"the LoRA alpha is not known for {len(names)} module(s) ({', '.join(names[:3])}"
-            f"{', …' if len(names) > 3 else ''}); pass alpha=<float> (CLI: --alpha A), or a "
-            "per-module mapping (nanoGPT stores it as checkpoint['model_args']['lora_alpha'])"
+            f"{', …' if len(names) > 3 else ''}); pass alpha=<float> (CLI: --alpha A) (in Python also a "
+            "per-module mapping; nanoGPT stores it as checkpoint['model_args']['lora_alpha'])"
         )
     if isinstance(alpha, Mapping):
         missing = [m.name for m in needing if m.name not in alpha]
