@@ -114,16 +114,16 @@ def merge_files(
         out = Output.prepare(dst, overwrite=overwrite, inputs=[*src.paths(), *(ad.paths() if ad else [])],
                              folder=True if format == "dcp" else None)
         streams = tied == "untie" and (out.folder or out.path.suffix not in _PICKLES)
-        if tied == "tie" and src.kind == "dcp":
-            raise LayoutError(f"{src.path}: a DCP checkpoint does not record which weights are tied, so "
-                              "tied='tie' (CLI: --tied tie) has nothing to tie; merge without it (each key keeps "
-                              "its own value: exact function)")
         if ranks is not None and (format == "dcp" or not streams):
             raise CheckpointFileError(f"{out.path}: a merge across {ranks.world} ranks writes safetensors (a folder, "
                                       "sharded with --max-shard-size); run a .pt, --tied tie or --format dcp output "
                                       "in one process")
         if format == "dcp":
             return _merge_dcp(src, ad, out, alpha, dtype, tied, max_shard_size, fan_in_fan_out)
+        if tied == "tie" and src.kind == "dcp":
+            raise LayoutError(f"{src.path}: a DCP checkpoint does not record which weights are tied, so "
+                              "tied='tie' (CLI: --tied tie) has nothing to tie; merge without it (each key keeps "
+                              "its own value: exact function)")
         if max_shard_size is not None and not out.folder:
             raise CheckpointFileError(f"{out.path}: a sharded output is a folder; give a folder name (no suffix) "
                                       "or drop --max-shard-size")
