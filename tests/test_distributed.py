@@ -29,7 +29,10 @@ try:
 except ImportError as e:  # pragma: no cover - torch < 2.6
     pytest.skip(f"FSDP2 (torch.distributed.fsdp.fully_shard) is not available: {e}", allow_module_level=True)
 
-from lora_ckpt import LayoutError, ShapeError, TiedWeightError, load_into, merge_lora, merged_state_dict, save_checkpoint
+from lora_ckpt import (
+    CheckpointFileError, LayoutError, LoraCkptError, ShapeError, TiedWeightError, load_into, merge_lora,
+    merged_state_dict, save_checkpoint,
+)
 from lora_ckpt.testing import make_gpt, make_tokens
 
 C_ATTN = "transformer.h.0.attn.c_attn"
@@ -326,6 +329,34 @@ def errors_are_raised_on_every_rank(tmp):
     with pytest.raises(TiedWeightError) as e:  # the default: the advice must be one that works on a sharded model
         load_into(_fsdp(make_gpt(vocab_size=67, n_embd=34, n_head=2)), lora_sd)
     out["tied"] = str(e.value)
+    # arguments that differ between ranks: refused on every rank at once, naming the argument (no gloo timeout)
+    rank, last = dist.get_rank(), dist.get_world_size() - 1
+    with pytest.raises(LoraCkptError) as e:
+        merged_state_dict(_fsdp(_gpt()), alpha=16.0 if rank == 0 else 8.0)  # the model records 16
+    out["alpha_differs"] = str(e.value)
+    with pytest.raises(LoraCkptError) as e:
+        load_into(_fsdp(_gpt()), _gpt(seed=5).state_dict(), alpha=16.0 if rank == 0 else 8.0)
+    out["load_alpha_differs"] = str(e.value)
+    # a checkpoint path that exists on rank 0's storage only (the same relative path, each rank in its own folder)
+    own = Path(tmp) / f"storage{rank}"
+    own.mkdir(exist_ok=True)
+    if rank == 0:
+        save_checkpoint(own / "lora.safetensors", _gpt(seed=6).state_dict(), alpha=16.0)
+    cwd = os.getcwd()
+    os.chdir(own)
+    try:
+        with pytest.raises(CheckpointFileError) as e:
+            load_into(_fsdp(_gpt()), "lora.safetensors")
+    finally:
+        os.chdir(cwd)
+    out["missing_on_one_rank"] = str(e.value)
+    # a plain RuntimeError on the last rank only, before any collective of the merge (reading its module's scale)
+    odd = _gpt()
+    if rank == last:
+        odd.transformer.h[0].attn.c_attn.alpha = torch.tensor([16.0, 16.0])  # .item() raises RuntimeError
+    with pytest.raises(Exception) as e:
+        merged_state_dict(_fsdp(odd))
+    out["runtime"] = [type(e.value).__name__, str(e.value)]
     return out
 
 
@@ -404,8 +435,17 @@ def test_four_ranks(four_ranks, scenario):
 def test_errors_are_raised_on_every_rank_with_one_message(two_ranks, four_ranks):
     for ranks in (two_ranks, four_ranks):
         said = _outcome(ranks, errors_are_raised_on_every_rank)
+        *others, failing = [s.pop("runtime") for s in said]
         assert all(s == said[0] for s in said)  # the same message on every rank
+        # not lora_ckpt's own error: the rank that raised it re-raises it, the others say which rank failed and why
+        boom = "a Tensor with 2 elements cannot be converted to Scalar"
+        assert failing == ["RuntimeError", boom]
+        assert others == [["LoraCkptError", f"rank {len(others)} failed: RuntimeError: {boom}"]] * len(others)
     msg = said[0]
+    assert msg["alpha_differs"] == ("the ranks passed different alpha: 16.0 on rank 0, 8.0 on rank 1; every rank must "
+                                    "pass the same arguments (and see the same checkpoint)")
+    assert msg["load_alpha_differs"] == msg["alpha_differs"]
+    assert msg["missing_on_one_rank"] == "lora.safetensors: no such file or folder"
     assert msg["mixed"] == (
         "LoRA modules mix DTensors and plain tensors: transformer.h.0.attn.c_attn (transformer.h.0.attn.c_attn."
         "main_weight.weight is a DTensor, transformer.h.0.attn.c_attn.lora_A.weight a plain tensor); a plain tensor "

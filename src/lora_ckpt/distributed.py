@@ -9,14 +9,19 @@ that factor whole too (r x width), to round every element as the single-process 
 ready for ``torch.distributed.checkpoint.save``.
 
 Every rank runs the same steps in the same order (the factor gathers are collectives), and an error found on one
-rank (a non-finite shard) is raised on every rank, with the same message, so no rank waits forever for the others.
-Nothing of ``torch.distributed`` is imported for a plain model.
+rank (a non-finite shard, a file missing on its storage, a scale it cannot resolve) is raised on every rank, with the
+same message, so no rank waits forever for the others: the arguments are compared across ranks first
+(:meth:`ShardedState.of`), and every step that can fail on one rank alone runs under :func:`agree` or
+:func:`ranks_agree`. Nothing of ``torch.distributed`` is imported for a plain model.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal, TypeVar
 
@@ -25,7 +30,7 @@ import torch
 from lora_ckpt import errors
 from lora_ckpt.checkpoint import Checkpoint
 from lora_ckpt.convert import Conversion, convert_state_dict
-from lora_ckpt.errors import LayoutError, LoraCkptError
+from lora_ckpt.errors import LayoutError, LoraCkptError, brief
 from lora_ckpt.io import as_checkpoint
 from lora_ckpt.layout import FORMULAS, Layout, LoraModule, detect_layout, tied_groups
 from lora_ckpt.merge import (
@@ -35,7 +40,7 @@ from lora_ckpt.merge import (
 from lora_ckpt.output import PathLike
 from lora_ckpt.source import Source
 
-__all__ = ["ShardedState", "holds_dtensors"]
+__all__ = ["ShardedState", "agree", "holds_dtensors", "ranks_agree"]
 
 T = TypeVar("T")
 #: Per dimension, the (start, length) of a block of a tensor.
@@ -143,28 +148,105 @@ def factor_axes(module: LoraModule, transposed: bool) -> tuple[tuple[str, int], 
 
 
 def agree(run: Callable[[], T]) -> T:
-    """Run ``run`` on every rank and raise, on every rank, the first rank's lora_ckpt error if any rank had one.
+    """Run ``run`` on every rank and return its result; if any rank failed, raise on every rank the first failing
+    rank's error (in rank order).
 
-    A check that fails on one rank only (a shard with NaNs) would otherwise leave the others waiting in their next
-    collective. Uses the default process group.
+    A check that fails on one rank only (a shard with NaNs, a file missing on that rank's storage) would otherwise
+    leave the others waiting in their next collective. Any exception counts: a lora_ckpt error is raised on every rank
+    as the same type with the same message; any other is re-raised by the rank that raised it, while the others raise
+    a :class:`~lora_ckpt.errors.LoraCkptError` naming that rank, the error's type and the first line of its message.
+    A collective (one ``all_gather_object`` on the default process group): every rank must call it.
     """
-    import torch.distributed as dist
-
-    mine: LoraCkptError | None = None
+    mine: Exception | None = None
     result: T | None = None
     try:
         result = run()
-    except LoraCkptError as e:
+    except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, or they wait forever
         mine = e
-    said: list[tuple[str, str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(said, (type(mine).__name__, str(mine)) if mine is not None else None)
-    first = next((s for s in said if s is not None), None)
-    if first is not None:
-        if mine is not None and (type(mine).__name__, str(mine)) == first:
-            raise mine
-        kind = getattr(errors, first[0], None)
-        raise (kind if isinstance(kind, type) and issubclass(kind, LoraCkptError) else LoraCkptError)(first[1])
+    _settle(mine)
     return result  # type: ignore[return-value]
+
+
+@contextmanager
+def ranks_agree(shards: ShardedState | None) -> Iterator[None]:
+    """A block that every rank of a sharded model leaves together: any rank's failure in it is raised on every rank,
+    as :func:`agree` does; nothing at all (no collective) where ``shards`` is None, a plain model.
+
+    Example:
+        >>> with ranks_agree(None):  # a plain model: the block runs as it is
+        ...     scale = 16.0 / 8
+    """
+    if shards is None:
+        yield
+        return
+    mine: Exception | None = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - as in agree
+        mine = e
+    _settle(mine)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _settle(mine: Exception | None) -> None:
+    """Share whether this rank failed; raise on every rank the first failure, if any (see :func:`agree`)."""
+    import torch.distributed as dist
+
+    told = None if mine is None else (type(mine).__name__, str(mine) if isinstance(mine, LoraCkptError)
+                                      else _one_line(mine), isinstance(mine, LoraCkptError))
+    said: list[tuple[str, str, bool] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(said, told)
+    failed = [(r, s) for r, s in enumerate(said) if s is not None]
+    if not failed:
+        return
+    rank, (kind, text, ours) = failed[0]
+    if told is not None and told[:2] == (kind, text):
+        raise mine  # type: ignore[misc]
+    if ours:
+        cls = getattr(errors, kind, None)
+        err = (cls if isinstance(cls, type) and issubclass(cls, LoraCkptError) else LoraCkptError)(text)
+        err.add_note(f"raised on rank {rank}; every rank of the process group raises it")
+        raise err
+    raise LoraCkptError(f"rank {rank} failed: {kind}: {text}")
+
+
+def _is_checkpoint(v: object) -> bool:
+    return isinstance(v, Checkpoint) or (isinstance(v, Mapping) and any(
+        isinstance(x, (torch.Tensor, Mapping)) for x in v.values()))
+
+
+def _text(v: object) -> str:
+    """A text equal for equal arguments on any rank: tensors by shape and dtype, numbers as floats."""
+    if _is_checkpoint(v):
+        ckpt = as_checkpoint(v)  # type: ignore[arg-type]
+        tensors = ", ".join(f"{k!r}: {_text(x)}" for k, x in sorted(ckpt.state_dict.items()))
+        return f"state_dict {{{tensors}}} alpha {_text(ckpt.alpha)}"
+    if isinstance(v, torch.Tensor):
+        return f"<{tuple(v.shape)} {v.dtype}>"
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_text(x)}" for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))) + "}"
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(_text(x) for x in v) + ")"
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return repr(float(v))
+    if isinstance(v, os.PathLike):
+        return repr(os.fspath(v))
+    if v is None or isinstance(v, (str, bool, torch.dtype)):
+        return repr(v)
+    return f"<{type(v).__name__}>"  # an object's repr may show its address: the same argument would differ
+
+
+def _fingerprint(value: object) -> tuple[str, str]:
+    """``(digest, shown)`` of an argument, equal on ranks that passed the same one: a state dict or checkpoint by its
+    keys, shapes, dtypes and recorded alpha (never its values, which are each rank's own shards)."""
+    digest = hashlib.sha256(_text(value).encode()).hexdigest()[:12]
+    if _is_checkpoint(value):
+        return digest, f"a state dict (keys, shapes and dtypes digest {digest})"
+    return digest, repr(os.fspath(value)) if isinstance(value, os.PathLike) else brief(value)
 
 
 @dataclass(frozen=True)
@@ -222,13 +304,38 @@ class ShardedState:
         self.meta = {k: _meta(v) for k, v in self.state_dict.items()}
 
     @classmethod
-    def of(cls, state_dict: Mapping[str, torch.Tensor]) -> ShardedState | None:
-        """A :class:`ShardedState` for ``state_dict`` where it holds DTensors, else None."""
-        return cls(state_dict) if holds_dtensors(state_dict) else None
+    def of(cls, state_dict: Mapping[str, torch.Tensor], *,
+           settings: Mapping[str, object] | None = None) -> ShardedState | None:
+        """A :class:`ShardedState` for ``state_dict`` where it holds DTensors, else None (and no collective).
+
+        Where it does, this is the first collective: ``settings`` (the caller's arguments by name: alpha, dtype,
+        the checkpoint's path, or an in-memory state dict by its keys, shapes and dtypes) are compared across the
+        ranks, and where one differs every rank raises the same :class:`~lora_ckpt.errors.LoraCkptError` naming it.
+        """
+        if not holds_dtensors(state_dict):
+            return None
+        state = cls(state_dict)
+        state._check_settings(settings or {})
+        return state
+
+    @staticmethod
+    def _check_settings(settings: Mapping[str, object]) -> None:
+        import torch.distributed as dist
+
+        mine = agree(lambda: {name: _fingerprint(value) for name, value in settings.items()})
+        said: list[dict[str, tuple[str, str]]] = [{}] * dist.get_world_size()
+        dist.all_gather_object(said, mine)
+        for name in mine:
+            other = next((r for r, s in enumerate(said) if s.get(name, ("",))[0] != said[0][name][0]), None)
+            if other is not None:
+                raise LoraCkptError(
+                    f"the ranks passed different {name}: {said[0][name][1]} on rank 0, {said[other][name][1]} on rank "
+                    f"{other}; every rank must pass the same arguments (and see the same checkpoint)"
+                )
 
     def layout(self) -> Layout:
         """The layout, detected from global shapes, with the tied groups the local shards share storage for."""
-        layout = detect_layout(self.meta)
+        layout = agree(lambda: detect_layout(self.meta))
         import torch.distributed as dist
 
         local = {k[len(layout.prefix):]: _local(v) for k, v in self.state_dict.items()}
@@ -295,15 +402,18 @@ class ShardedState:
             LayoutError: a module mixes DTensors and plain tensors; DoRA; Partial or convolution DTensors.
             ShapeError, AlphaError: as :func:`~lora_ckpt.merge_lora` (raised on every rank).
         """
-        self._check_modules(layout, merging=True)
         tensors = self._tensors(layout)
         # Planning sees global shapes (meta) for every base weight and each rank's own factor shards (their
         # values are checked for NaNs; the plan reads no factor shape): any rank's refusal is everyone's.
         factor_keys = layout.factor_keys
         view = {k: _local(v) if k in factor_keys else _meta(v) for k, v in tensors.items()}
-        plan = agree(lambda: plan_merge(view, scales=scales, tied=tied, dtype=dtype, layout=layout,
-                                        fan_in_fan_out=fan_in_fan_out))
-        found: list[LoraCkptError] = []
+
+        def planned() -> MergePlan:
+            self._check_modules(layout, merging=True)
+            return plan_merge(view, scales=scales, tied=tied, dtype=dtype, layout=layout, fan_in_fan_out=fan_in_fan_out)
+
+        plan = agree(planned)
+        found: list[Exception] = []
         done: dict[str, torch.Tensor] = {}
         for step in plan.steps:
             if step.op == "copy":
@@ -316,7 +426,7 @@ class ShardedState:
         return {s.key: done[s.source if s.op == "alias" else s.key] for s in plan.steps}  # type: ignore[index]
 
     def _merged(self, plan: MergePlan, step: Step, tensors: Mapping[str, torch.Tensor],
-                found: list[LoraCkptError]) -> torch.Tensor:
+                found: list[Exception]) -> torch.Tensor:
         m = step.module
         assert m is not None
         base = tensors[step.source] if step.source is not None else None
@@ -370,7 +480,7 @@ class ShardedState:
         return ref, (_box(row_factor)[row_dim], (0, cols))
 
     def _merged_bias(self, plan: MergePlan, step: Step, tensors: Mapping[str, torch.Tensor],
-                     found: list[LoraCkptError]) -> torch.Tensor:
+                     found: list[Exception]) -> torch.Tensor:
         m = step.module
         assert m is not None and step.source is not None
         bias, key = tensors[step.source], m.key_map["b_bias"]
@@ -397,33 +507,47 @@ class ShardedState:
         that block. LoRA factors the checkpoint cannot supply are left to :func:`~lora_ckpt.load_into`.
         Values are DTensors placed like the model's (plain where the model's are), keyed without wrapper prefix.
         """
-        self._check_modules(layout, merging=False)
         model = self._tensors(layout)
-        reader = _Reader.open(checkpoint)
-        try:
+        opened: list[_Reader] = []
+
+        def planned() -> tuple[_Reader, Conversion, Layout, dict[str, float]]:
+            # everything that can fail on one rank alone (the file on its storage, the plan, the scales) before
+            # any collective: agreed, so every rank raises the same error
+            self._check_modules(layout, merging=False)
+            reader = _Reader.open(checkpoint)
+            opened.append(reader)
             conversion = convert_state_dict(reader.meta, layout, alpha=alpha, target_alpha=target_alpha,
                                             ignore=ignore, keep_factors=True)
             src = detect_layout(reader.meta.state_dict)
-            key_of = {id(v): k for k, v in reader.meta.state_dict.items()}
             scales: dict[str, float] = {}
             if "merge" in conversion.sources.values():
                 scales = resolve_scales(src, reader.meta.resolve_alpha(alpha))
-            found: list[LoraCkptError] = []
+            return reader, conversion, src, scales
+
+        try:
+            reader, conversion, src, scales = agree(planned)
+            key_of = {id(v): k for k, v in reader.meta.state_dict.items()}
+            found: list[Exception] = []
             values: dict[str, torch.Tensor] = {}
             for key, value in conversion.values.items():
                 target = model[key]
-                if conversion.sources[key] == "merge":
-                    local = self._merged_read(key, layout, src, reader, scales, target, found)
-                else:
-                    local = reader.read(key_of[id(value)], _box(target), like=target)
+                try:
+                    if conversion.sources[key] == "merge":
+                        local = self._merged_read(key, layout, src, reader, scales, target, found)
+                    else:
+                        local = reader.read(key_of[id(value)], _box(target), like=target)
+                except Exception as e:  # noqa: BLE001 - a failed read (a file truncated on one rank's storage)
+                    found.append(e)  # is raised by agree below, on every rank
+                    local = torch.empty(tuple(n for _, n in _box(target)))
                 values[key] = _like(local.to(target.dtype), target)
             agree(lambda: _raise_first(found))
         finally:
-            reader.close()
+            for opened_reader in opened:
+                opened_reader.close()
         return Conversion(values, conversion.sources, conversion.report)
 
     def _merged_read(self, key: str, dst: Layout, src: Layout, reader: _Reader, scales: Mapping[str, float],
-                     target: torch.Tensor, found: list[LoraCkptError]) -> torch.Tensor:
+                     target: torch.Tensor, found: list[Exception]) -> torch.Tensor:
         """The rank's block of ``key``, which receives a checkpoint module's merged update."""
         owner = dst.module_by_key.get(key)
         s = src.module(owner.name if owner is not None else key.removesuffix(".weight"))
@@ -489,16 +613,16 @@ def merge_block(
     return merged
 
 
-def _guarded(run: Callable[[], torch.Tensor], found: list[LoraCkptError], *, fallback: torch.Tensor) -> torch.Tensor:
+def _guarded(run: Callable[[], torch.Tensor], found: list[Exception], *, fallback: torch.Tensor) -> torch.Tensor:
     """``run()``, or ``fallback`` with the error kept for :func:`agree` (the rank must still join later gathers)."""
     try:
         return run()
-    except LoraCkptError as e:
+    except Exception as e:  # noqa: BLE001 - kept for agree, which raises it on every rank
         found.append(e)
         return fallback
 
 
-def _raise_first(found: list[LoraCkptError]) -> None:
+def _raise_first(found: list[Exception]) -> None:
     if found:
         raise found[0]
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from lora_ckpt.dtypes import DType, as_dtype
 from lora_ckpt.convert import LoadReport, convert_state_dict, same_value
-from lora_ckpt.distributed import ShardedState
+from lora_ckpt.distributed import ShardedState, ranks_agree
 from lora_ckpt.checks import check_alpha
 from lora_ckpt.errors import AlphaError, KeyMismatchError, TiedWeightError
 from lora_ckpt.io import Checkpoint, PathLike, as_checkpoint
@@ -129,17 +129,19 @@ def merged_state_dict(
         >>> _ = plain.load_state_dict(merged_state_dict(lora))
         >>> torch.testing.assert_close(plain(make_tokens()), lora(make_tokens()))
     """
-    dtype = as_dtype(dtype)
     inner = unwrap(model)
     with torch.no_grad():
         sd = inner.state_dict()
-        shards = ShardedState.of(sd)  # FSDP2 / tensor parallel: merged on each rank's shards
+        # FSDP2 / tensor parallel: merged on each rank's shards, the arguments first agreed across the ranks
+        shards = ShardedState.of(sd, settings={"alpha": alpha, "dtype": dtype, "tied": tied})
+        dtype = as_dtype(dtype)
         layout = shards.layout() if shards is not None else detect_layout(sd)
         if not layout.is_lora:
             out = dict(sd)
         else:
-            scales = _scales(layout, module_scales(inner, layout), alpha)
-            fan_in_fan_out = _live_orientation(inner, layout)
+            with ranks_agree(shards):  # a refusal on one rank is raised on every rank: none waits in a collective
+                scales = _scales(layout, module_scales(inner, layout), alpha)
+                fan_in_fan_out = _live_orientation(inner, layout)
             out = (shards.merge(layout, scales=scales, tied=tied, dtype=dtype, fan_in_fan_out=fan_in_fan_out)
                    if shards is not None else merge_lora(sd, scales=scales, tied=tied, dtype=dtype, layout=layout,
                                                          fan_in_fan_out=fan_in_fan_out))
@@ -208,19 +210,22 @@ def load_into(
         >>> len(report.remapped), len(report.initialised)
         (4, 4)
     """
-    if tied not in ("error", "untie", "tie"):
-        raise ValueError(f"tied must be 'error', 'untie' or 'tie', got {tied!r}")
     inner = unwrap(model)
     ignore = tuple(ignore)
     model_sd = inner.state_dict()
-    shards = ShardedState.of(model_sd)  # FSDP2 / tensor parallel: each rank reads and loads its own blocks
+    # FSDP2 / tensor parallel: each rank reads and loads its own blocks, the arguments first agreed across the ranks
+    shards = ShardedState.of(model_sd, settings={"checkpoint": checkpoint, "alpha": alpha, "model_alpha": model_alpha,
+                                                 "ignore": ignore, "tied": tied})
+    if tied not in ("error", "untie", "tie"):
+        raise ValueError(f"tied must be 'error', 'untie' or 'tie', got {tied!r}")
     model_layout = shards.layout() if shards is not None else detect_layout(model_sd)
-    recorded = {n: sc * model_layout.module(n).rank for n, sc in module_scales(inner, model_layout).items()}
-    if model_alpha is not None:
-        given = model_alpha if isinstance(model_alpha, Mapping) else {
-            m.name: float(model_alpha) for m in model_layout.modules if m.has_factors}
-        recorded = {**{k: check_alpha(v, where=f"model_alpha[{k!r}]", fix="pass finite numbers") for k, v in given.items()},
-                    **recorded}
+    with ranks_agree(shards):  # a refusal on one rank is raised on every rank: none waits in a collective
+        recorded = {n: sc * model_layout.module(n).rank for n, sc in module_scales(inner, model_layout).items()}
+        if model_alpha is not None:
+            given = model_alpha if isinstance(model_alpha, Mapping) else {
+                m.name: float(model_alpha) for m in model_layout.modules if m.has_factors}
+            recorded = {**{k: check_alpha(v, where=f"model_alpha[{k!r}]", fix="pass finite numbers")
+                           for k, v in given.items()}, **recorded}
     if shards is not None:
         conversion = shards.convert(checkpoint, model_layout, alpha=alpha, target_alpha=recorded, ignore=ignore)
     else:
