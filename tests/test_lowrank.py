@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 
 import pytest
@@ -66,7 +67,8 @@ SPECTRUM = [5.0, 3.0, 2.0, 1.0, 0.5, 0.1]  # σ² = 25, 9, 4, 1, 0.25, 0.01 of 3
     (dict(energy=1.0), 6),
     (dict(sv_epsilon=1.5), 3),  # σ > 1.5 (absolute), as mergekit's --sv-epsilon
     (dict(sv_epsilon=0.05), 6),
-    (dict(sv_ratio=0.25), 3),  # σ > 1.25
+    (dict(sv_ratio=0.25), 3),  # σ ≥ 1.25
+    (dict(sv_ratio=1.0), 1),  # σ ≥ σ₁
     (dict(rank=2, energy=0.99), 2),  # the smallest wins
     (dict(rank=5, sv_epsilon=0.3), 5),
 ])
@@ -386,6 +388,170 @@ def test_unmerge_leaves_modules_to_save_and_says_so():
     assert torch.equal(out.state_dict["head.weight"], merged["head.weight"])
 
 
+# --- hostile input: non-finite values, dtype names, rules that keep nothing (issue 11's review) -----------------------
+
+NAN_KEY = "base_model.model.q.lora_A.weight"
+
+
+def _broken(sd, key=NAN_KEY, value=float("nan")):
+    out = snapshot(sd)
+    out[key][0, 1] = value
+    return out
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_extract_refuses_non_finite_weights_before_any_svd(value):
+    base = {"a.weight": torch.randn(8, 6), "n.weight": torch.ones(6)}
+    tuned = {"a.weight": base["a.weight"] + 0.1, "n.weight": torch.ones(6)}
+    bad = {**tuned, "a.weight": tuned["a.weight"].clone()}
+    bad["a.weight"][2, 3] = value
+    with pytest.raises(ShapeError, match=r"^a.weight in the tuned weights holds NaN or infinite values; the weights "
+                                         r"are broken \(a diverged run\?\): extract from good checkpoints$"):
+        extract_lora(base, bad, rank=2)
+    norm = {**tuned, "n.weight": torch.ones(6)}
+    norm["n.weight"][0] = value  # a tensor that would be saved whole, not factored
+    with pytest.raises(ShapeError, match=r"^n.weight in the tuned weights holds NaN"):
+        extract_lora(base, norm, rank=2)
+    with pytest.raises(ShapeError, match=r"^a.weight in the base weights holds NaN"):
+        extract_lora(bad, tuned, rank=2, svd="randomized")
+
+
+def test_extract_infinities_equal_in_both_models():
+    """An infinity both models hold in an unchanged tensor is harmless; in a changed one, ΔW there is NaN: refused."""
+    g = torch.Generator().manual_seed(0)
+    base = {"a.weight": torch.randn(8, 6, generator=g), "mask": torch.full((4,), float("-inf"))}
+    tuned = {"a.weight": base["a.weight"] + _low_rank(8, 6, 1, 1).float(), "mask": base["mask"].clone()}
+    out = extract_lora(base, tuned, rank=2)
+    assert out.alpha == {"a": 1.0} and out.report.unchanged == 1
+    base["a.weight"][7, 5] = tuned["a.weight"][7, 5] = float("inf")
+    with pytest.raises(ShapeError, match=r"^a.weight in the tuned weights, a.weight in the base weights hold NaN or "
+                                         r"infinite values; the weights are broken"):
+        extract_lora(base, tuned, rank=2)
+    base, tuned = snapshot(base), snapshot(tuned)
+    tuned["a.weight"][:7] = base["a.weight"][:7]  # the infinity sits in an equal block (row 0), a later one differs
+    base["a.weight"][0, 0] = tuned["a.weight"][0, 0] = float("inf")
+    base["a.weight"][7, 5], tuned["a.weight"][7, 5] = 0.5, 1.0
+    with pytest.raises(ShapeError, match=r"^a.weight: tuned − base in float32 holds NaN or infinite values; both "
+                                         r"models hold an infinity there, or values near float32's largest: extract "
+                                         r"from good checkpoints, or with acc=torch.float64$"):
+        extract_lora(base, tuned, rank=2, block_bytes=6 * 4)
+    big = {"a.weight": torch.full((4, 4), 3e38)}
+    with pytest.raises(ShapeError, match=r"^a.weight: tuned − base in float32 holds NaN or infinite values"):
+        extract_lora({"a.weight": -big["a.weight"]}, big, rank=2, resident_bytes=0)  # streamed: checked too
+    exact = extract_lora({"a.weight": -big["a.weight"]}, big, rank=2, acc="fp64", dtype=torch.float64)
+    torch.testing.assert_close(_product(exact.state_dict, "a", "linear"), torch.full((4, 4), 6e38, dtype=F64))
+
+
+def test_resize_combine_unmerge_refuse_non_finite_adapters():
+    sd = _peft_sd(6, 5, 2, 0, torch.float32)
+    nan = _broken(sd)
+    msg = r"^base_model.model.q.lora_A.weight in {} holds NaN or infinite values; the adapter is broken \(a diverged " \
+          r"run\?\): use a good checkpoint$"
+    before = snapshot(nan)
+    with pytest.raises(ShapeError, match=msg.format("the adapter")):
+        resize_lora(nan, rank=1, scales={"q": 1.0}, layout="peft")
+    with pytest.raises(ShapeError, match=msg.format("a_nan")):
+        resize_lora(_broken(sd, value=float("-inf")), rank=1, scales={"q": 1.0}, layout="peft", name="a_nan")
+    both = dict(scales=[{"q": 1.0}, {"q": 1.0}], layouts=["peft", "peft"])
+    with pytest.raises(ShapeError, match=msg.format("adapter 2")):
+        combine_lora([sd, nan], **both)  # exact: regression, it returned NaN factors reported as exact
+    with pytest.raises(ShapeError, match=msg.format("b.safetensors")):
+        combine_lora([sd, nan], rank=1, names=["a.safetensors", "b.safetensors"], **both)
+    merged = {"q.weight": torch.zeros(6, 5)}
+    with pytest.raises(ShapeError, match=msg.format("the adapter")):
+        unmerge_lora(merged, nan, scales={"q": 1.0}, layout="peft")
+    torch.testing.assert_close(nan, before, rtol=0, atol=0, equal_nan=True)  # the input is not changed
+
+
+def test_unmerge_refuses_non_finite_merged_weights_it_changes():
+    lora = make_lora_state_dict(rank=2)
+    merged = merge_lora(lora, alpha=4.0)
+    bad = snapshot(merged)
+    bad["transformer.h.0.attn.c_attn.weight"][0, 0] = float("nan")
+    with pytest.raises(ShapeError, match=r"^transformer.h.0.attn.c_attn.weight in m1_nan holds NaN or infinite values; "
+                                         r"the merged weights are broken \(a diverged run\?\): unmerge from a good"):
+        unmerge_lora(bad, lora, alpha=4.0, names=("m1_nan", "adapter"))
+    other = snapshot(merged)
+    other["transformer.ln_f.weight"][0] = float("inf")  # a weight the adapter does not touch is copied as it is
+    out = unmerge_lora(other, lora, alpha=4.0)
+    assert torch.equal(out.state_dict["transformer.ln_f.weight"], other["transformer.ln_f.weight"])
+
+
+def test_dtype_names_are_accepted_everywhere():
+    g = torch.Generator().manual_seed(0)
+    base = {"a.weight": torch.randn(8, 6, generator=g)}
+    tuned = {"a.weight": base["a.weight"] + _low_rank(8, 6, 2, 1).float()}
+    out = extract_lora(base, tuned, rank=4, dtype="bf16", acc="float64")
+    assert {v.dtype for v in out.state_dict.values()} == {torch.bfloat16}
+    assert extract_lora(base, tuned, rank=4, dtype=torch.bfloat16).state_dict.keys() == out.state_dict.keys()
+    with pytest.raises(ValueError, match=r"dtype='bf17': not a dtype lora_ckpt knows"):
+        extract_lora(base, tuned, rank=4, dtype="bf17")
+    with pytest.raises(LoraCkptError, match=r"acc=torch.float16: the SVDs accumulate in torch.float32 or torch.float64"):
+        extract_lora(base, tuned, rank=4, acc="fp16")
+    sd = _peft_sd(6, 5, 2, 0, torch.float32)
+    assert resize_lora(sd, rank=1, scales={"q": 1.0}, layout="peft", acc="fp64").report.rows[0].rank == 1
+    both = combine_lora([sd, sd], rank=1, scales=[{"q": 1.0}] * 2, layouts=["peft"] * 2, acc="fp64")
+    assert both.report.rows[0].rank == 1
+    back = unmerge_lora({"q.weight": torch.zeros(6, 5)}, sd, scales={"q": 1.0}, layout="peft", dtype="bf16")
+    assert back.state_dict["q.weight"].dtype == torch.bfloat16
+    u, s, vh, total = randomized_svd(lambda: iter([(0, tuned["a.weight"])]), (8, 6), 4, acc="fp64")
+    assert s.dtype == F64
+
+
+def test_sv_ratio_is_a_fraction_of_the_largest():
+    for bad in (0, 2, 1.0001, -0.5):
+        with pytest.raises(LoraCkptError, match=rf"^sv_ratio is {bad}, not in \(0, 1\]; it keeps the σ ≥ sv_ratio·σ_max$"):
+            RankRule(sv_ratio=bad)
+    s = torch.tensor(SPECTRUM, dtype=F64)
+    total = float(s.square().sum())
+    assert RankRule(sv_ratio=1.0).select(s, total) == 1  # σ₁ ≥ 1·σ₁
+    assert RankRule(sv_ratio=0.2).select(s, total) == 4  # σ ≥ 1.0: ties are kept
+    assert RankRule(sv_ratio=0.2001).select(s, total) == 3
+
+
+def test_sv_epsilon_leaves_out_modules_it_keeps_nothing_of():
+    """Regression: max(1, …) kept rank 1 of a module the rule kept nothing of, silently (a 0.76 relative error)."""
+    big, small = _spectrum([5.0, 1.0], 12, 10, seed=1), _spectrum([0.5, 0.1], 12, 10, seed=2)
+    base = {"big.weight": torch.zeros(12, 10, dtype=F64), "small.weight": torch.zeros(12, 10, dtype=F64)}
+    out = extract_lora(base, {"big.weight": big, "small.weight": small}, sv_epsilon=0.7, svd="full")
+    assert out.alpha == {"big": 2.0} and all(".small." not in k for k in out.state_dict)  # 5 and 1 > 0.7
+    assert out.config["target_modules"] == ["big"]  # PEFT does not adapt the module left out
+    row = {r.module: r for r in out.report.rows}["small"]
+    assert (row.rank, row.energy, row.rel_error) == (0, 0.0, 1.0)
+    assert out.report.left_out == ["small.weight"]
+    assert "small: sv_epsilon=0.7 keeps none of its singular values (the largest is 0.5): left out, its update is not " \
+           "in the adapter" in out.report.notes
+    with pytest.raises(LoraCkptError, match=r"^sv_epsilon=6 keeps no singular value of any module \(big: sv_epsilon=6 "
+                                            r"keeps none of its singular values \(the largest is 5\); small: .*give a "
+                                            r"smaller sv_epsilon$"):
+        extract_lora(base, {"big.weight": big, "small.weight": small}, sv_epsilon=6, svd="full")
+
+
+def test_resize_and_combine_leave_out_or_refuse_what_sv_epsilon_drops():
+    g = torch.Generator().manual_seed(0)
+    peft = {**_peft_sd(6, 5, 2, 0), "base_model.model.k.lora_A.weight": 1e-3 * torch.randn(2, 5, generator=g, dtype=F64),
+            "base_model.model.k.lora_B.weight": 1e-3 * torch.randn(4, 2, generator=g, dtype=F64)}
+    scales = {"q": 1.0, "k": 1.0}
+    out = resize_lora(peft, sv_epsilon=0.01, scales=scales, layout="peft")
+    assert set(out.alpha) == {"q"} and not any(".k." in k for k in out.state_dict)
+    assert out.config == {"exclude_modules": ["k"]}
+    assert out.report.left_out == ["base_model.model.k.lora_A.weight", "base_model.model.k.lora_B.weight"]
+    assert [r.rank for r in out.report.rows if r.module == "k"] == [0]
+    both = combine_lora([peft, peft], sv_epsilon=0.01, scales=[scales] * 2, layouts=["peft"] * 2)
+    assert set(both.alpha) == {"q"} and both.config == {"exclude_modules": ["k"]}
+    with pytest.raises(LoraCkptError, match=r"^sv_epsilon=1000 keeps no singular value of any module"):
+        resize_lora(peft, sv_epsilon=1000, scales=scales, layout="peft")
+    nano = make_lora_state_dict(rank=2)  # nanoGPT stores main_weight beside the factors: a module cannot drop them
+    with pytest.raises(LoraCkptError, match=r"^transformer.h.0.attn.c_attn: sv_epsilon=1000 keeps none of its singular "
+                                            r"values \(the largest is .*\).*: a nanogpt_lora state dict stores each "
+                                            r"module's weight beside its factors and cannot leave a module out; give a "
+                                            r"smaller sv_epsilon$"):
+        resize_lora(nano, sv_epsilon=1000, alpha=4.0)
+    zero = {**peft, "base_model.model.k.lora_B.weight": torch.zeros(4, 2, dtype=F64)}  # untrained: exact at rank 1
+    kept = resize_lora(zero, sv_epsilon=0.01, scales=scales, layout="peft")
+    assert kept.alpha["k"] == 1.0 and not kept.config and not bool(kept.state_dict["base_model.model.k.lora_B.weight"].any())
+
+
 # --- real models through PEFT, files and the command line -----------------------------------------------------------
 
 transformers = pytest.importorskip("transformers")
@@ -517,3 +683,140 @@ def test_randomized_svd_error_bound_holds():
     bound = (1 + math.sqrt(k / (p - 1)) + math.e * math.sqrt(k + p) / p * math.sqrt(50 - k)) ** (1 / (2 * q + 1)) * s[k]
     assert err <= bound
     assert total == pytest.approx(sum(x * x for x in s))
+
+
+# --- hostile input through files and the command line (issue 11's review) --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """A llama base, its fine-tune, the extracted adapter, and broken copies of each (one value set to NaN or inf)."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("hostile")
+    torch.manual_seed(0)
+    base = _llama()
+    base.save_pretrained(root / "base")
+    tuned = _llama()
+    tuned.load_state_dict(base.state_dict())
+    _fine_tune(tuned, 3, 1)
+    tuned.save_pretrained(root / "tuned")
+    extract_files(root / "base", root / "tuned", root / "adapter", rank=4)
+
+    def broken(src, name, file, key, value):
+        import shutil
+
+        shutil.copytree(root / src, root / name)
+        sd = load_file(root / name / file)
+        sd[key].view(-1)[1] = value
+        save_file(sd, root / name / file, metadata={"format": "pt"})
+
+    q = "model.layers.1.self_attn.q_proj.weight"
+    broken("tuned", "tuned_nan", "model.safetensors", q, float("nan"))
+    broken("tuned", "tuned_inf", "model.safetensors", q, float("inf"))
+    broken("tuned", "m1_nan", "model.safetensors", q, float("nan"))
+    broken("adapter", "a_nan", "adapter_model.safetensors", "base_model.model.lm_head.lora_A.weight", float("nan"))
+    import shutil
+
+    shutil.copytree(root / "adapter", root / "b_other")
+    config = json.loads((root / "b_other" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "meta-llama/Other"
+    (root / "b_other" / "adapter_config.json").write_text(json.dumps(config))
+    return root, base, tuned
+
+
+NAN_A = r"base_model.model.lm_head.lora_A.weight in {a_nan} holds NaN or infinite values; the adapter is broken " \
+        r"\(a diverged run\?\): use a good checkpoint"
+NAN_T = r"model.layers.1.self_attn.q_proj.weight in {tuned}/model.safetensors holds NaN or infinite values; the " \
+        r"weights are broken \(a diverged run\?\): extract from good checkpoints"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["combine", "adapter", "a_nan", "o"], NAN_A),  # regression: exit 0, NaN factors, "mean relative error 0"
+    (["combine", "adapter", "a_nan", "o", "--rank", "4"], NAN_A),  # regression: torch's LinAlgError traceback
+    (["resize", "a_nan", "o", "--rank", "2"], NAN_A),
+    (["unmerge", "tuned", "a_nan", "o"], NAN_A),
+    (["extract", "base", "tuned_nan", "o", "--rank", "4", "--quiet"], NAN_T.replace("{tuned}", "{tuned_nan}")),
+    (["extract", "base", "tuned_inf", "o", "--rank", "4", "--quiet"], NAN_T.replace("{tuned}", "{tuned_inf}")),
+    (["unmerge", "m1_nan", "adapter", "o"], r"model.layers.1.self_attn.q_proj.weight in {m1_nan} holds NaN or "
+     r"infinite values; the merged weights are broken \(a diverged run\?\): unmerge from a good checkpoint"),
+    (["extract", "base", "tuned", "o", "--sv-ratio", "2", "--quiet"],  # regression: exit 0, rank 1, 0.76 error
+     r"sv_ratio is 2.0, not in \(0, 1\]; it keeps the σ ≥ sv_ratio·σ_max"),
+    (["extract", "base", "tuned", "o", "--sv-epsilon", "1000", "--quiet"],
+     r"sv_epsilon=1000 keeps no singular value of any module \(.*\); give a smaller sv_epsilon"),
+    (["combine", "adapter", "b_other", "o"],  # regression: exit 0, keeping the first adapter's base
+     r"{adapter} was trained on '{base}' but {b_other} on 'meta-llama/Other' \(base_model_name_or_path\); updates of "
+     r"different base models do not add up: combine adapters of one base, or pass --base-model NAME \(Python: "
+     r"base_model=NAME\) to combine them anyway for the base NAME"),
+])
+def test_cli_refuses_hostile_input_in_one_line(hostile, capsys, argv, message):
+    root = hostile[0]
+    names = {"base", "tuned", "adapter", "a_nan", "tuned_nan", "tuned_inf", "m1_nan", "b_other"}
+    args = [str(root / a) if a in names | {"o"} else a for a in argv]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    pattern = message.format(**{n: re.escape(str(root / n)) for n in names})
+    assert re.fullmatch(rf"lora-ckpt: error: {pattern}\n", err), err
+    assert not (root / "o").exists()  # nothing written
+
+
+def test_combine_base_model_flag_and_dtype_names_through_files(hostile, capsys):
+    root = hostile[0]
+    out = root / "c_other"
+    assert main(["combine", str(root / "adapter"), str(root / "b_other"), str(out), "--base-model", "X"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "X"
+    same = combine_files([root / "adapter", root / "adapter"], root / "c_same")
+    assert same.report.rows and json.loads((root / "c_same" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(root / "base")
+    result = extract_files(root / "base", root / "tuned", root / "bf16", rank=4, dtype="bf16")
+    assert result.report.rows
+    factors = {k: v for k, v in load_peft_adapter(root / "bf16").state_dict.items() if ".lora_" in k}
+    assert factors and {v.dtype for v in factors.values()} == {torch.bfloat16}  # the factors' dtype
+    unmerge_files(root / "tuned", root / "adapter", root / "u.safetensors", dtype="bf16")
+    from safetensors.torch import load_file
+
+    assert {v.dtype for v in load_file(root / "u.safetensors").values()} == {torch.bfloat16}
+    capsys.readouterr()
+    from safetensors.torch import save_file
+
+    save_file({k: v.clone() for k, v in make_lora_state_dict(rank=2).items()}, root / "nano.safetensors")
+    with pytest.raises(LayoutError, match=r"^base_model is recorded in a PEFT adapter's config; these adapters are "
+                                          r"files that record no base model: drop base_model \(CLI: --base-model\)$"):
+        combine_files([root / "nano.safetensors"] * 2, root / "nano_sum.safetensors", alpha=4.0, base_model="X")
+    assert not (root / "nano_sum.safetensors").exists()
+
+
+def test_resized_adapter_leaving_modules_out_loads_in_peft(hostile):
+    """Modules ``sv_epsilon`` keeps nothing of are excluded in adapter_config.json: PEFT leaves those layers plain and
+    the model computes base + the kept modules' updates."""
+    root, base, _ = hostile
+    adapter = load_peft_adapter(root / "adapter")
+    largest = {}
+    for k, a in adapter.state_dict.items():
+        for leaf in (".lora_A.weight", ".lora_embedding_A"):  # σ of B@A, the same as of its transpose
+            if k.endswith(leaf):
+                name = k.removeprefix("base_model.model.").removesuffix(leaf)
+                b = adapter.state_dict[k.replace("_A", "_B")]
+                largest[name] = float(factor_svd(b.double() * adapter.scales[name], a.double())[1][0])
+    ordered = sorted(largest.values())
+    eps = (ordered[len(ordered) // 2] + ordered[len(ordered) // 2 + 1]) / 2  # half the modules' σ₁ fall below it
+    result = resize_files(root / "adapter", root / "half", sv_epsilon=eps)
+    dropped = sorted(n for n, s in largest.items() if s <= eps)
+    assert dropped and len(dropped) < len(largest)
+    assert sorted(r.module for r in result.report.rows if r.rank == 0) == dropped
+    config = json.loads((root / "half" / "adapter_config.json").read_text())
+    assert config["exclude_modules"] == dropped
+    resized = load_peft_adapter(root / "half")
+    expected = type(base).from_pretrained(root / "base").eval()
+    expected.load_state_dict(merge_lora(resized.state_dict, base=expected.state_dict(),
+                                        scales=resized.scales, fan_in_fan_out=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation inside PEFT; others stay errors
+        loaded = peft.PeftModel.from_pretrained(type(base).from_pretrained(root / "base").eval(), root / "half").eval()
+    torch.testing.assert_close(_logits(loaded), _logits(expected), rtol=1e-5, atol=1e-5)
+    layers = dict(loaded.base_model.model.named_modules())
+    assert all(type(layers[n]) in (torch.nn.Linear, torch.nn.Embedding) for n in dropped)  # not adapted
+    assert all(hasattr(layers[n], "lora_A") for n in largest if n not in dropped)
+    full = merge_lora(adapter.state_dict, base=base.state_dict(), scales=adapter.scales, fan_in_fan_out=False)
+    assert any(not torch.allclose(full[f"{n}.weight"], expected.state_dict()[f"{n}.weight"]) for n in dropped)

@@ -471,6 +471,8 @@ def _add_lowrank_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                        "compressed to --rank / --energy.")
     s.add_argument("paths", nargs="+", metavar="PATH", help="A1 A2 … OUT")
     s.add_argument("--weights", type=_finite, nargs="+", metavar="W", help="one weight per adapter (default 1 each)")
+    s.add_argument("--base-model", metavar="NAME", help="PEFT adapters naming different base models: combine them "
+                   "anyway, recording NAME as the base")
     _add_rank_rule(s)
     s.add_argument("--json", action="store_true", help="print the result (or the error) as JSON")
     _add_common(s)
@@ -491,8 +493,9 @@ def _add_lowrank_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 def _add_rank_rule(s: argparse.ArgumentParser) -> None:
     s.add_argument("--rank", type=_positive, help="keep at most R singular values per module")
     s.add_argument("--energy", type=_finite, metavar="E", help="keep the fewest with Σσ²_kept ≥ E·Σσ² (0 < E ≤ 1)")
-    s.add_argument("--sv-epsilon", type=_finite, metavar="S", help="keep the singular values above S (absolute)")
-    s.add_argument("--sv-ratio", type=_finite, metavar="T", help="keep the singular values above T·σ_max")
+    s.add_argument("--sv-epsilon", type=_finite, metavar="S", help="keep the singular values above S (absolute); "
+                   "a module with none above S is left out (reported)")
+    s.add_argument("--sv-ratio", type=_finite, metavar="T", help="keep the singular values ≥ T·σ_max (0 < T ≤ 1)")
 
 
 def _rule(args: argparse.Namespace) -> dict[str, Any]:
@@ -539,7 +542,8 @@ def _combine(args: argparse.Namespace) -> int:
         return 2
     from lora_ckpt.lowrank_files import combine_files
 
-    result = combine_files(adapters, out, weights=args.weights, **_rule(args), alpha=args.alpha, overwrite=args.force)
+    result = combine_files(adapters, out, weights=args.weights, **_rule(args), alpha=args.alpha,
+                           base_model=args.base_model, overwrite=args.force)
     return _report(result, args)
 
 

@@ -15,10 +15,23 @@ Conventions, the same everywhere here:
   ``E_total = ‖ΔW‖²_F = Σσᵢ²`` (computed exactly, also when only the leading σ are):
   ``rank=R`` keeps at most ``R``; ``energy=E`` keeps the smallest ``k`` with ``Σᵢ≤ₖ σᵢ² ≥ E·E_total`` (PEFT's
   ``convert_to_lora`` float rank); ``sv_epsilon=S`` keeps the ``σᵢ > S`` (absolute, as mergekit's
-  ``--sv-epsilon``); ``sv_ratio=T`` keeps the ``σᵢ > T·σ₁`` (relative). Several given: the smallest ``k``
-  wins (mergekit's ``--max-rank`` with ``--sv-epsilon``). Singular values at the numerical noise floor
-  (``σᵢ ≤ max(m, n)·ε·σ₁``, ε of the accumulation dtype) are never kept, so an exactly rank-r update comes out
-  at rank r whatever the cap above it.
+  ``--sv-epsilon``); ``sv_ratio=T`` (``0 < T ≤ 1``) keeps the ``σᵢ ≥ T·σ₁`` (relative: ``T = 1`` keeps
+  ``σ₁`` and its ties). Several given: the smallest ``k`` wins (mergekit's ``--max-rank`` with
+  ``--sv-epsilon``). Singular values at the numerical noise floor (``σᵢ ≤ max(m, n)·ε·σ₁``, ε of the
+  accumulation dtype) are never kept, so an exactly rank-r update comes out at rank r whatever the cap above it.
+- **A rule that keeps nothing**: only ``sv_epsilon`` at or above a module's ``σ₁`` can. Such a module is never
+  forced to rank 1: its update is judged negligible and **left out** (a zero update), reported as a row with
+  rank 0 and relative error 1, its keys in ``report.left_out`` and a note naming the module, the rule and its
+  ``σ₁``. A PEFT output names it in ``exclude_modules`` so PEFT does not adapt it. Where the state dict stores
+  the module's base weight beside its factors (nanoGPT, torchtune, loralib, minLoRA) a module cannot lose its
+  factors: resize and combine refuse, naming the module and the rule. A rule that keeps nothing of any module is
+  refused. A zero update (an untrained ``B = 0``) is exact at any rank and keeps rank 1 in resize and combine.
+- **Finite inputs only**: a NaN or an infinity in an adapter, in a merged weight unmerge changes, or in a tensor
+  that differs between extract's two models is refused before any SVD, naming the key and where it came from
+  (:func:`~lora_ckpt.merge.require_finite`); nothing is returned or written. Extract reads both models once for
+  this (and to find what changed); an infinity both models hold at the same place passes that read, harmless in
+  a tensor that did not change, and is refused before its module's SVD (``tuned − base`` is NaN there) in one
+  that did.
 - **Factor split**: ``B = U√Σ``, ``A = √Σ Vᵀ`` (√σ on both sides, as mergekit's default ``--distribute-scale``):
   both factors carry the same magnitude, which bf16 storage and further training both prefer.
 - **Scale**: every module this module writes has scale 1 (``alpha = rank``; rsLoRA off), so the update in the
@@ -50,9 +63,10 @@ import torch
 
 from lora_ckpt._table import render_html, render_text
 from lora_ckpt.checks import check_alpha, check_rank
+from lora_ckpt.dtypes import DType, as_dtype
 from lora_ckpt.errors import KeyMismatchError, LayoutError, LoraCkptError, ShapeError
 from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LayoutSpec, LoraModule, detect_layout, formula_factors, tied_groups
-from lora_ckpt.merge import Orientation, plan_merge, require_data, resolve_scales
+from lora_ckpt.merge import Orientation, plan_merge, require_data, require_finite, resolve_scales
 
 __all__ = [
     "Kind",
@@ -86,8 +100,10 @@ class RankRule:
         >>> s = torch.tensor([4.0, 2.0, 1.0, 0.5])  # energies 16, 4, 1, 0.25 of 21.25
         >>> RankRule(energy=0.9).select(s, 21.25), RankRule(sv_epsilon=0.9).select(s, 21.25)
         (2, 3)
-        >>> RankRule(rank=1, sv_ratio=0.1).select(s, 21.25)
-        1
+        >>> RankRule(rank=1, sv_ratio=0.1).select(s, 21.25), RankRule(sv_ratio=0.5).select(s, 21.25)
+        (1, 2)
+        >>> RankRule(sv_epsilon=5.0).select(s, 21.25)  # nothing above 5: the caller leaves the module out
+        0
     """
 
     rank: int | None = None
@@ -104,13 +120,14 @@ class RankRule:
         fix = "give a number in (0, 1]"
         if self.energy is not None and not 0 < check_alpha(self.energy, where="energy", fix=fix) <= 1:
             raise LoraCkptError(f"energy is {self.energy}, not in (0, 1]; it is the fraction of Σσ² to keep")
-        for name in ("sv_epsilon", "sv_ratio"):
-            value = getattr(self, name)
-            if value is not None and check_alpha(value, where=name, fix="give a number ≥ 0") < 0:
-                raise LoraCkptError(f"{name} is {value}, a negative singular-value cutoff; give a number ≥ 0")
+        if self.sv_epsilon is not None and check_alpha(self.sv_epsilon, where="sv_epsilon", fix="give a number ≥ 0") < 0:
+            raise LoraCkptError(f"sv_epsilon is {self.sv_epsilon}, a negative singular-value cutoff; give a number ≥ 0")
+        if self.sv_ratio is not None and not 0 < check_alpha(self.sv_ratio, where="sv_ratio", fix=fix) <= 1:
+            raise LoraCkptError(f"sv_ratio is {self.sv_ratio}, not in (0, 1]; it keeps the σ ≥ sv_ratio·σ_max")
 
     def select(self, s: torch.Tensor, total: float, *, floor: float = 0.0) -> int:
-        """How many of the singular values ``s`` (descending) to keep, ``total`` being ``Σσ²`` of all of them."""
+        """How many of the singular values ``s`` (descending) to keep, ``total`` being ``Σσ²`` of all of them;
+        0 where ``sv_epsilon`` is at or above ``s[0]`` (see the module docstring for what callers do then)."""
         s = s.double()
         k = int((s > max(floor, 0.0)).sum()) if floor > 0 else int((s > 0).sum())
         if self.rank is not None:
@@ -118,7 +135,7 @@ class RankRule:
         if self.sv_epsilon is not None:
             k = min(k, int((s > self.sv_epsilon).sum()))
         if self.sv_ratio is not None and len(s):
-            k = min(k, int((s > self.sv_ratio * float(s[0])).sum()))
+            k = min(k, int((s >= self.sv_ratio * float(s[0])).sum()))
         if self.energy is not None and len(s):
             cum = torch.cumsum(s.square(), 0)
             reach = int(torch.searchsorted(cum, torch.tensor(self.energy * total, dtype=cum.dtype))) + 1
@@ -263,7 +280,7 @@ def randomized_svd(
     *,
     niter: int = 2,
     seed: int = 0,
-    acc: torch.dtype = torch.float32,
+    acc: DType = torch.float32,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Return ``(U, S, Vh, ‖M‖²_F)`` of the randomized SVD (``q`` columns, ``niter`` power iterations) of the
@@ -280,6 +297,7 @@ def randomized_svd(
         (True, 1.0)
     """
     m, n = shape
+    acc = _acc_dtype(acc) or torch.float32
     dev = torch.device(device) if device is not None else torch.device("cpu")
     gen = torch.Generator().manual_seed(seed)
     omega = torch.randn(n, q, generator=gen, dtype=acc).to(dev)
@@ -330,6 +348,29 @@ def _noise_floor(s: torch.Tensor, shape: tuple[int, int], acc: torch.dtype) -> f
     return float(s[0]) * max(shape) * torch.finfo(acc).eps if len(s) else 0.0
 
 
+def _acc_dtype(acc: DType | None) -> torch.dtype | None:
+    """``acc`` (a dtype or a name :func:`~lora_ckpt.dtypes.as_dtype` knows) as float32 or float64; None stays None."""
+    out = as_dtype(acc)
+    if out is not None and out not in (torch.float32, torch.float64):
+        raise LoraCkptError(f"acc={out}: the SVDs accumulate in torch.float32 or torch.float64 (acc='fp32' or 'fp64')")
+    return out
+
+
+def _kept(rule: RankRule, s: torch.Tensor, total: float, shape: tuple[int, int], acc: torch.dtype) -> int:
+    """How many singular triplets to keep: the rule's count (0: the module is left out), 1 for a zero update."""
+    if not len(s) or float(s[0]) == 0.0:
+        return 1  # a zero update is exact at any rank
+    return rule.select(s, total, floor=_noise_floor(s, shape, acc))
+
+
+def _nothing_kept(module: str, rule: RankRule, s: torch.Tensor) -> str:
+    return (f"{module}: sv_epsilon={rule.sv_epsilon:g} keeps none of its singular values (the largest is "
+            f"{float(s[0]):.4g})")
+
+
+_BROKEN_ADAPTER = "the adapter is broken (a diverged run?): use a good checkpoint"
+
+
 def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(left, right) = (U√Σ, √ΣVᵀ) of the first ``k`` singular triplets."""
     root = s[:k].sqrt()
@@ -373,12 +414,21 @@ class RowReader(Protocol):
 
     def rows(self, key: str, start: int, stop: int) -> torch.Tensor: ...
 
+    def where(self, key: str) -> str:
+        """Where ``key`` lives, for messages (a file path, or a name such as ``"the tuned weights"``)."""
+        ...
+
 
 class TensorRows:
-    """A :class:`RowReader` over an in-memory state dict (read only, never changed)."""
+    """A :class:`RowReader` over an in-memory state dict (read only, never changed); ``name`` says in messages
+    where a key comes from."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, tensors: Mapping[str, torch.Tensor], name: str = "the state dict") -> None:
         self.tensors = tensors
+        self.name = name
+
+    def where(self, key: str) -> str:
+        return self.name
 
     def keys(self) -> Iterable[str]:
         return self.tensors.keys()
@@ -394,11 +444,41 @@ class TensorRows:
         return t[start:stop] if t.dim() else t
 
 
-def _reader(x: Mapping[str, torch.Tensor] | RowReader) -> RowReader:
+def _reader(x: Mapping[str, torch.Tensor] | RowReader, name: str) -> RowReader:
     if isinstance(x, Mapping):
         require_data(x)
-        return TensorRows(x)
+        return TensorRows(x, name)
     return x
+
+
+def _scan(b: RowReader, t: RowReader, block_bytes: int) -> set[str]:
+    """The keys of ``t`` whose values differ from ``b``'s (or that ``b`` lacks, or holds in another shape or dtype),
+    reading both once in row blocks. Every block that differs is checked finite (NaN never equals itself), so a
+    NaN or an infinity the adapter would carry is refused here, before any SVD, naming its key and file."""
+    changed: set[str] = set()
+    base_keys = set(b.keys())
+
+    def differing() -> Iterator[tuple[str, torch.Tensor]]:  # (label, block) pairs to check; notes `changed` as it goes
+        for key in t.keys():
+            shape = t.shape(key)
+            same = key in base_keys and b.shape(key) == shape  # then both feed ΔW: check both
+            if not same or b.dtype(key) != t.dtype(key):
+                changed.add(key)
+            rows = shape[0] if shape else 1
+            step = max(1, (block_bytes // t.dtype(key).itemsize) // max(1, math.prod(shape[1:])))
+            for start in range(0, rows, step):
+                stop = min(start + step, rows)
+                tuned = t.rows(key, start, stop)
+                base = b.rows(key, start, stop) if same else None
+                if base is not None and key not in changed and torch.equal(base, tuned):
+                    continue  # equal so far (infinities too): nothing of it goes into the adapter yet
+                changed.add(key)
+                yield f"{key} in {t.where(key)}", tuned
+                if base is not None:
+                    yield f"{key} in {b.where(key)}", base
+
+    require_finite(differing(), fix="the weights are broken (a diverged run?): extract from good checkpoints")
+    return changed
 
 
 # --- extract -------------------------------------------------------------------------------------------------------
@@ -426,9 +506,6 @@ class _Delta:
         for start in range(0, self.shape[0], self.step):
             stop = min(start + self.step, self.shape[0])
             yield start, self.tuned.rows(self.key, start, stop).to(self.acc) - self.base.rows(self.key, start, stop).to(self.acc)
-
-    def changed(self) -> bool:
-        return any(bool(d.any()) for _, d in self.blocks())
 
     def residual(self, left: torch.Tensor, right: torch.Tensor) -> tuple[float, float]:
         """``(‖ΔW‖²_F, ‖ΔW − left@right‖²_F)``, ΔW read again as ``tuned − base`` in float64 (exact for float32
@@ -462,8 +539,8 @@ def extract_lora(
     svd: SvdMethod = "auto",
     oversample: int = 8,
     niter: int = 2,
-    acc: torch.dtype | None = None,
-    dtype: torch.dtype | None = None,
+    acc: DType | None = None,
+    dtype: DType | None = None,
     device: torch.device | str | None = None,
     seed: int = 0,
     resident_bytes: int | None = None,
@@ -480,7 +557,8 @@ def extract_lora(
     silently dropped. A changed bias of a factored linear module becomes its ``lora_B.bias`` (PEFT's
     ``lora_bias``). ``tied`` maps a weight key the state dicts lack to the key it shares storage with (a tied
     ``lm_head``); its module gets the same update, so input and output embeddings both change as in ``tuned``.
-    Update exact to round-off when rank(ΔW) ≤ the rank kept.
+    Update exact to round-off when rank(ΔW) ≤ the rank kept. A module of which ``sv_epsilon`` keeps nothing is
+    left out (a zero update; its weight listed in ``report.left_out``), never forced to rank 1.
 
     Args:
         base, tuned: the two state dicts (standard layout, same keys), or :class:`RowReader` over files.
@@ -488,8 +566,10 @@ def extract_lora(
         svd: ``"full"`` (``torch.linalg.svd`` of ΔW), ``"randomized"`` (needs ``rank``), or ``"auto"``:
             randomized where a rank cap leaves ``rank + oversample < min(m, n) / 2``, full otherwise.
         oversample, niter: the randomized SVD's extra columns ``p`` and power iterations.
-        acc: the accumulation dtype (default float32, float64 for float64 inputs; the same in resize and combine).
-        dtype: the factors' dtype (default: the tuned weight's).
+        acc: the accumulation dtype, float32 or float64 (default float32, float64 for float64 inputs; the same in
+            resize and combine); a ``torch.dtype`` or a name (``"fp64"``), as ``dtype``.
+        dtype: the factors' dtype (default: the tuned weight's): a ``torch.dtype`` or a name
+            :func:`~lora_ckpt.dtypes.as_dtype` knows (``"bf16"``).
         device: where the SVDs run (``"cuda"``); tensors are read on the CPU.
         resident_bytes: hold a ΔW whole when its ``acc`` bytes are at most this (default: always); larger ones
             are read in row blocks of about ``block_bytes``, once per randomized pass.
@@ -497,7 +577,11 @@ def extract_lora(
 
     Raises:
         KeyMismatchError: keys in ``base`` that ``tuned`` lacks (and ``tied`` does not explain).
-        LoraCkptError: no rank rule, or a bad one; ``svd="randomized"`` without ``rank``.
+        ShapeError: a NaN or an infinity in a tensor that differs between the two (named with its key and file,
+            before any SVD), or a ``tuned − base`` that overflows ``acc``.
+        LoraCkptError: no rank rule, or a bad one; ``svd="randomized"`` without ``rank``; a rule that keeps no
+            singular value of any module.
+        ValueError: a ``dtype`` or ``acc`` that names no dtype.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -521,7 +605,8 @@ def extract_lora(
         raise LoraCkptError(f"others is {others!r}; use 'save' or 'report'")
     if oversample < 0 or niter < 0:
         raise LoraCkptError(f"oversample ({oversample}) and niter ({niter}) must be ≥ 0")
-    b, t = _reader(base), _reader(tuned)
+    acc, dtype = _acc_dtype(acc), as_dtype(dtype)
+    b, t = _reader(base, "the base weights"), _reader(tuned, "the tuned weights")
     kinds, tied = dict(kinds or {}), dict(tied or {})
     if isinstance(base, Mapping) and isinstance(tuned, Mapping):
         tied = {**_shared_ties(base, tuned), **tied}
@@ -538,9 +623,11 @@ def extract_lora(
     bad_ties = {a: s for a, s in tied.items() if s not in tuned_set or s not in base_set}
     if bad_ties:
         raise KeyMismatchError(f"tied names keys neither state dict holds in both: {bad_ties}")
+    changed = _scan(b, t, block_bytes)  # refuses non-finite values before any arithmetic
     report = LowRankReport("extract", rule=rule)
     out: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
+    dropped: dict[str, str] = {}  # module -> why the rule keeps nothing of it
     saved: dict[str, torch.Tensor] = {}
     lora_kinds: dict[str, Kind] = {}
     changed_bias: dict[str, str] = {}
@@ -552,16 +639,6 @@ def extract_lora(
         if kind == "other" or (pattern is not None and not pattern.search(module)):
             return "other"
         return kind
-
-    def whole_changed(key: str) -> bool:
-        if b.shape(key) != t.shape(key) or b.dtype(key) != t.dtype(key):
-            return True
-        shape = b.shape(key)
-        if not shape or not b.dtype(key).is_floating_point:
-            return not torch.equal(b.rows(key, 0, shape[0] if shape else 1), t.rows(key, 0, shape[0] if shape else 1))
-        step = max(1, (block_bytes // 4) // max(1, math.prod(shape[1:])))
-        return any(not torch.equal(b.rows(key, i, min(i + step, shape[0])), t.rows(key, i, min(i + step, shape[0])))
-                   for i in range(0, shape[0], step))
 
     plain: list[str] = []
     for key in tuned_keys:
@@ -575,19 +652,26 @@ def extract_lora(
         if kind == "other":
             plain.append(key)
             continue
+        if key not in changed:
+            report.unchanged += 1
+            continue
         acc_k = acc or (torch.float64 if torch.float64 in (b.dtype(key), t.dtype(key)) else torch.float32)
         m, n = shape_t
         step = max(1, (block_bytes // acc_k.itemsize) // max(1, n))
         delta = _Delta(b, t, key, (m, n), acc_k, step)
         hold = resident_bytes is None or m * n * acc_k.itemsize <= resident_bytes
+        acc_name = str(acc_k).removeprefix("torch.")
+        label = f"{key}: tuned − base in {acc_name}"
+        overflow = (f"both models hold an infinity there, or values near {acc_name}'s largest: extract from good "
+                    "checkpoints, or with acc=torch.float64")
         if hold:
             delta.whole = torch.cat([d for _, d in delta.blocks()]) if m > step else next(delta.blocks())[1]
-            if not bool(delta.whole.any()):
+            require_finite({label: delta.whole}, fix=overflow)
+            if not bool(delta.whole.any()):  # values that differ only below acc's precision
                 report.unchanged += 1
                 continue
-        elif not delta.changed():
-            report.unchanged += 1
-            continue
+        else:
+            require_finite(((label, d) for _, d in delta.blocks()), fix=overflow)
         cap = rule.cap
         q = min(m, n) if cap is None else min(cap + oversample, min(m, n))
         randomized = svd == "randomized" or (svd == "auto" and cap is not None and 2 * q < min(m, n))
@@ -600,16 +684,24 @@ def extract_lora(
             total = float(s.double().square().sum())
             del whole
         delta.whole = None
-        k = max(1, rule.select(s, total, floor=_noise_floor(s, (m, n), acc_k)))
+        if not len(s) or float(s[0]) == 0.0:  # a ΔW below acc's precision
+            report.unchanged += 1
+            continue
+        k = _kept(rule, s, total, (m, n), acc_k)
+        module = key[: -len(".weight")]
+        if on_module is not None:
+            on_module(module, m * n)
+        if k == 0:
+            report.rows.append(_row(module, kind, (m, n), min(m, n), 0, total, total))
+            report.left_out.append(key)
+            dropped[module] = _nothing_kept(module, rule, s)
+            continue
         left, right = _split(u, s, vh, k)  # stored ΔW ≈ left @ right
         del u, vh
-        module = key[: -len(".weight")]
         row = _row(module, kind, (m, n), min(m, n), k, *delta.residual(left, right))
         done[key] = (left, right, row)
         _emit(module, kind, left, right, row, dtype or t.dtype(key), out, alphas, report)
         lora_kinds[module] = kind
-        if on_module is not None:
-            on_module(module, m * n)
     for alias, source in tied.items():
         if source in done and alias.endswith(".weight"):
             left, right, row = done[source]
@@ -621,8 +713,11 @@ def extract_lora(
             _emit(module, kind, left, right, row, dtype or t.dtype(source), out, alphas, report)
             lora_kinds[module] = kind
             report.notes.append(f"{alias} shares {source}'s storage: its module gets the same update")
+    if report.rows and not lora_kinds:
+        raise LoraCkptError(f"sv_epsilon={rule.sv_epsilon:g} keeps no singular value of any module ("
+                            + "; ".join(list(dropped.values())[:3]) + "); give a smaller sv_epsilon")
     for key in plain:
-        if not whole_changed(key):
+        if key not in changed:
             report.unchanged += 1
             continue
         module, _, leaf = key.rpartition(".")
@@ -664,6 +759,13 @@ def extract_lora(
             _keep_whole(key, t, saved, report, "save", why="")
     for key, value in saved.items():
         out[_PEFT_PREFIX + key] = value
+    for module, why in dropped.items():
+        if f"{module}.weight" in saved:  # its bias changed: PEFT saves the whole module after all
+            report.left_out.remove(f"{module}.weight")
+            report.rows = [r for r in report.rows if r.module != module]
+            report.notes.append(f"{why}: saved whole (modules_to_save), as its bias changed")
+        else:
+            report.notes.append(f"{why}: left out, its update is not in the adapter")
     config = _peft_fields(lora_kinds, b, saved, lora_bias)
     fan = [k for k in lora_kinds.values() if k == "conv1d"]
     if fan and len(fan) != sum(k in ("linear", "conv1d") for k in lora_kinds.values()):
@@ -788,18 +890,24 @@ def resize_lora(
     alpha: float | Mapping[str, float] | None = None,
     scales: Mapping[str, float] | None = None,
     layout: Layout | str | None = None,
-    acc: torch.dtype | None = None,
+    acc: DType | None = None,
+    name: str = "the adapter",
 ) -> LowRankResult:
     """Return the adapter at a smaller rank, in its own layout: per module the best rank-k approximation
     (Eckart–Young) of the scaled update ``s·B@A``, by :func:`factor_svd` (``B@A`` is never formed).
 
     Exact (to round-off) where the rank kept is at least the module's rank. Every module comes out with scale 1
     (``alpha = new rank``), so ``result.alpha`` is what the file must record. Other tensors (base weights,
-    ``modules_to_save``) are carried; a ``lora_B.bias`` is multiplied by the old scale.
+    ``modules_to_save``) are carried; a ``lora_B.bias`` is multiplied by the old scale. A module of which
+    ``sv_epsilon`` keeps nothing is left out (its keys in ``report.left_out``; for PEFT keys its name in
+    ``result.config["exclude_modules"]``), or refused where the state dict stores its base weight beside the
+    factors (see the module docstring). ``name``: how messages name the adapter (its file).
 
     Raises:
         LayoutError: not a LoRA layout, or DoRA modules (refused: see the module docstring).
         AlphaError: the alpha is unknown (pass ``alpha`` or ``scales``).
+        ShapeError: a NaN or an infinity in the adapter.
+        LoraCkptError: a rule that keeps nothing of a module that cannot be left out, or of every module.
 
     Example:
         >>> from lora_ckpt.testing import make_lora_state_dict
@@ -814,27 +922,67 @@ def resize_lora(
         raise LayoutError("the state dict is in the standard layout: there is no LoRA update to resize")
     require_data(state_dict)
     _refuse_dora(layout, "resized")
+    require_finite({f"{k} in {name}": v for k, v in state_dict.items()}, fix=_BROKEN_ADAPTER)
     tensors = {k[len(layout.prefix):]: v for k, v in state_dict.items()}
     scale = _scales(layout, tensors, alpha, scales)
-    acc = acc or _acc(tensors[k] for m in layout.modules if m.has_factors for k in (m.a_key, m.b_key))
+    acc = _acc_dtype(acc) or _acc(tensors[k] for m in layout.modules if m.has_factors for k in (m.a_key, m.b_key))
     report = LowRankReport("resize", rule=rule)
     out = dict(tensors)
     alphas: dict[str, float] = {}
+    dropped = _Dropped(layout, rule)
     for m in layout.modules:
         if not m.has_factors:
             continue
         left, right = _canonical(layout, tensors, m, acc)
         u, s, vh = factor_svd(left * scale[m.name], right)
-        total = float(s.double().square().sum())
-        k = max(1, rule.select(s, total, floor=_noise_floor(s, m.delta_shape, acc)))
+        k = _kept(rule, s, float(s.double().square().sum()), m.delta_shape, acc)
         nl, nr = _split(u, s, vh, k)
-        _write_module(layout.spec, m, nl, nr, tensors[m.a_key].dtype, tensors[m.a_key].dim() == 4, out, alphas)
-        if "b_bias" in m.key_map:
-            out[m.key_map["b_bias"]] = tensors[m.key_map["b_bias"]] * scale[m.name]
         exact_left, exact_right = _canonical(layout, tensors, m, torch.float64)  # the target, in float64
         report.rows.append(_row(m.name, m.kind, m.delta_shape, m.rank, k,
                                 *_factor_residual(exact_left * scale[m.name], exact_right, nl, nr)))
-    return LowRankResult({layout.prefix + k: v for k, v in out.items()}, alphas, layout.kind, report)
+        if k == 0:
+            dropped.add(m, s, out)
+            continue
+        _write_module(layout.spec, m, nl, nr, tensors[m.a_key].dtype, tensors[m.a_key].dim() == 4, out, alphas)
+        if "b_bias" in m.key_map:
+            out[m.key_map["b_bias"]] = tensors[m.key_map["b_bias"]] * scale[m.name]
+    config = dropped.settle(report, kept=bool(alphas))
+    return LowRankResult({layout.prefix + k: v for k, v in out.items()}, alphas, layout.kind, report, config)
+
+
+class _Dropped:
+    """The modules of an adapter a rule keeps nothing of: taken out of ``out`` where the layout allows it."""
+
+    def __init__(self, layout: Layout, rule: RankRule | None) -> None:
+        self.layout, self.rule = layout, rule
+        self.modules: list[tuple[LoraModule, str]] = []  # (module, why)
+        self.refused: list[str] = []
+
+    def add(self, m: LoraModule, s: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+        assert self.rule is not None
+        why = _nothing_kept(m.name, self.rule, s)
+        if m.has_base:  # its weight sits beside its factors: the module cannot lose them
+            self.refused.append(why)
+            return
+        for key in m.factor_keys:
+            out.pop(key, None)
+        self.modules.append((m, why))
+
+    def settle(self, report: LowRankReport, *, kept: bool) -> dict[str, Any]:
+        """Raise for modules that cannot be left out or if nothing is kept; report the rest; the PEFT config."""
+        if self.refused:
+            raise LoraCkptError(
+                "; ".join(self.refused[:3]) + f"{' …' if len(self.refused) > 3 else ''}: a {self.layout.kind} state "
+                "dict stores each module's weight beside its factors and cannot leave a module out; give a smaller "
+                "sv_epsilon")
+        if self.modules and not kept:
+            raise LoraCkptError(f"sv_epsilon={self.rule.sv_epsilon:g} keeps no singular value of any module ("  # type: ignore[union-attr]
+                                + "; ".join(why for _, why in self.modules[:3]) + "); give a smaller sv_epsilon")
+        for m, why in self.modules:
+            report.left_out.extend(self.layout.prefix + k for k in m.factor_keys)
+            report.notes.append(f"{why}: left out, its update is not in the adapter")
+        names = sorted(m.name for m, _ in self.modules)
+        return {"exclude_modules": names} if names and self.layout.spec is PEFT else {}
 
 
 def combine_lora(
@@ -848,7 +996,8 @@ def combine_lora(
     alphas: Sequence[float | Mapping[str, float] | None] | None = None,
     scales: Sequence[Mapping[str, float] | None] | None = None,
     layouts: Sequence[Layout | str | None] | None = None,
-    acc: torch.dtype | None = None,
+    acc: DType | None = None,
+    names: Sequence[str] | None = None,
 ) -> LowRankResult:
     """Return one adapter whose update is ``Σᵢ wᵢ·sᵢ·ΔWᵢ``, in the first input's layout.
 
@@ -856,12 +1005,14 @@ def combine_lora(
     whatever the inputs' ranks, alphas or rsLoRA scales (folded in), and weights may be negative. With
     ``rank``/``energy``/… the sum is compressed by :func:`factor_svd` to the best approximation of that rank.
     A module present in only some inputs takes only theirs. Other tensors (base weights, ``modules_to_save``)
-    must be equal wherever more than one input holds them.
+    must be equal wherever more than one input holds them. A module of which ``sv_epsilon`` keeps nothing is
+    left out as in :func:`resize_lora`. ``names``: how messages name the adapters (default ``adapter 1``, …).
 
     Raises:
         LayoutError: inputs in different layouts, DoRA modules, fewer than one input, or weights of the wrong length.
-        ShapeError: a module whose update shape or kind differs between inputs.
+        ShapeError: a module whose update shape or kind differs between inputs; a NaN or an infinity in an adapter.
         KeyMismatchError: another tensor that two inputs hold with different values.
+        LoraCkptError: a rule that keeps nothing of a module that cannot be left out, or of every module.
 
     Example:
         >>> from lora_ckpt.testing import make_lora_state_dict
@@ -875,22 +1026,26 @@ def combine_lora(
     if n < 1:
         raise LayoutError("combine needs at least one adapter")
     weights = list(weights) if weights is not None else [1.0] * n
-    for name, seq in (("weights", weights), ("alphas", alphas), ("scales", scales), ("layouts", layouts)):
+    for name, seq in (("weights", weights), ("alphas", alphas), ("scales", scales), ("layouts", layouts),
+                      ("names", names)):
         if seq is not None and len(seq) != n:
             raise LayoutError(f"{name} has {len(seq)} entries for {n} adapters; give one per adapter")
     for i, w in enumerate(weights):
         check_alpha(w, where=f"weights[{i}]", fix="give finite weights (CLI: --weights W1 W2 …)")
     rule = None if rank is None and energy is None and sv_epsilon is None and sv_ratio is None else \
         RankRule(rank, energy, sv_epsilon, sv_ratio)
+    label = list(names) if names is not None else [f"adapter {i + 1}" for i in range(n)]
     found: list[Layout] = []
     for i, sd in enumerate(state_dicts):
         given = layouts[i] if layouts is not None else None
         lay = given if isinstance(given, Layout) else detect_layout(sd, layout=given)
         if not lay.is_lora or lay.spec is None:
-            raise LayoutError(f"adapter {i + 1} is in the standard layout: it holds no LoRA update to combine")
+            raise LayoutError(f"{label[i]} is in the standard layout: it holds no LoRA update to combine")
         require_data(sd)
         _refuse_dora(lay, "combined")
         found.append(lay)
+    require_finite(((f"{k} in {label[i]}", v) for i, sd in enumerate(state_dicts) for k, v in sd.items()),
+                   fix=_BROKEN_ADAPTER)
     kinds = {lay.kind for lay in found}
     if len(kinds) > 1:
         raise LayoutError(f"the adapters are in different layouts ({', '.join(lay.kind for lay in found)}); convert "
@@ -909,7 +1064,7 @@ def combine_lora(
     for name, items in parts.items():
         shapes = {(m.kind, m.delta_shape) for _, m in items}
         if len(shapes) > 1:
-            problems.append(f"{name}: " + ", ".join(f"adapter {i + 1} {m.kind} {m.delta_shape}" for i, m in items))
+            problems.append(f"{name}: " + ", ".join(f"{label[i]} {m.kind} {m.delta_shape}" for i, m in items))
     if problems:
         raise ShapeError("the adapters disagree on modules: " + "; ".join(problems[:4])
                          + "; combine adapters of one base model")
@@ -921,16 +1076,17 @@ def combine_lora(
             if k in factor_keys:
                 continue
             if k in rest and (rest[k].shape != v.shape or not torch.equal(rest[k], v)):
-                clash.append(f"{k} (adapter {i + 1})")
+                clash.append(f"{k} ({label[i]})")
             rest.setdefault(k, v)
     if clash:
         raise KeyMismatchError(f"{', '.join(clash[:4])} differs from an earlier adapter's; combine sums LoRA updates "
                                "and cannot combine base weights or modules_to_save copies: keep one version")
-    acc = acc or _acc(t[k] for lay, t in zip(found, plain) for m in lay.modules if m.has_factors
-                      for k in (m.a_key, m.b_key))
+    acc = _acc_dtype(acc) or _acc(t[k] for lay, t in zip(found, plain) for m in lay.modules if m.has_factors
+                                  for k in (m.a_key, m.b_key))
     report = LowRankReport("combine", rule=rule)
     out = dict(rest)
     new_alpha: dict[str, float] = {}
+    dropped = _Dropped(found[0], rule)
     for name, items in parts.items():
         lefts, rights, exact_lefts, exact_rights = [], [], [], []
         for i, m in items:
@@ -950,18 +1106,20 @@ def combine_lora(
             nl, nr = left, right
         else:
             u, s, vh = factor_svd(left, right)
-            total = float(s.double().square().sum())
-            keep = max(1, rule.select(s, total, floor=_noise_floor(s, m0.delta_shape, acc)))
-            nl, nr = _split(u, s, vh, keep)
+            nl, nr = _split(u, s, vh, _kept(rule, s, float(s.double().square().sum()), m0.delta_shape, acc))
         row = _row(name, m0.kind, m0.delta_shape, r_in, nl.shape[1], *_factor_residual(*exact, nl, nr))
+        report.rows.append(row)
+        if not nl.shape[1]:
+            dropped.add(m0, s, out)
+            continue
         dtype = plain[i0][m0.a_key].dtype
         _write_module(spec, m0, nl, nr, dtype, plain[i0][m0.a_key].dim() == 4, out, new_alpha)
         biases = [(weights[i] * scale[i][m.name], plain[i][m.key_map["b_bias"]]) for i, m in items if "b_bias" in m.key_map]
         if biases:
             out[m0.key_map.get("b_bias") or spec.key(name, "b_bias")] = sum(c * v.to(acc) for c, v in biases).to(dtype)  # type: ignore[union-attr]
-        report.rows.append(row)
+    config = dropped.settle(report, kept=bool(new_alpha))
     prefix = found[0].prefix
-    return LowRankResult({prefix + k: v for k, v in out.items()}, new_alpha, found[0].kind, report)
+    return LowRankResult({prefix + k: v for k, v in out.items()}, new_alpha, found[0].kind, report, config)
 
 
 # --- unmerge ------------------------------------------------------------------------------------------------------
@@ -976,7 +1134,8 @@ def unmerge_lora(
     layout: Layout | str | None = None,
     fan_in_fan_out: Orientation = None,
     base: Mapping[str, torch.Tensor] | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: DType | None = None,
+    names: tuple[str, str] = ("the merged weights", "the adapter"),
 ) -> LowRankResult:
     """Return the merged weights with the adapter's update taken out: ``W − s·ΔW`` accumulated in float32 (float64
     for float64 weights) and rounded once, as a standard state dict; ``merged`` is not changed.
@@ -985,11 +1144,13 @@ def unmerge_lora(
     a factor that does not fit its weight is refused before any arithmetic. ``unmerge(merge(W)) == W`` within one
     rounding of the weights' dtype. Tensors an adapter replaces whole (PEFT ``modules_to_save``) cannot be
     restored: they stay as merged and are named in ``report.left_out``. With ``base`` (the original weights, when
-    known) each row reports the largest ``|W − W_base|``.
+    known) each row reports the largest ``|W − W_base|``. ``dtype``: the output's floating-point dtype (a
+    ``torch.dtype`` or a name such as ``"bf16"``); ``names``: how messages name the merged weights and the adapter.
 
     Raises:
         LayoutError: DoRA modules, or an adapter that is not a LoRA layout.
-        ShapeError, KeyMismatchError: factors that do not fit the merged weights, modules the weights lack.
+        ShapeError, KeyMismatchError: factors that do not fit the merged weights, modules the weights lack; a NaN or
+            an infinity in the adapter or in a merged weight it changes.
         AlphaError: the alpha is unknown.
 
     Example:
@@ -1008,6 +1169,7 @@ def unmerge_lora(
         raise LayoutError("the adapter is in the standard layout: it holds no LoRA update to take out")
     _refuse_dora(layout, "unmerged")
     require_data(merged, adapter)
+    require_finite({f"{k} in {names[1]}": v for k, v in adapter.items()}, fix=_BROKEN_ADAPTER)
     tensors = {k[len(layout.prefix):]: v for k, v in adapter.items()}
     scale = _scales(layout, tensors, alpha, scales)
     report = LowRankReport("unmerge")
@@ -1037,6 +1199,9 @@ def unmerge_lora(
                             "merged: " + ", ".join(saved[:4]) + (" …" if len(saved) > 4 else ""))
         layout = detect_layout(factors, layout=spec.name)
     plan = plan_merge(factors, base=merged, scales=negated, layout=layout, dtype=dtype, fan_in_fan_out=fan_in_fan_out)
+    touched = [s for s in plan.steps if s.op in ("merge", "bias") and s.source is not None and not s.from_adapter]
+    require_finite({f"{s.source} in {names[0]}": plan.big[s.source] for s in touched},  # type: ignore[index]
+                   fix="the merged weights are broken (a diverged run?): unmerge from a good checkpoint")
     result = plan.execute(plan.big)
     for step in plan.steps:
         if step.op != "merge" or step.module is None:

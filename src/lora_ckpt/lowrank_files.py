@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from lora_ckpt.progress import progress_bar
+from lora_ckpt.dtypes import DType, as_dtype
 from lora_ckpt.errors import CheckpointFileError, LayoutError
 from lora_ckpt.formats.hf import module_types, write_model_folder
 from lora_ckpt.formats.peft import load_peft_adapter, write_peft_adapter
@@ -102,6 +103,9 @@ class SourceRows:
         if not self.shape(key):
             return self.source.read(full)
         return self.source.read(full, start, stop)
+
+    def where(self, key: str) -> str:
+        return str(self.source.entries[self.names[key]].file)
 
 
 def layer_facts(
@@ -203,7 +207,7 @@ def extract_files(
     svd: SvdMethod = "auto",
     oversample: int = 8,
     niter: int = 2,
-    dtype: torch.dtype | None = None,
+    dtype: DType | None = None,
     device: str | None = None,
     fan_in_fan_out: bool | None = None,
     progress: bool = False,
@@ -218,9 +222,11 @@ def extract_files(
     options; memory as the module docstring says.
 
     Raises:
-        LoraCkptError: any input problem, before anything is written; OSError from the file system.
+        LoraCkptError: any input problem, before anything is written (a NaN or an infinity named with its key and
+            file); ValueError: a ``dtype`` that names no dtype; OSError from the file system.
     """
     started = time.perf_counter()
+    dtype = as_dtype(dtype)
     if to not in ("peft", "kohya"):
         raise LayoutError(f"extract writes to='peft' (a folder) or to='kohya' (a file), not {to!r}; convert the PEFT "
                           "adapter afterwards (lora-ckpt convert --to … --base BASE)")
@@ -309,7 +315,8 @@ def resize_files(
                                 inputs=src.paths())
         sd, scales, rec_alpha, config = _open_adapter(src, alpha)
         result = resize_lora(sd, rank=rank, energy=energy, sv_epsilon=sv_epsilon, sv_ratio=sv_ratio,
-                             alpha=rec_alpha, scales=scales, layout=PEFT.name if config is not None else None)
+                             alpha=rec_alpha, scales=scales, layout=PEFT.name if config is not None else None,
+                             name=str(src.path))
         _install_like(target, result, config, src)
     return LowRankFileResult([target.path], result.report, time.perf_counter() - started, list(target.removed))
 
@@ -319,8 +326,10 @@ def _install_like(target: Output, result: LowRankResult, config: Mapping[str, An
     if config is not None:
         carried = {k: v for k, v in config.items() if k not in _RECOMPUTED}
         task = config.get("task_type")
-        peft_result = LowRankResult(result.state_dict, result.alpha, "peft", result.report,
-                                    {**({"task_type": task} if task else {})},
+        fields: dict[str, Any] = {"task_type": task} if task else {}
+        if result.config.get("exclude_modules"):  # modules the rule left out: PEFT must not adapt them
+            fields["exclude_modules"] = _union(config.get("exclude_modules"), result.config["exclude_modules"])
+        peft_result = LowRankResult(result.state_dict, result.alpha, "peft", result.report, fields,
                                     fan_in_fan_out=bool(config.get("fan_in_fan_out")))
         _write_adapter(target, peft_result, to="peft", base_path=Path(str(config.get("base_model_name_or_path") or "")),
                        carried=carried)
@@ -340,11 +349,19 @@ def combine_files(
     sv_epsilon: float | None = None,
     sv_ratio: float | None = None,
     alpha: float | None = None,
+    base_model: str | None = None,
     overwrite: bool = False,
 ) -> LowRankFileResult:
     """Combine ``adapters`` (PEFT folders, or LoRA files of one layout) into ``out`` (the first one's form).
 
     See :func:`~lora_ckpt.lowrank.combine_lora`. ``alpha``: for files that do not record theirs (the same for each).
+    PEFT adapters must name one base model (``base_model_name_or_path``; an adapter that names none takes the
+    others'): updates of different models do not add up. ``base_model`` overrides that check and is recorded as
+    the combined adapter's base.
+
+    Raises:
+        LayoutError: PEFT adapters that name different base models (and no ``base_model``); any other input problem
+            as :func:`~lora_ckpt.lowrank.combine_lora` says, before anything is written.
     """
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -357,10 +374,11 @@ def combine_files(
                                 inputs=[p for s in sources for p in s.paths()])
         opened = [_open_adapter(s, alpha) for s in sources]
         peft = sources[0].kind == "peft"
+        bases = _one_base([(s, o[3]) for s, o in zip(sources, opened)], base_model)
         result = combine_lora(
             [o[0] for o in opened], weights=weights, rank=rank, energy=energy, sv_epsilon=sv_epsilon, sv_ratio=sv_ratio,
             alphas=[o[2] for o in opened], scales=[o[1] for o in opened],
-            layouts=[PEFT.name if peft else None] * len(opened),
+            layouts=[PEFT.name if peft else None] * len(opened), names=[str(s.path) for s in sources],
         )
         config = opened[0][3]
         if config is not None:
@@ -371,9 +389,27 @@ def combine_files(
                 for f in fields:
                     if other.get(f) != merged_cfg.get(f):
                         merged_cfg[f] = _union(merged_cfg.get(f), other.get(f))
+            merged_cfg["base_model_name_or_path"] = bases
             config = merged_cfg
         _install_like(target, result, config, sources[0])
     return LowRankFileResult([target.path], result.report, time.perf_counter() - started, list(target.removed))
+
+
+def _one_base(adapters: Sequence[tuple[Source, Mapping[str, Any] | None]], given: str | None) -> str | None:
+    """The base model the PEFT ``adapters`` were trained on (``given`` if given); refused when two name different ones."""
+    if given is not None:
+        if any(c is None for _, c in adapters):
+            raise LayoutError("base_model is recorded in a PEFT adapter's config; these adapters are files that "
+                              "record no base model: drop base_model (CLI: --base-model)")
+        return given
+    named = [(s.path, c.get("base_model_name_or_path")) for s, c in adapters if c is not None]
+    named = [(p, b) for p, b in named if b]
+    if len({b for _, b in named}) > 1:
+        (p1, b1), (p2, b2) = named[0], next((p, b) for p, b in named if b != named[0][1])
+        raise LayoutError(f"{p1} was trained on {b1!r} but {p2} on {b2!r} (base_model_name_or_path); updates of "
+                          "different base models do not add up: combine adapters of one base, or pass "
+                          "--base-model NAME (Python: base_model=NAME) to combine them anyway for the base NAME")
+    return named[0][1] if named else None
 
 
 def _union(a: Any, b: Any) -> Any:
@@ -393,7 +429,7 @@ def unmerge_files(
     *,
     base: PathLike | None = None,
     alpha: float | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: DType | None = None,
     fan_in_fan_out: bool | None = None,
     overwrite: bool = False,
 ) -> LowRankFileResult:
@@ -406,6 +442,7 @@ def unmerge_files(
     from lora_ckpt.formats.peft import adapter_orientation
 
     started = time.perf_counter()
+    dtype = as_dtype(dtype)
     with contextlib.ExitStack() as stack:
         m_src = stack.enter_context(Source.open(merged))
         a_src = stack.enter_context(Source.open(adapter))
@@ -427,7 +464,8 @@ def unmerge_files(
             sd, scales, rec_alpha = ck.state_dict, None, ck.resolve_alpha(alpha)
         base_sd = b_src.load().state_dict if b_src is not None else None
         result = unmerge_lora(merged_sd, sd, alpha=rec_alpha, scales=scales, fan_in_fan_out=orientation,
-                              base=base_sd, dtype=dtype, layout=PEFT.name if a_src.kind == "peft" else None)
+                              base=base_sd, dtype=dtype, layout=PEFT.name if a_src.kind == "peft" else None,
+                              names=(str(m_src.path), str(a_src.path)))
         with target.writing() as tmp:
             if target.folder:
                 write_model_folder(tmp, result.state_dict, like=m_src.path if m_src.kind == "folder" else None,

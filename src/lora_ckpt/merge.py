@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -16,7 +16,7 @@ from lora_ckpt.errors import AlphaError, KeyMismatchError, LayoutError, ShapeErr
 from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LoraModule, detect_layout, split_prefix
 
 __all__ = [
-    "Alpha", "Factors", "MergePlan", "Orientation", "Step", "merge_lora", "merge_module", "check_finite", "check_scale", "merge_rows", "module_factors",
+    "Alpha", "Factors", "MergePlan", "Orientation", "Step", "merge_lora", "merge_module", "check_finite", "check_scale", "require_finite", "merge_rows", "module_factors",
     "orientation",
     "plan_merge", "require_data", "settle_orientation",
     "resolve_base_names", "resolve_scales",
@@ -248,6 +248,26 @@ def check_finite(name: str, merged: torch.Tensor, base: torch.Tensor | None, sca
         f"scaled by {scale:g}, overflows it); merge into a wider dtype: dtype=torch.float32 (CLI: --dtype fp32) "
         "or check the alpha"
     )
+
+
+def require_finite(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *, fix: str) -> None:
+    """Raise :class:`ShapeError` naming every label whose tensor holds a NaN or an infinity, ``fix`` saying what to do.
+
+    ``tensors``: label -> tensor, or a lazy iterable of ``(label, tensor)`` pairs (a label may come back once per row
+    block, so a model is checked one block at a time). Integer, bool and ``meta`` tensors pass.
+
+    Example:
+        >>> require_finite({"w": torch.tensor([1.0, float("nan")])}, fix="use a good checkpoint")
+        Traceback (most recent call last):
+        lora_ckpt.errors.ShapeError: w holds NaN or infinite values; use a good checkpoint
+    """
+    broken: list[str] = []
+    for label, t in tensors.items() if isinstance(tensors, Mapping) else tensors:
+        if t.is_floating_point() and t.device.type != "meta" and label not in broken and not _finite(t):
+            broken.append(label)
+    if broken:
+        raise ShapeError(f"{', '.join(broken[:4])}{' …' if len(broken) > 4 else ''} "
+                         f"{'holds' if len(broken) == 1 else 'hold'} NaN or infinite values; {fix}")
 
 
 def merge_rows(
@@ -575,7 +595,7 @@ def _check_unique(steps: list[Step], tensors: Mapping[str, torch.Tensor]) -> Non
 
 def _check_factors(layout: Layout, tensors: Mapping[str, torch.Tensor]) -> None:
     """LoRA factors must be real floating-point tensors, with finite values where they have data."""
-    bad, broken = [], []
+    bad, factors = [], {}
     for m in layout.modules:
         for key in m.factor_keys:
             t = tensors.get(key)
@@ -583,14 +603,11 @@ def _check_factors(layout: Layout, tensors: Mapping[str, torch.Tensor]) -> None:
                 continue
             if not t.is_floating_point():
                 bad.append(f"{key} is {t.dtype}")
-            elif t.device.type != "meta" and not _finite(t):
-                broken.append(key)
+            factors[key] = t
     if bad:
         raise LayoutError("LoRA factors must be floating point: " + "; ".join(bad[:4])
                           + "; integer, bool or complex factors are not a LoRA update (dequantize them first)")
-    if broken:
-        raise ShapeError(f"{', '.join(broken[:4])} {'holds' if len(broken) == 1 else 'hold'} NaN or infinite values; "
-                         "the adapter is broken (a diverged run?): merge a good checkpoint")
+    require_finite(factors, fix="the adapter is broken (a diverged run?): merge a good checkpoint")
 
 
 # A module PEFT trains in full (``modules_to_save``) is wrapped in a live model: ``lm_head.original_module.weight``
