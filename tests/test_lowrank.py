@@ -820,3 +820,81 @@ def test_resized_adapter_leaving_modules_out_loads_in_peft(hostile):
     assert all(hasattr(layers[n], "lora_A") for n in largest if n not in dropped)
     full = merge_lora(adapter.state_dict, base=base.state_dict(), scales=adapter.scales, fan_in_fan_out=False)
     assert any(not torch.allclose(full[f"{n}.weight"], expected.state_dict()[f"{n}.weight"]) for n in dropped)
+
+
+# --- a tied lm_head that save_pretrained leaves out of the base's files (issue: merge failed, unmerge skipped it) -----
+
+
+@pytest.fixture(scope="module")
+def tied_gpt2(tmp_path_factory):
+    """A tied GPT-2 base (its files hold no lm_head.weight), a fine-tune of c_attn, c_fc and wte, and the adapter
+    extracted from them, which updates wte and lm_head (PEFT needs both)."""
+    root = tmp_path_factory.mktemp("tied")
+    torch.manual_seed(0)
+    base = _gpt2()
+    base.save_pretrained(root / "gbase")
+    tuned = _gpt2()
+    tuned.load_state_dict(base.state_dict())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if any(part in name for part in ("c_attn.weight", "c_fc.weight", "wte.weight")):
+                p.add_(0.05 * torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g))
+    tuned.save_pretrained(root / "gtuned")
+    from safetensors import safe_open
+
+    with safe_open(root / "gbase" / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    extract_files(root / "gbase", root / "gtuned", root / "ad16", rank=16)
+    modules = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in load_peft_adapter(root / "ad16").state_dict}
+    assert {"transformer.wte", "lm_head"} <= modules
+    return root, base, tuned
+
+
+def test_adapter_updating_a_tied_lm_head_merges_in_memory_streamed_and_from_the_adapter_alone(tied_gpt2, capsys):
+    from lora_ckpt.adapter import merge_adapter
+    from lora_ckpt.files import merge_files
+
+    root, base, tuned = tied_gpt2
+    merged = merge_adapter(root / "gbase", root / "ad16")
+    assert set(merged) == set(base.state_dict())  # lm_head.weight is written, merged with its own update
+    model = _gpt2()
+    model.load_state_dict(merged)
+    torch.testing.assert_close(_logits(model), _logits(tuned), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(merged["lm_head.weight"], merged["transformer.wte.weight"])  # equal updates
+    assert main(["merge", str(root / "gbase"), str(root / "ad16"), str(root / "out")]) == 0  # streamed
+    capsys.readouterr()
+    merge_files(root / "ad16", root / "out2")  # the base the adapter names
+    for out in ("out", "out2"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = transformers.GPT2LMHeadModel.from_pretrained(root / out).eval()
+        torch.testing.assert_close(_logits(loaded), _logits(tuned), rtol=1e-4, atol=1e-4)
+
+
+def test_unmerge_of_a_tied_lm_head_refuses_without_the_base_and_recovers_it_with_it(tied_gpt2, capsys):
+    from safetensors.torch import load_file
+
+    root, base, _ = tied_gpt2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(root / "gbase"),
+                                                    root / "ad16")
+        peft_model.merge_and_unload().save_pretrained(root / "pmerged")  # both updates in the shared tensor
+    pm = str(root / "pmerged")
+    capsys.readouterr()
+    assert main(["unmerge", pm, str(root / "ad16"), str(root / "gback")]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"lora-ckpt: error: {pm} ties lm_head.weight to transformer.wte.weight (config.json) and stores "
+                   "the shared tensor once, and the adapter updates lm_head too: PEFT's merge_and_unload adds both "
+                   "updates to the shared tensor, a fine-tune (or a merge saved tied) holds one, and the merged "
+                   "weights cannot tell which; give the base model (--base BASE, Python: base=BASE) to decide\n")
+    assert not (root / "gback").exists()
+    want = base.state_dict()
+    for merged, how in (("pmerged", "holds both updates"), ("gtuned", "holds one update")):
+        result = unmerge_files(root / merged, root / "ad16", root / f"back_{merged}", base=root / "gbase")
+        assert any(n.startswith("lm_head: ") and how in n for n in result.report.notes)
+        back = load_file(root / f"back_{merged}" / "model.safetensors")
+        for key, value in back.items():
+            torch.testing.assert_close(value, want[key], rtol=0, atol=1e-6)
+        assert result.report.totals()["max_abs_error"] < 1e-6

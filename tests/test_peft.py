@@ -264,3 +264,24 @@ def test_loading_hugging_face_gpt2_weights_directly_points_at_gpt2(tmp_path):
     with pytest.raises(ShapeError, match=r"each is the model's shape transposed: the checkpoint stores these weights "
                                          r"\(in, out\), as Hugging Face GPT-2's Conv1D does; convert it first with gpt2=True"):
         load_into(make_gpt(attn_rank=4), sd, ignore=["lm_head.weight"])
+
+
+def test_an_adapter_updating_a_tied_lm_head_alone_is_refused(tmp_path, capsys):
+    """GPT-2 ties lm_head to wte; an update on lm_head only cannot be tied, and a folder whose config ties them
+    would silently drop it: refused, naming both keys."""
+    from lora_ckpt import TiedWeightError
+
+    torch.manual_seed(0)
+    base = _gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base.save_pretrained(tmp_path / "base")
+        model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"]))
+        _perturb(model, seed=2)
+        model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(TiedWeightError, match=r"lm_head.weight: the base model ties it to transformer.wte.weight \(its "
+                                              r"config.json\), but the adapter gives the two different updates"):
+        merge_adapter(tmp_path / "base", tmp_path / "adapter")
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"), "--quiet"]) == 1
+    assert "would drop one update; leave lm_head out of the adapter" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

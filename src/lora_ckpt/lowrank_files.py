@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +29,7 @@ import torch
 from lora_ckpt.progress import progress_bar
 from lora_ckpt.dtypes import DType, as_dtype
 from lora_ckpt.errors import CheckpointFileError, LayoutError
-from lora_ckpt.formats.hf import module_types, write_model_folder
+from lora_ckpt.formats.hf import meta_model_facts, module_types, tied_weights, write_model_folder
 from lora_ckpt.formats.peft import load_peft_adapter, write_peft_adapter
 from lora_ckpt.io import write_checkpoint
 from lora_ckpt.layout import KOHYA, PEFT, split_prefix
@@ -118,7 +118,7 @@ def layer_facts(
     config records it; it may not contradict a config.
     """
     names = list(names)
-    built = _meta_model_facts(model_config)
+    built = meta_model_facts(model_config)
     if built is not None:
         kinds, tied = built
         if fan_in_fan_out is not None and any((k == "conv1d") != fan_in_fan_out for k in kinds.values()
@@ -141,55 +141,6 @@ def layer_facts(
         note = None
     kind: Kind = "conv1d" if fan_in_fan_out else "linear"
     return {n: kind for n in names}, {}, note
-
-
-def _meta_model_facts(model_config: Mapping[str, Any] | None) -> tuple[dict[str, Kind], dict[str, str]] | None:
-    """Layer types and ties of the model ``config.json`` describes, built on the meta device; None if it cannot be."""
-    if model_config is None or not model_config.get("architectures"):
-        return None
-    try:
-        import transformers
-    except ImportError:
-        return None
-    arch = model_config["architectures"][0]
-    cls = getattr(transformers, str(arch), None)
-    if cls is None:
-        return None
-    try:
-        config = transformers.AutoConfig.for_model(**dict(model_config))
-        with torch.device("meta"), warnings_quiet():
-            model = cls(config)
-    except Exception as e:  # noqa: BLE001 - an unusual config: fall back to the weaker facts, saying so
-        log.info("could not build %s on the meta device (%s); layer types from the model type", arch, e)
-        return None
-    conv1d = getattr(getattr(transformers, "pytorch_utils", None), "Conv1D", None)
-    kinds: dict[str, Kind] = {}
-    for name, module in model.named_modules():
-        if conv1d is not None and isinstance(module, conv1d):
-            kinds[name] = "conv1d"
-        elif isinstance(module, torch.nn.Linear):
-            kinds[name] = "linear"
-        elif isinstance(module, torch.nn.Embedding):
-            kinds[name] = "embedding"
-        elif hasattr(module, "weight") and isinstance(getattr(module, "weight"), torch.nn.Parameter):
-            kinds[name] = "other"
-    owners: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        first = owners.setdefault(id(p), name)
-        if first != name:
-            tied[name] = first
-    return kinds, tied
-
-
-@contextlib.contextmanager
-def warnings_quiet() -> Any:
-    """Silence library warnings while a meta model is built (they are about the model, not the user's files)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def extract_files(
@@ -451,6 +402,8 @@ def unmerge_files(
         target = Output.prepare(out, overwrite=overwrite, inputs=inputs)
         merged_sd = m_src.load().state_dict
         orientation: Any = fan_in_fan_out
+        tied: dict[str, str] = {}
+        alias_ads: dict[str, tuple[dict[str, torch.Tensor], float]] = {}
         if a_src.kind == "peft":
             peft = load_peft_adapter(a_src)
             if alpha is not None:
@@ -458,7 +411,10 @@ def unmerge_files(
             plain = {split_prefix(k)[1]: v for k, v in merged_sd.items()}
             orientation = adapter_orientation(peft, plain, model_config=m_src.model_config, given=fan_in_fan_out)
             sd, scales, rec_alpha = peft.state_dict, peft.scales, None
-            sd, scales = _drop_tied_aliases(sd, scales, m_src, plain)
+            tied = _tied_alias_modules(sd, m_src, plain)
+            if tied and b_src is None:
+                raise LayoutError(_tied_unmerge_refusal(tied, m_src.path))
+            sd, scales, alias_ads = _split_tied(sd, scales, tied)
         else:
             ck = a_src.load()
             sd, scales, rec_alpha = ck.state_dict, None, ck.resolve_alpha(alpha)
@@ -466,6 +422,9 @@ def unmerge_files(
         result = unmerge_lora(merged_sd, sd, alpha=rec_alpha, scales=scales, fan_in_fan_out=orientation,
                               base=base_sd, dtype=dtype, layout=PEFT.name if a_src.kind == "peft" else None,
                               names=(str(m_src.path), str(a_src.path)))
+        if tied and base_sd is not None:
+            _unmerge_tied(result, tied, alias_ads, base_sd, orientation=orientation, dtype=dtype,
+                          names=(str(m_src.path), str(a_src.path)))
         with target.writing() as tmp:
             if target.folder:
                 write_model_folder(tmp, result.state_dict, like=m_src.path if m_src.kind == "folder" else None,
@@ -475,16 +434,64 @@ def unmerge_files(
     return LowRankFileResult([target.path], result.report, time.perf_counter() - started, list(target.removed))
 
 
-def _drop_tied_aliases(sd: dict[str, torch.Tensor], scales: dict[str, float], merged: Source,
-                       plain: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Leave out the modules of weights the merged model ties to another and does not store (a tied ``lm_head``):
-    their update is the one of the weight they share, taken out once there."""
-    names = [k[: -len(".weight")] for k in plain if k.endswith(".weight")]
-    _, tied, _ = layer_facts(merged.model_config if merged.kind == "folder" else None, names)
-    gone = {alias[: -len(".weight")] for alias, key in tied.items() if alias not in plain and key in plain}
-    if not gone:
-        return sd, scales
+def _tied_alias_modules(sd: Mapping[str, torch.Tensor], merged: Source, plain: Mapping[str, torch.Tensor]
+                        ) -> dict[str, str]:
+    """The adapter's modules (name -> the key stored) whose weight the merged model ties to another key and does not
+    store (a tied ``lm_head``): their update went into, or is, the shared tensor's."""
+    if merged.kind != "folder":
+        return {}
+    ties = tied_weights(merged.model_config)
     prefix = PEFT.key_prefix
-    keep = {k: v for k, v in sd.items() if not any(k.startswith(f"{prefix}{g}.") for g in gone)}
-    return keep, {k: v for k, v in scales.items() if k not in gone}
+    return {alias[: -len(".weight")]: key for alias, key in ties.items()
+            if alias.endswith(".weight") and alias not in plain and key in plain
+            and any(k.startswith(f"{prefix}{alias[: -len('.weight')]}.") for k in sd)}
 
+
+def _tied_unmerge_refusal(tied: Mapping[str, str], merged: Path) -> str:
+    pairs = ", ".join(f"{a}.weight to {k}" for a, k in tied.items())
+    names = ", ".join(tied)
+    return (f"{merged} ties {pairs} (config.json) and stores the shared tensor once, and the adapter updates "
+            f"{names} too: PEFT's merge_and_unload adds both updates to the shared tensor, a fine-tune (or a merge "
+            "saved tied) holds one, and the merged weights cannot tell which; give the base model (--base BASE, "
+            "Python: base=BASE) to decide")
+
+
+def _split_tied(sd: dict[str, torch.Tensor], scales: dict[str, float], tied: Mapping[str, str]
+                ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, tuple[dict[str, torch.Tensor], float]]]:
+    """The adapter without the tied alias modules, and each alias module's own entries and scale."""
+    prefix = PEFT.key_prefix
+    own = {a: {k: v for k, v in sd.items() if k.startswith(f"{prefix}{a}.")} for a in tied}
+    gone = {k for entries in own.values() for k in entries}
+    rest = {k: v for k, v in sd.items() if k not in gone}
+    return rest, {k: v for k, v in scales.items() if k not in tied}, {a: (own[a], scales[a]) for a in tied}
+
+
+def _unmerge_tied(result: LowRankResult, tied: Mapping[str, str],
+                  alias_ads: Mapping[str, tuple[dict[str, torch.Tensor], float]],
+                  base: Mapping[str, torch.Tensor], *, orientation: Any, dtype: torch.dtype | None,
+                  names: tuple[str, str]) -> None:
+    """Where the shared tensor of a tied alias holds the alias's update too (PEFT's merge_and_unload adds both),
+    take it out as well: the base decides which of once or both fits it; the report says which."""
+    plain_base = {split_prefix(k)[1]: v for k, v in base.items()}
+    for alias, key in tied.items():
+        once = result.state_dict[key]
+        w = f"{alias}.weight"
+        sd, scale = alias_ads[alias]
+        both = unmerge_lora({w: once}, sd, scales={alias: scale}, fan_in_fan_out=orientation, dtype=dtype,
+                            layout=PEFT.name, names=names)
+        ref = plain_base[key].to(torch.float64)
+        err_once = float((once.to(torch.float64) - ref).abs().max())
+        err_both = float((both.state_dict[w].to(torch.float64) - ref).abs().max())
+        if err_both < err_once:
+            result.state_dict[key] = both.state_dict[w]
+            stored = key[: -len(".weight")]
+            rows = [*result.report.rows, *both.report.rows]
+            result.report.rows[:] = [replace(r, max_abs_error=err_both) if r.module in (stored, alias) else r
+                                     for r in rows]
+            result.report.notes.append(
+                f"{alias}: {names[0]} ties {w} to {key} (stored once) and its tensor holds both updates (as PEFT's "
+                f"merge_and_unload adds them): both taken out of {key} (largest |W − W_base| {err_both:.3g})")
+        else:
+            result.report.notes.append(
+                f"{alias}: {names[0]} ties {w} to {key} (stored once) and its tensor holds one update: {alias}'s is "
+                f"not taken out again (largest |W − W_base| {err_once:.3g}; with it {err_both:.3g})")

@@ -6,12 +6,16 @@ this module writes folders and says which of a model folder's other files belong
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
+import logging
 import re
 import shutil
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,8 +23,13 @@ from lora_ckpt.io import write_checkpoint
 from lora_ckpt.output import Output, PathLike
 from lora_ckpt.source import Source, contained, read_json
 
-__all__ = ["CONV1D_MODULES", "MODEL_EXTRAS", "module_types", "copy_model_extras", "load_model_weights", "save_model_folder", "weight_files",
-           "write_model_folder"]
+if TYPE_CHECKING:
+    from lora_ckpt.lowrank import Kind
+
+__all__ = ["CONV1D_MODULES", "MODEL_EXTRAS", "module_types", "copy_model_extras", "load_model_weights", "meta_model_facts",
+           "save_model_folder", "tied_weights", "warnings_quiet", "weight_files", "write_model_folder"]
+
+log = logging.getLogger(__name__)
 
 #: The files besides the weights that a model folder needs (configs, tokenizer): what a merged copy takes along.
 MODEL_EXTRAS = (
@@ -46,6 +55,70 @@ def module_types(model_config: Mapping[str, object] | None, names: Iterable[str]
     if conv1d is None:
         return {name: False for name in names}  # transformers' other models keep nn.Linear
     return {name: conv1d.search(name) is not None for name in names}
+
+
+def meta_model_facts(model_config: Mapping[str, Any] | None) -> tuple[dict[str, Kind], dict[str, str]] | None:
+    """Per module name its layer type (``linear``/``conv1d``/``embedding``/``other``) and the tied weights
+    (alias -> the key stored, e.g. ``lm_head.weight`` -> ``transformer.wte.weight``) of the model ``config.json``
+    describes, read off the model built on the ``meta`` device (no memory); None where transformers is missing,
+    the config names no architecture transformers has, or the model cannot be built."""
+    if model_config is None or not model_config.get("architectures"):
+        return None
+    try:
+        import transformers
+    except ImportError:
+        return None
+    arch = model_config["architectures"][0]
+    cls = getattr(transformers, str(arch), None)
+    if cls is None:
+        return None
+    try:
+        config = transformers.AutoConfig.for_model(**dict(model_config))
+        with torch.device("meta"), warnings_quiet():
+            model = cls(config)
+    except Exception as e:  # noqa: BLE001 - an unusual config: callers fall back to weaker facts
+        log.info("could not build %s on the meta device (%s)", arch, e)
+        return None
+    conv1d = getattr(getattr(transformers, "pytorch_utils", None), "Conv1D", None)
+    kinds: dict[str, Kind] = {}
+    for name, module in model.named_modules():
+        if conv1d is not None and isinstance(module, conv1d):
+            kinds[name] = "conv1d"
+        elif isinstance(module, torch.nn.Linear):
+            kinds[name] = "linear"
+        elif isinstance(module, torch.nn.Embedding):
+            kinds[name] = "embedding"
+        elif hasattr(module, "weight") and isinstance(getattr(module, "weight"), torch.nn.Parameter):
+            kinds[name] = "other"
+    owners: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first = owners.setdefault(id(p), name)
+        if first != name:
+            tied[name] = first
+    return kinds, tied
+
+
+def tied_weights(model_config: Mapping[str, Any] | None) -> dict[str, str]:
+    """The weights the model of ``config.json`` ties (alias -> the key ``save_pretrained`` stores; the alias is
+    left out of its files); {} where :func:`meta_model_facts` cannot tell.
+
+    Example:
+        >>> cfg = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": 1, "n_embd": 8,
+        ...        "n_head": 2, "vocab_size": 16, "n_positions": 8, "bos_token_id": 0, "eos_token_id": 0}
+        >>> tied_weights(cfg)
+        {'lm_head.weight': 'transformer.wte.weight'}
+    """
+    facts = meta_model_facts(model_config)
+    return facts[1] if facts is not None else {}
+
+
+@contextlib.contextmanager
+def warnings_quiet() -> Iterator[None]:
+    """Silence library warnings while a meta model is built (they are about the model, not the user's files)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def weight_files(path: PathLike) -> list[Path]:
