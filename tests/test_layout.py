@@ -118,7 +118,7 @@ def test_square_shapes_are_ambiguous_until_hinted():
         "m.lora_A.weight": torch.zeros(4, 4),
         "m.lora_B.weight": torch.zeros(4, 4),
     }
-    with pytest.raises(LayoutError, match=r"m: shapes .* fit both a linear module and an embedding; pass kinds="):
+    with pytest.raises(LayoutError, match=r"m: shapes .* fit both a linear module and an embedding; say which: kinds="):
         detect_layout(sd)
     assert detect_layout(sd, kinds={"m": "embedding"}).modules[0].kind == "embedding"
     assert detect_layout(sd, kinds={"m": "linear"}).modules[0].kind == "linear"

@@ -194,3 +194,37 @@ def test_square_modules_into_loralib_are_written_and_merge_with_kinds(tmp_path):
     layout = detect_layout(got.state_dict, kinds={name: "linear" for name in tune.alpha})
     merged = merge_lora(got.state_dict, alpha=got.alpha, layout=layout)
     assert_state_dict_close(merged, merge_adapter(tmp_path / "base", tmp_path / "adapter"), rtol=1e-6, atol=1e-6)
+
+
+def test_cli_kinds_settles_square_loralib_modules(tmp_path, capsys):
+    """The CLI takes what Python's kinds= says: --kinds linear (every square module) or --kinds MODULE=KIND."""
+    from lora_ckpt.cli import main
+    from lora_ckpt.formats.hf import load_model_weights
+    from lora_ckpt.formats.peft import load_peft_adapter
+    from lora_ckpt.testing.llama import LlamaShape, write_llama_adapter, write_llama_checkpoint
+
+    shape = LlamaShape(hidden=64, intermediate=172, layers=1, vocab=128)
+    write_llama_checkpoint(tmp_path / "base", shape, dtype=torch.float32)
+    write_llama_adapter(tmp_path / "adapter", shape, rank=4, dtype=torch.float32)
+    peft = load_peft_adapter(tmp_path / "adapter")
+    tune = convert_layout(peft.state_dict, "torchtune", scales=peft.scales, base=load_model_weights(tmp_path / "base"),
+                          fan_in_fan_out=False)
+    src = save_checkpoint(tmp_path / "tune.safetensors", tune.state_dict, alpha=tune.alpha)
+    lora = tmp_path / "loralib.safetensors"
+    assert main(["convert", str(src), str(lora), "--to", "loralib", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(lora), str(tmp_path / "m.safetensors"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "fit both a linear module and an embedding; say which: --kinds model.layers.0.self_attn.q_proj=linear or " \
+           "embedding; --kinds linear for every such module" in err and "kinds={" not in err
+    assert main(["inspect", str(lora), "--kinds", "linear"]) == 0
+    assert "layout: loralib" in capsys.readouterr().out
+    assert main(["merge", str(lora), str(tmp_path / "m.safetensors"), "--quiet", "--kinds", "linear",
+                 "--kinds", "model.layers.0.self_attn.o_proj=linear"]) == 0
+    assert_state_dict_close(load_checkpoint(tmp_path / "m.safetensors").state_dict,
+                            merge_adapter(tmp_path / "base", tmp_path / "adapter"), rtol=1e-6, atol=1e-6)
+    assert main(["convert", str(lora), str(tmp_path / "back.safetensors"), "--to", "torchtune", "--kinds", "linear",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(lora), str(tmp_path / "x.safetensors"), "--kinds", "conv"]) == 2
+    assert "'conv': give linear or embedding, or MODULE=linear / MODULE=embedding" in capsys.readouterr().err

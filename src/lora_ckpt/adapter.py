@@ -66,8 +66,12 @@ def plan_adapter_merge(
     alpha: Alpha | None = None,
     dtype: DType | None = None,
     fan_in_fan_out: bool | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> MergePlan:
     """The checked plan of merging ``adapter`` into the standard state dict ``base`` (real or ``meta`` tensors).
+
+    ``kinds`` settles modules of a non-PEFT adapter whose square shapes fit a linear module and an embedding
+    alike (:func:`~lora_ckpt.detect_layout`).
 
     A PEFT adapter takes its scales from its config (``alpha`` is then an error) and each weight's orientation
     as PEFT loads it (:func:`~lora_ckpt.formats.peft.adapter_orientation`, from ``model_config``, the base
@@ -85,7 +89,7 @@ def plan_adapter_merge(
                           fan_in_fan_out=turned)
         return _read_stored(plan, tied)
     ck = adapter.load() if isinstance(adapter, Source) else as_checkpoint(adapter)
-    layout = detect_layout(ck.state_dict)
+    layout = detect_layout(ck.state_dict, kinds=kinds)  # type: ignore[arg-type]
     base, tied = _with_tied_aliases(base, layout, model_config)
     plan = plan_merge(ck.state_dict, base=base, alpha=ck.resolve_alpha(alpha), dtype=dtype, layout=layout,
                       fan_in_fan_out=fan_in_fan_out)

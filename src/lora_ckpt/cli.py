@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--all", action="store_true",
                    help="one row per module (default: one row per layer pattern when there are many)")
+    _add_kinds(s)
 
     s = sub.add_parser(
         "merge", parents=[common],
@@ -73,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("auto", "dcp"), default="auto",
                    help="dcp: write DST as a torch.distributed.checkpoint directory (default: by DST's name)")
     _add_orientation(s)
+    _add_kinds(s)
 
     s = sub.add_parser("convert", parents=[common], help="convert a checkpoint or adapter to another layout")
     s.add_argument("src", help="a checkpoint file or a PEFT adapter folder")
@@ -94,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the result (or the error) as JSON")
     _add_common(s)
     _add_orientation(s)
+    _add_kinds(s)
 
     _add_lowrank_commands(sub, common)
 
@@ -141,6 +144,19 @@ def _finite(text: str) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"{text} is not a finite number")
     return value
+
+
+def _add_kinds(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--kinds", metavar="[MODULE=]KIND", type=_kind, action="append", default=[],
+                   help="linear or embedding, for LoRA factors whose square shapes fit both (loralib's): "
+                   "MODULE=KIND for one module, KIND alone for every such module (repeatable)")
+
+
+def _kind(text: str) -> tuple[str, str]:
+    name, _, kind = text.rpartition("=")
+    if kind not in ("linear", "embedding") or (not name and "=" in text):
+        raise argparse.ArgumentTypeError(f"{text!r}: give linear or embedding, or MODULE=linear / MODULE=embedding")
+    return name or "*", kind
 
 
 def _add_orientation(s: argparse.ArgumentParser) -> None:
@@ -307,7 +323,7 @@ def _inspect(args: argparse.Namespace) -> int:
                       for n, s in peft.scales.items()}
             ckpt.alpha, ckpt.alpha_source = alphas, "adapter_config.json" + (", rsLoRA" if peft.settings and
                                                                                 peft.settings.use_rslora else "")
-    layout = detect_layout(ckpt.state_dict)
+    layout = detect_layout(ckpt.state_dict, kinds=dict(args.kinds) or None)
     sd = ckpt.state_dict
     unique = {id(t): t for t in sd.values()}.values()
     info = {
@@ -370,7 +386,8 @@ def _merge(args: argparse.Namespace) -> int:
     try:
         result = merge_files(source, dst, adapter=adapter, alpha=args.alpha, dtype=_dtype(args.dtype), tied=args.tied,
                              max_shard_size=args.max_shard_size, device=args.device, progress=not args.quiet,
-                             overwrite=args.force, fan_in_fan_out=args.fan_in_fan_out, format=args.format, ranks=ranks)
+                             overwrite=args.force, fan_in_fan_out=args.fan_in_fan_out, format=args.format, ranks=ranks,
+                             kinds=dict(args.kinds) or None)
     finally:
         if ranks is not None:
             import torch.distributed as dist
@@ -404,7 +421,7 @@ def _convert(args: argparse.Namespace) -> int:
     result = convert_files(args.src, args.dst, to=args.to, like=args.like, base=args.base, base_out=args.base_out,
                            gpt2=args.gpt2, n_head=args.n_head, alpha=args.alpha, seed=args.seed, ignore=args.ignore,
                            max_shard_size=args.max_shard_size, progress=not args.quiet, overwrite=args.force,
-                           fan_in_fan_out=args.fan_in_fan_out, format=args.format)
+                           fan_in_fan_out=args.fan_in_fan_out, format=args.format, kinds=dict(args.kinds) or None)
     return _report(result, args)
 
 

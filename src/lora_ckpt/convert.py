@@ -211,6 +211,7 @@ def convert_state_dict(
     target_alpha: Alpha | None = None,
     ignore: Iterable[str] = (),
     keep_factors: bool = False,
+    kinds: Mapping[str, str] | None = None,
 ) -> Conversion:
     """Return ``checkpoint``'s weights converted to ``target``'s layout (keys without prefix), and a report.
 
@@ -226,13 +227,14 @@ def convert_state_dict(
         ignore: glob patterns of keys that need not be used or supplied.
         keep_factors: refuse (rather than merge) a module whose factors could be copied but whose target
             alpha is unknown: a live model's trained factors are not reset behind the user's back.
+        kinds: settles the checkpoint's modules whose square shapes fit both kinds (see :func:`detect_layout`).
 
     Raises:
         KeyMismatchError, ShapeError, AlphaError, LayoutError.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(dict(checkpoint))
     ignore = tuple(ignore)
-    src = detect_layout(ckpt.state_dict)
+    src = detect_layout(ckpt.state_dict, kinds=kinds)  # type: ignore[arg-type]
     dst = target if isinstance(target, Layout) else detect_layout(target)
     tensors = {k[len(src.prefix) :]: v for k, v in ckpt.state_dict.items()}
     report = LoadReport(source_layout=src.kind, model_layout=dst.kind)

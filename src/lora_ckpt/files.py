@@ -89,6 +89,7 @@ def merge_files(
     options: StreamOptions | None = None,
     format: Literal["auto", "dcp"] = "auto",
     ranks: Ranks | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> FileResult:
     """Merge a LoRA checkpoint (``adapter=None``) or an adapter into its base ``source``, writing ``dst``.
 
@@ -99,6 +100,8 @@ def merge_files(
     ``ranks``: under ``torchrun`` (:meth:`Ranks.from_env <lora_ckpt.streaming.parallel.Ranks.from_env>`), every
     rank runs this call and writes its share of a streamed output's shards; rank 0 installs it.
     ``fan_in_fan_out``: whether base weights are stored (in, out) (GPT-2's ``Conv1D``) where no config says.
+    ``kinds``: module -> ``"linear"``/``"embedding"`` (``"*"``: every such module) for LoRA factors whose square
+    shapes fit both (loralib's), as :func:`~lora_ckpt.detect_layout` takes it.
 
     Raises:
         LoraCkptError: any input problem, before anything is written; OSError from the file system.
@@ -129,12 +132,12 @@ def merge_files(
                                       "or drop --max-shard-size")
         if ad is not None:
             result = _merge_adapter(src, ad, out, alpha, dtype, tied, max_shard_size, device, progress, options,
-                                    streams, fan_in_fan_out, ranks=ranks)
+                                    streams, fan_in_fan_out, ranks=ranks, kinds=kinds)
             if named_base is not None:
                 result.lines.insert(0, f"base: {named_base} (the adapter's base_model_name_or_path)")
             return result
         if streams:
-            layout = detect_layout(src.meta_tensors())
+            layout = detect_layout(src.meta_tensors(), kinds=kinds)  # type: ignore[arg-type]
             if not layout.is_lora:
                 raise LayoutError(f"{src.path}: holds no LoRA modules (standard layout), so there is nothing to "
                                   "merge; to merge an adapter into it give both: merge_files(BASE, DST, "
@@ -149,7 +152,7 @@ def merge_files(
             dropped = _standard_extra(src.recorded(), out.path)[1]
         else:
             ckpt = src.load()
-            layout = detect_layout(ckpt.state_dict)  # on the tensors themselves: their ties are part of the layout
+            layout = detect_layout(ckpt.state_dict, kinds=kinds)  # type: ignore[arg-type]  # the tensors: ties too
             updated = _tied_updates(src, layout)
             plan = plan_merge(ckpt.state_dict, alpha=ckpt.resolve_alpha(alpha), tied=tied, dtype=dtype, layout=layout,
                               fan_in_fan_out=fan_in_fan_out)
@@ -201,10 +204,12 @@ def _merge_adapter(
     fan_in_fan_out: bool | None,
     *,
     ranks: Ranks | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> FileResult:
     if streams:
         report = stream_merge(base, out, adapter=adapter, alpha=alpha, dtype=dtype, max_shard_size=max_shard_size,
                               device=device, progress=progress, fan_in_fan_out=fan_in_fan_out, options=options,
+                              kinds=kinds,
                               ranks=ranks)
         result = FileResult(report.files, True, len(report.merged), report.bytes, report.seconds,
                             left_out=report.left_out, leftovers=list(out.removed))
@@ -215,7 +220,7 @@ def _merge_adapter(
         )
     else:
         plan = plan_adapter_merge(adapter, base.load().state_dict, model_config=base.model_config, alpha=alpha,
-                                  dtype=dtype, fan_in_fan_out=fan_in_fan_out)
+                                  dtype=dtype, fan_in_fan_out=fan_in_fan_out, kinds=kinds)
         left_out = _write_standard(out, plan.execute(plan.big), like=base.path, dtype=dtype)
         result = FileResult([out.path], False, len(plan.merged_modules()), left_out=left_out,
                             leftovers=list(out.removed))
@@ -343,6 +348,7 @@ def convert_files(
     alpha: Alpha | None = None,
     seed: int = 0,
     ignore: Iterable[str] = (),
+    kinds: Mapping[str, str] | None = None,
     max_shard_size: int | str | None = None,
     progress: bool = False,
     overwrite: bool = False,
@@ -375,9 +381,10 @@ def convert_files(
         if base is not None:
             return merge_files(base, dst, adapter=source, alpha=alpha, max_shard_size=max_shard_size,
                                progress=progress, overwrite=overwrite, fan_in_fan_out=fan_in_fan_out, options=options,
-                               format=format)
+                               format=format, kinds=kinds)
         return merge_files(source, dst, alpha=alpha, max_shard_size=max_shard_size, progress=progress,
-                           overwrite=overwrite, fan_in_fan_out=fan_in_fan_out, options=options, format=format)
+                           overwrite=overwrite, fan_in_fan_out=fan_in_fan_out, options=options, format=format,
+                           kinds=kinds)
     target_layout = layout_spec(to).name
     with contextlib.ExitStack() as stack:
         src = stack.enter_context(Source.open(source))
@@ -386,13 +393,13 @@ def convert_files(
             template = stack.enter_context(Source.open(like))
             if dst_path.suffix == ".safetensors" and src.kind != "peft" and not gpt2:
                 report = stream_convert(src, dst, like=template, alpha=alpha, seed=seed, ignore=ignore,
-                                        progress=progress, overwrite=overwrite, options=options)
+                                        progress=progress, overwrite=overwrite, options=options, kinds=kinds)
                 result = FileResult(report.files, True, len(report.merged), report.bytes, report.seconds,
                                     conversion=report.conversion)
                 result.lines.append(f"converted {source} to the layout of {like}: {dst} ({report.tensors} tensors, "
                                     f"{human_size(report.bytes)} streamed, {report.seconds:.1f} s)")
             else:
-                result = _convert_like(src, template, dst_path, alpha, seed, tuple(ignore), overwrite, gpt2)
+                result = _convert_like(src, template, dst_path, alpha, seed, tuple(ignore), overwrite, gpt2, kinds)
             if result.conversion is not None:
                 result.lines.append(str(result.conversion))
                 if result.conversion.untied:
@@ -406,7 +413,7 @@ def convert_files(
         if src.kind != "peft" and not gpt2 and base is None and _streams_convert(target_layout, dst_path, base_out):
             report = stream_convert(src, dst, to=target_layout, alpha=alpha, base_out=base_out,
                                     max_shard_size=max_shard_size, seed=seed, progress=progress, overwrite=overwrite,
-                                    options=options)
+                                    options=options, kinds=kinds)
             result = FileResult(report.files, True, len(report.merged), report.bytes, report.seconds)
             result.lines.append(
                 f"converted {source} to the {target_layout} layout: {dst} ({report.tensors} tensors, "
@@ -415,7 +422,7 @@ def convert_files(
             )
             return result
         return _convert_in_memory(src, dst_path, target_layout, base, base_out, gpt2, n_head, alpha, overwrite,
-                                  fan_in_fan_out)
+                                  fan_in_fan_out, kinds)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -437,6 +444,7 @@ def _convert_in_memory(
     alpha: Alpha | None,
     overwrite: bool,
     fan_in_fan_out: bool | None,
+    kinds: Mapping[str, str] | None = None,
 ) -> FileResult:
     given = fan_in_fan_out
     orientation: Orientation = False if gpt2 else fan_in_fan_out
@@ -467,7 +475,9 @@ def _convert_in_memory(
         elif adapter is not None:  # each weight as PEFT would load it: by the base model's layer types
             plain = {split_prefix(k)[1]: v for k, v in base_sd.items()}
             orientation = adapter_orientation(adapter, plain, model_config=model_config, given=given)
+    settled = detect_layout(sd, kinds=kinds) if kinds and adapter is None else None  # type: ignore[arg-type]
     rel = convert_layout(sd, to, alpha=rec_alpha, scales=scales, base=base_sd, fan_in_fan_out=orientation,
+                         layout=settled,
                          task_type=task_type)
     writes_base = bool(rel.base) and base is None
     if writes_base and base_out is None:
@@ -526,13 +536,13 @@ def _nanogpt_to_gpt2_peft(
 
 
 def _convert_like(src: Source, template: Source, dst: Path, alpha: Alpha | None, seed: int, ignore: tuple[str, ...],
-                  overwrite: bool, gpt2: bool) -> FileResult:
+                  overwrite: bool, gpt2: bool, kinds: Mapping[str, str] | None = None) -> FileResult:
     ckpt = src.load()
     if gpt2:  # Hugging Face GPT-2 (Conv1D weights, lm_head left out as tied) in nanoGPT's layout first
         ckpt = dataclasses.replace(ckpt, state_dict=hf_to_nanogpt(ckpt.state_dict))
     t_ckpt = template.load()
     layout = detect_layout(t_ckpt.state_dict)
-    conversion = convert_state_dict(ckpt, layout, alpha=alpha, target_alpha=t_ckpt.alpha, ignore=ignore)
+    conversion = convert_state_dict(ckpt, layout, alpha=alpha, target_alpha=t_ckpt.alpha, ignore=ignore, kinds=kinds)
     values = {**conversion.values, **fresh_factors(layout, conversion.report.initialised, seed=seed)}
     tie_conflicts(layout.tied, values, conversion.report)
     ordered = {layout.prefix + k: values[k] for k in layout.shapes}

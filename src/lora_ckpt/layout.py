@@ -549,8 +549,10 @@ def _classify(
     shapes: Mapping[str, tuple[int, ...]],
     hint: ModuleKind | None,
     spec: LayoutSpec,
+    default: ModuleKind | None = None,
 ) -> LoraModule | str:
-    """The module described by ``roles`` (role -> key), or a message saying what is wrong."""
+    """The module described by ``roles`` (role -> key), or a message saying what is wrong; ``default`` settles
+    only a module whose shapes fit both kinds."""
     key_map = {r: k for r, k in roles.items() if not r.startswith("_")}
     w = shapes[key_map["weight"]] if "weight" in key_map else None
     a = shapes[key_map["a"]] if "a" in key_map else None
@@ -593,10 +595,13 @@ def _classify(
         if w is None and kind == "linear" and spec.base_in_file:
             continue  # only embeddings may come without a base weight (nanoGPT lora-only)
         fits.append((kind, formula, r_a, rows, cols))
+    if len(fits) > 1 and default is not None:
+        fits = [f for f in fits if f[0] == default]
     if len(fits) > 1:
         return (
             f"{name}: shapes A {a}, B {b}, weight {w} fit both a linear module and an embedding; "
-            f"pass kinds={{{name!r}: 'linear' or 'embedding'}}"
+            f"say which: kinds={{{name!r}:'linear'|'embedding'}} (CLI: --kinds {name}=linear or embedding; "
+            "--kinds linear for every such module)"
         )
     if not fits:
         label = {r: s.removesuffix(".weight") for r, s in spec.roles.items()}
@@ -641,6 +646,7 @@ def detect_layout(
     Args:
         state_dict: a model state dict or adapter file's tensors (any device, ``meta`` included).
         kinds: module name -> ``"linear"`` or ``"embedding"``, only needed where the shapes are square
+            (loralib's factors of a square weight fit both); a ``"*"`` entry is the kind of every module not named.
             enough to fit both (rank equal to the width).
         layout: the layout's name (a key of :data:`LAYOUTS`), where the keys alone cannot tell.
 
@@ -689,7 +695,7 @@ def detect_layout(
     misfits: list[str] = []
     for full_name, module_roles in roles.items():
         name = full_name.removeprefix(spec.key_prefix)
-        found = _classify(name, module_roles, shapes, (kinds or {}).get(name), spec)
+        found = _classify(name, module_roles, shapes, (kinds or {}).get(name), spec, (kinds or {}).get("*"))
         if isinstance(found, LoraModule):
             extra = _check_extras(found, shapes)
             found = extra if extra is not None else found
@@ -700,7 +706,7 @@ def detect_layout(
     if misfits:
         error = ShapeError if all("does not fit" in m or "2-d" in m or "DoRA" in m for m in misfits) else LayoutError
         raise error("; ".join(misfits))
-    unknown_hints = sorted(set(kinds or {}) - {m.name for m in modules})
+    unknown_hints = sorted(set(kinds or {}) - {m.name for m in modules} - {"*"})
     if unknown_hints:
         raise LayoutError(f"kinds names modules that are not LoRA modules here: {unknown_hints}")
     if not modules:  # keys in a LoRA layout's naming (a PEFT prefix, say) but no LoRA module in them

@@ -49,6 +49,7 @@ def stream_convert(
     overwrite: bool = False,
     layout: Layout | None = None,
     options: StreamOptions | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> StreamReport:
     """Convert a checkpoint file to another layout with bounded memory; return what was written.
 
@@ -61,7 +62,8 @@ def stream_convert(
     weights into ``main_weight``, fresh factors (seeded by ``seed``) where the source has none, updates
     merged where rank or alpha change; ``ignore``: glob patterns of keys that need not be used or supplied
     (as :func:`~lora_ckpt.load_into`). Otherwise ``out`` is a ``.safetensors`` file, which records the alpha.
-    ``layout``: the source's layout, when the caller detected it already.
+    ``layout``: the source's layout, when the caller detected it already; ``kinds`` settles the source's modules
+    whose square shapes fit a linear module and an embedding alike (see :func:`~lora_ckpt.detect_layout`).
 
     Raises:
         CheckpointFileError: unreadable inputs, an output that may not be written, too little disk.
@@ -80,7 +82,7 @@ def stream_convert(
         if not apart and target.path.suffix != ".safetensors":
             raise CheckpointFileError(f"{target.path}: a streamed LoRA checkpoint is a .safetensors file")
         report = _convert(src, target, to, like, alpha, base_out, max_shard_size, seed, tuple(ignore), progress,
-                          overwrite, layout, options, inputs)
+                          overwrite, layout, options, inputs, kinds)
     finally:
         if not isinstance(source, Source):
             src.close()
@@ -103,9 +105,10 @@ def _convert(
     layout: Layout | None,
     options: StreamOptions | None,
     inputs: list[PathLike | None],
+    kinds: Mapping[str, str] | None = None,
 ) -> StreamReport:
     lazy = src.meta_tensors()
-    layout = layout or detect_layout(lazy)
+    layout = layout or detect_layout(lazy, kinds=kinds)  # type: ignore[arg-type]
     if layout.needs_base:
         raise LayoutError(
             f"{src.path} holds a {layout.kind} adapter only, with no base weights to stream; convert it in memory "
@@ -123,7 +126,7 @@ def _convert(
         def read(t: torch.Tensor) -> torch.Tensor:  # a stand-in's data, to compare tied values
             return src.read(by_id[id(t)]) if t.device.type == "meta" and id(t) in by_id else t
 
-        values, alphas, merges, conversion, t_args = _like(lazy, factors, info, alpha, like, seed, ignore, read)
+        values, alphas, merges, conversion, t_args = _like(lazy, factors, info, alpha, like, seed, ignore, read, kinds)
     else:
         assert to is not None
         rel = convert_layout({**lazy, **factors}, to, alpha=source_alpha, layout=layout)
@@ -158,6 +161,7 @@ def _like(
     seed: int,
     ignore: tuple[str, ...],
     read: Callable[[torch.Tensor], torch.Tensor],
+    kinds: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], Alpha | None, dict[str, str], LoadReport, dict[str, Any] | None]:
     """The source in the template's layout and key order, the template's alpha, merged key -> module, the report,
     the template's ``model_args``."""
@@ -174,7 +178,7 @@ def _like(
         if not isinstance(like, Source):
             template.close()
     ckpt = Checkpoint({**lazy, **factors}, alpha=info.alpha, alpha_source=info.alpha_source, path=info.path)
-    conversion = convert_state_dict(ckpt, t_layout, alpha=alpha, target_alpha=t_alpha, ignore=ignore)
+    conversion = convert_state_dict(ckpt, t_layout, alpha=alpha, target_alpha=t_alpha, ignore=ignore, kinds=kinds)
     values = {**conversion.values, **fresh_factors(t_layout, conversion.report.initialised, seed=seed)}
     tie_conflicts(tied.values(), values, conversion.report, read=read)
     by_key = t_layout.module_by_key

@@ -53,6 +53,7 @@ def stream_merge(
     fan_in_fan_out: bool | None = None,
     options: StreamOptions | None = None,
     ranks: Ranks | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> StreamReport:
     """Merge file to file with bounded memory; return what was written.
 
@@ -83,7 +84,7 @@ def stream_merge(
             out, overwrite=overwrite, inputs=[*src.paths(), *_paths(adapter)]
         )
         plan, model_args = plan_stream_merge(src, adapter, alpha=alpha, dtype=dtype, layout=layout,
-                                             fan_in_fan_out=fan_in_fan_out)
+                                             fan_in_fan_out=fan_in_fan_out, kinds=kinds)
         aliases = {s.key: s.source for s in plan.steps if s.op == "alias" and s.source is not None}
         meta = FileMeta(layout="standard", order=tuple(s.key for s in plan.steps), aliases=aliases,
                         tied=tie_metadata(aliases),
@@ -146,11 +147,12 @@ def plan_stream_merge(
     dtype: torch.dtype | None,
     layout: Layout | None = None,
     fan_in_fan_out: bool | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> tuple[MergePlan, dict[str, Any]]:
     """The merge plan over the source's ``meta`` tensors, and the source's ``model_args`` (or {})."""
     meta = src.meta_tensors()
     if adapter is None:  # a LoRA file that holds its base: factors are small, read them now
-        layout = layout or detect_layout(meta)
+        layout = layout or detect_layout(meta, kinds=kinds)  # type: ignore[arg-type]
         small = read_factors(src, layout)
         info = src.recorded()
         plan = plan_merge({**meta, **small}, alpha=info.resolve_alpha(alpha), dtype=dtype, layout=layout,
@@ -160,9 +162,9 @@ def plan_stream_merge(
     if isinstance(adapter, (str, os.PathLike)):
         with Source.open(adapter) as opened:
             return plan_adapter_merge(opened, meta, model_config=src.model_config, alpha=alpha, dtype=dtype,
-                                      fan_in_fan_out=fan_in_fan_out), {}
+                                      fan_in_fan_out=fan_in_fan_out, kinds=kinds), {}
     return plan_adapter_merge(adapter, meta, model_config=src.model_config, alpha=alpha, dtype=dtype,
-                              fan_in_fan_out=fan_in_fan_out), {}
+                              fan_in_fan_out=fan_in_fan_out, kinds=kinds), {}
 
 
 def tie_metadata(aliases: Mapping[str, str]) -> tuple[tuple[str, ...], ...]:
