@@ -310,3 +310,12 @@ def test_merge_with_the_output_forgotten_or_nothing_to_merge(tmp_path, capsys):
     assert main(["merge", str(base), str(tmp_path / "out"), "--quiet"]) == 1
     assert f"{base}: holds no LoRA modules (standard layout), so there is nothing to merge; to merge an adapter " \
            "into it give both: merge BASE ADAPTER DST" in capsys.readouterr().err
+
+
+def test_in_memory_merges_show_a_progress_bar_labelled_merging(lora_file, tmp_path, capsys):
+    _, path = lora_file
+    assert main(["merge", str(path), str(tmp_path / "m.pt")]) == 0  # a .pt output is merged in memory
+    err = capsys.readouterr().err
+    assert "merging" in err and "tensor" in err
+    assert main(["merge", str(path), str(tmp_path / "q.pt"), "--quiet"]) == 0
+    assert "merging" not in capsys.readouterr().err

@@ -29,7 +29,8 @@ from lora_ckpt.adapter import plan_adapter_merge
 from lora_ckpt.formats.peft import PeftConfig, adapter_orientation, load_peft_adapter, write_peft_adapter
 from lora_ckpt.io import write_checkpoint
 from lora_ckpt.layout import LAYOUTS, Layout, detect_layout, layout_spec, split_prefix, tied_groups
-from lora_ckpt.merge import Alpha, Orientation, plan_merge
+from lora_ckpt.merge import Alpha, MergePlan, Orientation, plan_merge
+from lora_ckpt.progress import progress_bar
 from lora_ckpt.output import FILE_SUFFIXES, Output, PathLike, write_together
 from lora_ckpt.relayout import convert_layout
 from lora_ckpt.source import ADAPTER_CONFIG, Source
@@ -156,7 +157,7 @@ def merge_files(
             updated = _tied_updates(src, layout)
             plan = plan_merge(ckpt.state_dict, alpha=ckpt.resolve_alpha(alpha), tied=tied, dtype=dtype, layout=layout,
                               fan_in_fan_out=fan_in_fan_out)
-            merged = plan.execute(plan.big)  # a loaded file holds data (meta tensors are refused when it is read)
+            merged = _execute(plan, progress)  # a loaded file holds data (meta tensors are refused when it is read)
             extra, dropped = _standard_extra(ckpt, out.path)
             if out.folder:
                 _write_standard(out, merged, like=src.path, dtype=dtype)
@@ -221,7 +222,7 @@ def _merge_adapter(
     else:
         plan = plan_adapter_merge(adapter, base.load().state_dict, model_config=base.model_config, alpha=alpha,
                                   dtype=dtype, fan_in_fan_out=fan_in_fan_out, kinds=kinds)
-        left_out = _write_standard(out, plan.execute(plan.big), like=base.path, dtype=dtype)
+        left_out = _write_standard(out, _execute(plan, progress), like=base.path, dtype=dtype)
         result = FileResult([out.path], False, len(plan.merged_modules()), left_out=left_out,
                             leftovers=list(out.removed))
         inert = plan.inert_modules()
@@ -269,6 +270,16 @@ def _warn_inert(result: FileResult, inert: list[str]) -> None:
             f"{len(inert)} of {result.merged} merged modules carry a zero update (lora_B all 0 or a scale of 0): "
             f"{', '.join(inert[:3])}{' …' if len(inert) > 3 else ''}"
         )
+
+
+def _execute(plan: MergePlan, progress: bool) -> dict[str, torch.Tensor]:
+    """Run a merge plan in memory, with a progress bar over its tensors when asked."""
+    bar = progress_bar(len(plan.steps), "merging", unit="tensor") if progress else None
+    try:
+        return plan.execute(plan.big, on_step=None if bar is None else lambda _: bar.update(1))
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _write_standard(

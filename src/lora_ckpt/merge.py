@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -495,9 +495,17 @@ class MergePlan:
                 out.append(s.module.name)
         return out
 
-    def execute(self, big: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run the plan in memory: a new dict in the plan's key order."""
-        done = {s.key: self.compute(s, big) for s in self.steps if s.op != "alias"}
+    def execute(
+        self, big: Mapping[str, torch.Tensor], *, on_step: Callable[[Step], None] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Run the plan in memory: a new dict in the plan's key order; ``on_step`` is called after each tensor
+        (a progress bar's hook)."""
+        done = {}
+        for s in self.steps:
+            if s.op != "alias":
+                done[s.key] = self.compute(s, big)
+            if on_step is not None:
+                on_step(s)
         return {s.key: done[s.source if s.op == "alias" else s.key] for s in self.steps}  # type: ignore[index]
 
 
