@@ -132,7 +132,7 @@ def test_version(capsys):
 def test_convert_standard_without_template_says_how(tmp_path, capsys):
     std = save_checkpoint(tmp_path / "std.safetensors", make_gpt().state_dict())
     assert main(["convert", str(std), str(tmp_path / "o.pt"), "--to", "nanogpt"]) == 1
-    assert "use remap_standard_to_lora (CLI: convert --to nanogpt --like TEMPLATE)" in capsys.readouterr().err
+    assert "to give it a LoRA layout use convert --to nanogpt --like TEMPLATE" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("to", ["torchtune", "loralib", "minlora", "nanogpt"])

@@ -122,7 +122,7 @@ def test_square_shapes_are_ambiguous_until_hinted():
         detect_layout(sd)
     assert detect_layout(sd, kinds={"m": "embedding"}).modules[0].kind == "embedding"
     assert detect_layout(sd, kinds={"m": "linear"}).modules[0].kind == "linear"
-    with pytest.raises(LayoutError, match=r"kinds names modules that are not LoRA modules here: \['n'\]"):
+    with pytest.raises(LayoutError, match=r"kinds \(CLI: --kinds\) names modules that are not LoRA modules here: \['n'\]"):
         detect_layout(sd, kinds={"m": "linear", "n": "linear"})
 
 

@@ -189,7 +189,8 @@ def test_square_modules_into_loralib_are_written_and_merge_with_kinds(tmp_path):
     src = save_checkpoint(tmp_path / "tune.safetensors", tune.state_dict, alpha=tune.alpha)
     got = load_checkpoint(stream_convert(src, tmp_path / "loralib.safetensors", to="loralib").files[0])
     assert got.alpha == tune.alpha and got.metadata["layout"] is None
-    with pytest.raises(LayoutError, match=r"self_attn.q_proj: shapes A \(4, 64\), B \(64, 4\), weight \(64, 64\) fit both"):
+    with pytest.raises(LayoutError, match=r"4 modules \(model.layers.0.self_attn.k_proj, .*\) have square factors that fit "
+                                          r"both a linear module and an embedding; say which: kinds=\{'\*':'linear'"):
         merge_lora(got.state_dict, alpha=got.alpha)
     layout = detect_layout(got.state_dict, kinds={name: "linear" for name in tune.alpha})
     merged = merge_lora(got.state_dict, alpha=got.alpha, layout=layout)
@@ -215,8 +216,10 @@ def test_cli_kinds_settles_square_loralib_modules(tmp_path, capsys):
     capsys.readouterr()
     assert main(["merge", str(lora), str(tmp_path / "m.safetensors"), "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "fit both a linear module and an embedding; say which: --kinds model.layers.0.self_attn.q_proj=linear or " \
-           "embedding; --kinds linear for every such module" in err and "kinds={" not in err
+    assert "4 modules (model.layers.0.self_attn.k_proj, model.layers.0.self_attn.o_proj, " \
+           "model.layers.0.self_attn.q_proj, …) have square factors that fit both a linear module and an embedding; " \
+           "say which: --kinds linear or --kinds embedding for all of them, --kinds MODULE=KIND for one" in err
+    assert "kinds={" not in err
     assert main(["inspect", str(lora), "--kinds", "linear"]) == 0
     assert "layout: loralib" in capsys.readouterr().out
     assert main(["merge", str(lora), str(tmp_path / "m.safetensors"), "--quiet", "--kinds", "linear",
@@ -228,3 +231,9 @@ def test_cli_kinds_settles_square_loralib_modules(tmp_path, capsys):
     capsys.readouterr()
     assert main(["merge", str(lora), str(tmp_path / "x.safetensors"), "--kinds", "conv"]) == 2
     assert "'conv': give linear or embedding, or MODULE=linear / MODULE=embedding" in capsys.readouterr().err
+    assert main(["merge", str(lora), str(tmp_path / "x.safetensors"), "--kinds", "linear", "--kinds", "embedding"]) == 2
+    assert "--kinds gives the bare KIND two kinds (linear and embedding); give each once" in capsys.readouterr().err
+    assert main(["merge", str(lora), str(tmp_path / "x.safetensors"), "--kinds", "typo=linear", "--kinds", "linear",
+                 "--quiet"]) == 1
+    assert "--kinds names modules that are not LoRA modules here: ['typo']" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

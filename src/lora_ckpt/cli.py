@@ -149,7 +149,23 @@ def _finite(text: str) -> float:
 def _add_kinds(s: argparse.ArgumentParser) -> None:
     s.add_argument("--kinds", metavar="[MODULE=]KIND", type=_kind, action="append", default=[],
                    help="linear or embedding, for LoRA factors whose square shapes fit both (loralib's): "
-                   "MODULE=KIND for one module, KIND alone for every such module (repeatable)")
+                   "MODULE=KIND for one module (it beats the bare KIND), KIND alone for every such module (repeatable)")
+
+
+def _kinds(args: argparse.Namespace) -> dict[str, str] | None:
+    """``--kinds`` as detect_layout's mapping (:func:`main` has refused contradictions)."""
+    return dict(args.kinds) or None
+
+
+def _kinds_problem(args: argparse.Namespace) -> str | None:
+    """A module (or the bare KIND) given two different kinds: a usage error."""
+    seen: dict[str, str] = {}
+    for name, kind in getattr(args, "kinds", []):
+        if seen.setdefault(name, kind) != kind:
+            which = "the bare KIND" if name == "*" else name
+            return (f"--kinds gives {which} two kinds ({seen[name]} and {kind}); give each once "
+                    "(MODULE=KIND beats the bare KIND)")
+    return None
 
 
 def _kind(text: str) -> tuple[str, str]:
@@ -178,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    problem = _kinds_problem(args)
+    if problem is not None:
+        print(f"lora-ckpt {args.command}: error: {problem}", file=sys.stderr)
+        return 2
     debug = getattr(args, "debug", False)
     _log_to_stderr()
     previous: dict[int, Any] = {}
@@ -227,7 +247,7 @@ def run() -> None:
 
 # Library messages name the Python argument (or call) with its flag beside it, ``alpha=<float> (CLI: --alpha A)``,
 # ``merge_files(BASE, DST, adapter=ADAPTER) (CLI: merge BASE ADAPTER DST)``; the command line shows the flag alone.
-_PYTHON_HINT = re.compile(r"\b\w+(?:=[^\s,;()]*(?: \([^()]*\))?|\([^()]*\)) \(CLI: ([^)]*)\)")
+_PYTHON_HINT = re.compile(r"\b\w+(?:=[^\s,;()]*(?: \([^()]*\))?|\([^()]*\))? \(CLI: ([^)]*)\)")
 
 
 def _one_line(e: Exception) -> str:
@@ -323,7 +343,7 @@ def _inspect(args: argparse.Namespace) -> int:
                       for n, s in peft.scales.items()}
             ckpt.alpha, ckpt.alpha_source = alphas, "adapter_config.json" + (", rsLoRA" if peft.settings and
                                                                                 peft.settings.use_rslora else "")
-    layout = detect_layout(ckpt.state_dict, kinds=dict(args.kinds) or None)
+    layout = detect_layout(ckpt.state_dict, kinds=_kinds(args))  # type: ignore[arg-type]
     sd = ckpt.state_dict
     unique = {id(t): t for t in sd.values()}.values()
     info = {
@@ -387,7 +407,7 @@ def _merge(args: argparse.Namespace) -> int:
         result = merge_files(source, dst, adapter=adapter, alpha=args.alpha, dtype=_dtype(args.dtype), tied=args.tied,
                              max_shard_size=args.max_shard_size, device=args.device, progress=not args.quiet,
                              overwrite=args.force, fan_in_fan_out=args.fan_in_fan_out, format=args.format, ranks=ranks,
-                             kinds=dict(args.kinds) or None)
+                             kinds=_kinds(args))
     finally:
         if ranks is not None:
             import torch.distributed as dist
@@ -421,7 +441,7 @@ def _convert(args: argparse.Namespace) -> int:
     result = convert_files(args.src, args.dst, to=args.to, like=args.like, base=args.base, base_out=args.base_out,
                            gpt2=args.gpt2, n_head=args.n_head, alpha=args.alpha, seed=args.seed, ignore=args.ignore,
                            max_shard_size=args.max_shard_size, progress=not args.quiet, overwrite=args.force,
-                           fan_in_fan_out=args.fan_in_fan_out, format=args.format, kinds=dict(args.kinds) or None)
+                           fan_in_fan_out=args.fan_in_fan_out, format=args.format, kinds=_kinds(args))
     return _report(result, args)
 
 

@@ -703,12 +703,19 @@ def detect_layout(
             misfits.append(found)
         else:
             modules.append(found)
+    both = [m for m in misfits if " fit both a linear module and an embedding; " in m]
+    if len(both) > 1:  # one sentence for them all: a 7B model has hundreds of square modules
+        names = [m.split(":", 1)[0] for m in both]
+        misfits = [m for m in misfits if m not in both] + [
+            f"{len(names)} modules ({', '.join(names[:3])}{', …' if len(names) > 3 else ''}) have square factors that "
+            "fit both a linear module and an embedding; say which: kinds={'*':'linear'|'embedding'} (CLI: --kinds "
+            "linear or --kinds embedding for all of them, --kinds MODULE=KIND for one)"]
     if misfits:
         error = ShapeError if all("does not fit" in m or "2-d" in m or "DoRA" in m for m in misfits) else LayoutError
         raise error("; ".join(misfits))
     unknown_hints = sorted(set(kinds or {}) - {m.name for m in modules} - {"*"})
     if unknown_hints:
-        raise LayoutError(f"kinds names modules that are not LoRA modules here: {unknown_hints}")
+        raise LayoutError(f"kinds (CLI: --kinds) names modules that are not LoRA modules here: {unknown_hints}")
     if not modules:  # keys in a LoRA layout's naming (a PEFT prefix, say) but no LoRA module in them
         return Layout(kind="standard", modules=(), spec=None, **common)  # type: ignore[arg-type]
     return Layout(kind=spec.name, modules=tuple(modules), spec=spec, **common)  # type: ignore[arg-type]

@@ -30,5 +30,5 @@ def progress_bar(total: int, label: str, *, unit: str = "B") -> Any:
     except ImportError:  # the progress extra is not installed: say so once
         _no_tqdm()
         return None
-    return tqdm(total=total, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000, desc=label,
-                dynamic_ncols=True)
+    return tqdm(total=total, unit=unit, unit_scale=unit != "tensor", unit_divisor=1024 if unit == "B" else 1000,
+                desc=label, dynamic_ncols=True)
