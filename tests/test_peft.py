@@ -285,3 +285,23 @@ def test_an_adapter_updating_a_tied_lm_head_alone_is_refused(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"), "--quiet"]) == 1
     assert "would drop one update; leave lm_head out of the adapter" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_layer_facts_come_from_a_child_interpreter_when_transformers_is_not_loaded():
+    """meta_model_facts builds the model in `python -m lora_ckpt.formats.hf` unless transformers is already
+    imported: the same facts either way, and transformers stays out of the calling process's memory."""
+    import subprocess
+    import sys
+
+    from lora_ckpt.formats.hf import meta_model_facts
+
+    config = {**_gpt2().config.to_dict(), "architectures": ["GPT2LMHeadModel"]}  # as save_pretrained writes it
+    here = meta_model_facts(config)
+    assert here is not None and here[1] == {"lm_head.weight": "transformer.wte.weight"}
+    code = ("import json, sys; from lora_ckpt.formats.hf import meta_model_facts; "
+            "f = meta_model_facts(json.load(sys.stdin)); print(json.dumps([f, 'transformers' in sys.modules]))")
+    res = subprocess.run([sys.executable, "-c", code], input=json.dumps(config), capture_output=True, text=True,
+                         check=True)
+    facts, loaded = json.loads(res.stdout)
+    assert loaded is False
+    assert facts == [here[0], here[1]]

@@ -66,6 +66,7 @@ from lora_ckpt.checks import check_alpha, check_rank
 from lora_ckpt.dtypes import DType, as_dtype
 from lora_ckpt.errors import KeyMismatchError, LayoutError, LoraCkptError, ShapeError
 from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LayoutSpec, LoraModule, detect_layout, formula_factors, tied_groups
+from lora_ckpt.memory import release_freed
 from lora_ckpt.merge import Orientation, plan_merge, require_data, require_finite, resolve_scales
 
 __all__ = [
@@ -478,6 +479,7 @@ def _scan(b: RowReader, t: RowReader, block_bytes: int) -> set[str]:
                     yield f"{key} in {b.where(key)}", base
 
     require_finite(differing(), fix="the weights are broken (a diverged run?): extract from good checkpoints")
+    release_freed()  # the scan's blocks
     return changed
 
 
@@ -655,6 +657,7 @@ def extract_lora(
         if key not in changed:
             report.unchanged += 1
             continue
+        release_freed()  # the last module's blocks: glibc keeps them, and each module's peak would add up
         acc_k = acc or (torch.float64 if torch.float64 in (b.dtype(key), t.dtype(key)) else torch.float32)
         m, n = shape_t
         step = max(1, (block_bytes // acc_k.itemsize) // max(1, n))

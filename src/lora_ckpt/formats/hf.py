@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import importlib.util
 import json
 import logging
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -61,9 +64,28 @@ def meta_model_facts(model_config: Mapping[str, Any] | None) -> tuple[dict[str, 
     """Per module name its layer type (``linear``/``conv1d``/``embedding``/``other``) and the tied weights
     (alias -> the key stored, e.g. ``lm_head.weight`` -> ``transformer.wte.weight``) of the model ``config.json``
     describes, read off the model built on the ``meta`` device (no memory); None where transformers is missing,
-    the config names no architecture transformers has, or the model cannot be built."""
+    the config names no architecture transformers has, or the model cannot be built.
+
+    Where this process has not imported transformers, the model is built in a short-lived child interpreter
+    (``python -m lora_ckpt.formats.hf``), so transformers' ~110 MB never joins a merge's or extraction's memory.
+    """
     if model_config is None or not model_config.get("architectures"):
         return None
+    if "transformers" not in sys.modules:
+        if importlib.util.find_spec("transformers") is None:
+            return None
+        try:
+            done = subprocess.run([sys.executable, "-m", "lora_ckpt.formats.hf"], input=json.dumps(model_config),
+                                  capture_output=True, text=True, timeout=600, check=True)
+            facts = json.loads(done.stdout)
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            log.info("could not read the layer types in a child interpreter (%s)", e)
+            return None
+        return None if facts is None else (facts["kinds"], facts["tied"])
+    return _facts_here(model_config)
+
+
+def _facts_here(model_config: Mapping[str, Any]) -> tuple[dict[str, Kind], dict[str, str]] | None:
     try:
         import transformers
     except ImportError:
@@ -198,3 +220,8 @@ def write_model_folder(
         (folder / name).write_text(text)
     write_checkpoint(folder / "model.safetensors", dict(state_dict))
     return left_out
+
+
+if __name__ == "__main__":  # the child of meta_model_facts: config.json on stdin, the facts as JSON on stdout
+    _facts = _facts_here(json.load(sys.stdin))
+    print(json.dumps(None if _facts is None else {"kinds": _facts[0], "tied": _facts[1]}))
