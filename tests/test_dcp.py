@@ -33,7 +33,6 @@ from lora_ckpt.formats.dcp import DcpReader
 from lora_ckpt.source import Source
 from lora_ckpt.streaming.parallel import Ranks, assign_shards
 from lora_ckpt.testing import assert_state_dict_close, make_gpt, make_tokens
-from lora_ckpt.testing.llama import LlamaShape, write_llama_adapter, write_llama_checkpoint
 
 TOKENS = make_tokens(seed=3, batch=2, length=8)
 C_ATTN = "transformer.h.0.attn.c_attn.main_weight.weight"
@@ -454,14 +453,6 @@ def test_pickled_record_that_would_run_code(tmp_path, lora):
 
 
 # --- the torchrun file-to-file merge -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def llama(tmp_path):
-    shape = LlamaShape(hidden=64, intermediate=172, layers=3, vocab=128)
-    write_llama_checkpoint(tmp_path / "base", shape, dtype=torch.float32, shard_bytes=200_000)
-    write_llama_adapter(tmp_path / "adapter", shape, rank=8, alpha=16.0, dtype=torch.float32)
-    return tmp_path / "base", tmp_path / "adapter"
 
 
 def test_torchrun_merge_writes_the_same_bytes_as_one_process(llama, tmp_path):

@@ -46,14 +46,6 @@ def test_nanogpt_file_streams_bit_identical(tmp_path, suffix, dtype):
     assert report.merged == ["transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"]
 
 
-@pytest.fixture
-def llama(tmp_path):
-    shape = LlamaShape(hidden=64, intermediate=172, layers=3, vocab=128)
-    write_llama_checkpoint(tmp_path / "base", shape, dtype=torch.float32, shard_bytes=200_000)
-    write_llama_adapter(tmp_path / "adapter", shape, rank=8, alpha=16.0, dtype=torch.float32)
-    return tmp_path / "base", tmp_path / "adapter"
-
-
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_peft_onto_sharded_base_streams_bit_identical_and_shards(llama, tmp_path, dtype):
     base, adapter = llama
