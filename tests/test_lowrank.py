@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_unchanged, snapshot
-from lora_ckpt import merge_lora
+from lora_ckpt import lowrank, merge_lora
 from lora_ckpt.cli import main
 from lora_ckpt.errors import KeyMismatchError, LayoutError, LoraCkptError, ShapeError
 from lora_ckpt.formats.peft import load_peft_adapter
@@ -144,6 +144,33 @@ def test_streamed_row_blocks_equal_the_whole_tensor():
     assert blocks.report.rows[0].rel_error == pytest.approx(whole.report.rows[0].rel_error, rel=1e-4)
 
 
+def test_delta_held_whole_is_the_same_read_in_small_blocks(monkeypatch):
+    """ΔW held whole is filled a few rows at a time, in place: the same bits as one subtraction of the whole."""
+    g = torch.Generator().manual_seed(6)
+    base = {"w.weight": torch.randn(64, 48, generator=g).bfloat16()}
+    tuned = {"w.weight": (base["w.weight"].float() + 0.01 * torch.randn(64, 48, generator=g)).bfloat16()}
+    one = extract_lora(base, tuned, rank=6, svd="full")
+    monkeypatch.setattr(lowrank, "_FILL_BLOCK_BYTES", 5 * 48 * 2)  # 13 blocks, the last one short
+    many = extract_lora(base, tuned, rank=6, svd="full")
+    for key, value in one.state_dict.items():
+        assert torch.equal(many.state_dict[key], value), key
+    assert many.report.rows == one.report.rows
+
+
+@pytest.mark.parametrize(("svd", "resident"), [("randomized", None), ("randomized", 0), ("full", None), ("full", 0)])
+def test_differences_below_the_accumulation_precision_are_unchanged(svd, resident):
+    """float64 weights that differ by less than float32 can hold: tuned − base is zero in float32, so the module
+    counts as unchanged (no factors of zeros); in float64 the same pair is a rank-1 update."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(40, 24, generator=g, dtype=torch.float64)
+    base, tuned = {"w.weight": w, "v.weight": w}, {"w.weight": w * (1 + 1e-12), "v.weight": w + 1.0}
+    out = extract_lora(base, tuned, rank=4, svd=svd, acc="fp32", resident_bytes=resident, block_bytes=7 * 24 * 8)
+    assert out.report.unchanged == 1 and [r.module for r in out.report.rows] == ["v"]
+    assert out.alpha == {"v": 1.0}
+    exact = extract_lora(base, tuned, rank=4, svd=svd, acc="fp64", resident_bytes=resident, block_bytes=7 * 24 * 8)
+    assert sorted(exact.alpha) == ["v", "w"] and exact.report.unchanged == 0
+
+
 def _exact_rank_pair(m: int, n: int, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float32 ``base``, ``tuned`` and their float64 difference, exactly of rank ``r``: dyadic values (multiples
     of 2⁻⁸ below 2⁴), so the product and the sums are exact in float32."""
@@ -156,7 +183,7 @@ def _exact_rank_pair(m: int, n: int, r: int, seed: int) -> tuple[torch.Tensor, t
 
 
 @pytest.mark.parametrize("update", ["rank4", "full_rank"])
-@pytest.mark.parametrize(("svd", "resident"), [("auto", None), ("auto", 0), ("full", None)])
+@pytest.mark.parametrize(("svd", "resident"), [("auto", None), ("auto", 0), ("full", None), ("full", 0)])
 def test_reported_error_is_the_measured_one(update, svd, resident):
     """Regression: the randomized path reported √(Σσ² − Σkept σ²), float32 noise (0 or 2e-4 against a true 4e-7)."""
     if update == "rank4":
@@ -609,6 +636,37 @@ def test_extracted_adapter_reproduces_the_tuned_model_in_peft(tmp_path, make):
     assert not torch.allclose(_logits(base), _logits(tuned), atol=1e-2)
     adapter = load_peft_adapter(tmp_path / "adapter")  # and our own reader agrees with the config it wrote
     assert set(adapter.scales.values()) == {1.0}
+
+
+@pytest.mark.parametrize("resident", [None, 0], ids=["held", "streamed"])
+def test_extract_from_files_in_small_blocks_equals_extract_in_memory(tmp_path, monkeypatch, resident):
+    """Files read block by block into reused buffers (the scan, ΔW, the randomized passes, the float64 residual)
+    give the same bits as the state dicts held in memory, read in one piece (the residual: to float64 round-off)."""
+    from safetensors.torch import load_file
+
+    from lora_ckpt.lowrank_files import SourceRows
+    from lora_ckpt.source import Source
+
+    torch.manual_seed(0)
+    base = _llama()
+    base.save_pretrained(tmp_path / "base")
+    tuned = _llama()
+    tuned.load_state_dict(base.state_dict())
+    _fine_tune(tuned, 3, 1)
+    tuned.save_pretrained(tmp_path / "tuned")
+    options = {"rank": 4, "svd": "randomized", "resident_bytes": resident, "block_bytes": 7 * 64 * 4}
+    in_memory = extract_lora(load_file(tmp_path / "base" / "model.safetensors"),
+                             load_file(tmp_path / "tuned" / "model.safetensors"), **options)
+    monkeypatch.setattr(lowrank, "_FILL_BLOCK_BYTES", 5 * 64 * 4)  # ΔW held whole is filled in blocks too
+    monkeypatch.setattr(lowrank, "_RESIDUAL_BLOCK_BYTES", 3 * 64 * 8)
+    with Source.open(tmp_path / "base") as b, Source.open(tmp_path / "tuned") as t:
+        blocks = extract_lora(SourceRows(b), SourceRows(t), **options)
+    assert sorted(blocks.state_dict) == sorted(in_memory.state_dict)
+    for key, value in in_memory.state_dict.items():
+        torch.testing.assert_close(blocks.state_dict[key], value, rtol=0, atol=0, msg=key)
+    assert [r.rank for r in blocks.report.rows] == [r.rank for r in in_memory.report.rows]
+    for row, expected in zip(blocks.report.rows, in_memory.report.rows):
+        assert row.rel_error == pytest.approx(expected.rel_error, rel=1e-9)
 
 
 def test_files_resize_combine_unmerge_round_trip(tmp_path):

@@ -66,7 +66,7 @@ from lora_ckpt.checks import check_alpha, check_rank
 from lora_ckpt.dtypes import DType, as_dtype
 from lora_ckpt.errors import KeyMismatchError, LayoutError, LoraCkptError, ShapeError
 from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LayoutSpec, LoraModule, detect_layout, formula_factors, tied_groups
-from lora_ckpt.memory import release_freed
+from lora_ckpt.memory import mapped_empty, release_freed
 from lora_ckpt.merge import Orientation, plan_merge, require_data, require_finite, resolve_scales
 
 __all__ = [
@@ -272,6 +272,8 @@ class LowRankResult:
 # --- the SVDs ---------------------------------------------------------------------------------------------------
 
 Blocks = Callable[[], Iterator[tuple[int, torch.Tensor]]]
+_RESIDUAL_BLOCK_BYTES = 2 << 20  # float64 passes (norms, the residual): blocks that stay in cache
+_FILL_BLOCK_BYTES = 4 << 20  # reading a ΔW that is held whole: the inputs' blocks beside it
 
 
 def randomized_svd(
@@ -307,7 +309,7 @@ def randomized_svd(
     for start, rows in blocks():
         d = rows.to(dev, acc)
         torch.mm(d, omega, out=y[start : start + len(d)])
-        total += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
+        total += _square_sum(d)
     basis = torch.linalg.qr(y).Q
     for _ in range(niter):
         z = torch.zeros(n, q, dtype=acc, device=dev)
@@ -325,6 +327,16 @@ def randomized_svd(
         bt.addmm_(d.T, basis[start : start + len(d)])
     ub, s, vh = torch.linalg.svd(bt.T, full_matrices=False)
     return basis @ ub, s, vh, total
+
+
+def _square_sum(d: torch.Tensor) -> float:
+    """``‖d‖²_F`` of a 2-d tensor accumulated in float64, a cache-sized block of rows at a time (a float64 copy of a
+    whole float32 ΔW would be twice its size)."""
+    step = max(1, _RESIDUAL_BLOCK_BYTES // (8 * max(1, d.shape[1])))
+    total = torch.zeros((), dtype=torch.float64, device=d.device)
+    for start in range(0, d.shape[0], step):
+        total += torch.linalg.vector_norm(d[start : start + step], dtype=torch.float64).square()
+    return float(total)
 
 
 def factor_svd(
@@ -413,7 +425,13 @@ class RowReader(Protocol):
 
     def dtype(self, key: str) -> torch.dtype: ...
 
-    def rows(self, key: str, start: int, stop: int) -> torch.Tensor: ...
+    def rows(self, key: str, start: int, stop: int, *, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of ``key`` (its first dimension; a 0-d tensor whole), never changed by the caller.
+
+        ``scratch``: a uint8 buffer of at least their bytes that a reader of files reads them into (the result is
+        then a view of it, valid until the buffer is reused), so a pass over a model allocates nothing per block.
+        """
+        ...
 
     def where(self, key: str) -> str:
         """Where ``key`` lives, for messages (a file path, or a name such as ``"the tuned weights"``)."""
@@ -440,9 +458,36 @@ class TensorRows:
     def dtype(self, key: str) -> torch.dtype:
         return self.tensors[key].dtype
 
-    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        t = self.tensors[key]
+    def rows(self, key: str, start: int, stop: int, *, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        t = self.tensors[key]  # a view: ``scratch`` is not needed
         return t[start:stop] if t.dim() else t
+
+
+class _Scratch:
+    """Reusable CPU buffers, one per role (the tuned rows, the base rows, …), each grown to the largest block
+    asked of it and mapped outside the heap: a pass over a model then allocates nothing per block."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def _bytes(self, role: str, need: int) -> torch.Tensor:
+        buffer = self.buffers.get(role)
+        if buffer is None or buffer.numel() < need:
+            buffer = self.buffers[role] = mapped_empty((need,), torch.uint8)
+        return buffer
+
+    def rows(self, reader: RowReader, key: str, start: int, stop: int, role: str) -> torch.Tensor:
+        shape = reader.shape(key)
+        need = (stop - start) * math.prod(shape[1:]) * reader.dtype(key).itemsize if shape else 0
+        return reader.rows(key, start, stop, scratch=self._bytes(role, need))
+
+    def converted(self, rows: torch.Tensor, like: torch.Tensor, role: str) -> torch.Tensor:
+        """``rows`` in ``like``'s dtype and on its device (an operation on two dtypes would make a temporary copy
+        of the narrower operand each time)."""
+        if like.device.type != "cpu":
+            return rows.to(like.device, like.dtype)
+        need = rows.numel() * like.dtype.itemsize
+        return self._bytes(role, need)[:need].view(like.dtype).view(rows.shape).copy_(rows)
 
 
 def _reader(x: Mapping[str, torch.Tensor] | RowReader, name: str) -> RowReader:
@@ -458,6 +503,7 @@ def _scan(b: RowReader, t: RowReader, block_bytes: int) -> set[str]:
     NaN or an infinity the adapter would carry is refused here, before any SVD, naming its key and file."""
     changed: set[str] = set()
     base_keys = set(b.keys())
+    scratch = _Scratch()  # each block is checked before the next is read
 
     def differing() -> Iterator[tuple[str, torch.Tensor]]:  # (label, block) pairs to check; notes `changed` as it goes
         for key in t.keys():
@@ -469,8 +515,8 @@ def _scan(b: RowReader, t: RowReader, block_bytes: int) -> set[str]:
             step = max(1, (block_bytes // t.dtype(key).itemsize) // max(1, math.prod(shape[1:])))
             for start in range(0, rows, step):
                 stop = min(start + step, rows)
-                tuned = t.rows(key, start, stop)
-                base = b.rows(key, start, stop) if same else None
+                tuned = scratch.rows(t, key, start, stop, "tuned")
+                base = scratch.rows(b, key, start, stop, "base") if same else None
                 if base is not None and key not in changed and torch.equal(base, tuned):
                     continue  # equal so far (infinities too): nothing of it goes into the adapter yet
                 changed.add(key)
@@ -486,9 +532,6 @@ def _scan(b: RowReader, t: RowReader, block_bytes: int) -> set[str]:
 # --- extract -------------------------------------------------------------------------------------------------------
 
 
-_RESIDUAL_BLOCK_BYTES = 2 << 20  # the float64 residual pass: blocks that stay in cache through its five steps
-
-
 @dataclass
 class _Delta:
     """One changed weight's difference, readable in row blocks (float ``acc``), or held whole."""
@@ -500,14 +543,42 @@ class _Delta:
     acc: torch.dtype
     step: int
     whole: torch.Tensor | None = None
+    scratch: _Scratch = field(default_factory=_Scratch)
+    buffer: torch.Tensor | None = None  # the streamed blocks of ΔW
 
     def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first_row, rows)`` of ΔW; read from the files, ``rows`` is one buffer refilled for every block, valid
+        until the next is asked for (a reader that keeps blocks copies them)."""
         if self.whole is not None:
             yield 0, self.whole
             return
+        if self.buffer is None:  # one for every pass: a pass's last block may outlive it in the caller
+            self.buffer = mapped_empty((min(self.step, self.shape[0]), self.shape[1]), self.acc)
+        buffer = self.buffer
         for start in range(0, self.shape[0], self.step):
             stop = min(start + self.step, self.shape[0])
-            yield start, self.tuned.rows(self.key, start, stop).to(self.acc) - self.base.rows(self.key, start, stop).to(self.acc)
+            yield start, self._difference(start, stop, buffer[: stop - start])
+
+    def _difference(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows ``start:stop`` of ``tuned − base`` into ``out`` (any device), rounded once to ``out``'s dtype: the
+        narrower inputs are widened exactly before the subtraction."""
+        out.copy_(self.scratch.rows(self.tuned, self.key, start, stop, "tuned"))
+        base = self.scratch.rows(self.base, self.key, start, stop, "base")
+        if base.dtype != out.dtype or base.device != out.device:
+            base = self.scratch.converted(base, out, "base, converted")
+        return out.sub_(base)
+
+    def fill(self) -> torch.Tensor:
+        """ΔW whole (a new ``acc`` tensor), filled in small row blocks: besides it, only a block of each input
+        (and the base's in ``acc``) is held, never a list of blocks to concatenate, whose peak is twice ΔW."""
+        m, n = self.shape
+        whole = mapped_empty((m, n), self.acc)
+        widest = max(self.tuned.dtype(self.key).itemsize, self.base.dtype(self.key).itemsize)
+        step = max(1, _FILL_BLOCK_BYTES // (widest * max(1, n)))
+        for start in range(0, m, step):
+            stop = min(start + step, m)
+            self._difference(start, stop, whole[start:stop])
+        return whole
 
     def residual(self, left: torch.Tensor, right: torch.Tensor) -> tuple[float, float]:
         """``(‖ΔW‖²_F, ‖ΔW − left@right‖²_F)``, ΔW read again as ``tuned − base`` in float64 (exact for float32
@@ -516,11 +587,12 @@ class _Delta:
         left, right = left.to(f64), right.to(f64)
         cached = max(1, min(self.step, _RESIDUAL_BLOCK_BYTES // (f64.itemsize * self.shape[1])))
         step = self.step if dev.type != "cpu" else cached
+        rows = (min(step, self.shape[0]), self.shape[1])
+        buffer = mapped_empty(rows, f64) if dev.type == "cpu" else torch.empty(rows, dtype=f64, device=dev)
         total = residual = torch.zeros((), dtype=f64, device=dev)
         for start in range(0, self.shape[0], step):
             stop = min(start + step, self.shape[0])
-            tuned = self.tuned.rows(self.key, start, stop).to(dev).to(f64)  # may be the caller's tensor: no in-place
-            d = tuned - self.base.rows(self.key, start, stop).to(dev).to(f64)
+            d = self._difference(start, stop, buffer[: stop - start])
             total = total + torch.linalg.vector_norm(d).square()
             residual = residual + torch.linalg.vector_norm(d.addmm_(left[start:stop], right, alpha=-1)).square()
         return float(total), float(residual)
@@ -668,11 +740,8 @@ def extract_lora(
         overflow = (f"both models hold an infinity there, or values near {acc_name}'s largest: extract from good "
                     "checkpoints, or with acc=torch.float64")
         if hold:
-            delta.whole = torch.cat([d for _, d in delta.blocks()]) if m > step else next(delta.blocks())[1]
+            delta.whole = delta.fill()
             require_finite({label: delta.whole}, fix=overflow)
-            if not bool(delta.whole.any()):  # values that differ only below acc's precision
-                report.unchanged += 1
-                continue
         else:
             require_finite(((label, d) for _, d in delta.blocks()), fix=overflow)
         cap = rule.cap
@@ -681,13 +750,13 @@ def extract_lora(
         if randomized:
             u, s, vh, total = randomized_svd(delta.blocks, (m, n), q, niter=niter, seed=seed, acc=acc_k, device=device)
         else:
-            whole = delta.whole if delta.whole is not None else torch.cat([d for _, d in delta.blocks()])
+            whole = delta.whole if delta.whole is not None else delta.fill()
             whole = whole.to(device) if device is not None else whole
             u, s, vh = torch.linalg.svd(whole, full_matrices=False)
             total = float(s.double().square().sum())
             del whole
         delta.whole = None
-        if not len(s) or float(s[0]) == 0.0:  # a ΔW below acc's precision
+        if not len(s) or float(s[0]) == 0.0:  # values that differ only below acc's precision: ΔW is zero
             report.unchanged += 1
             continue
         k = _kept(rule, s, total, (m, n), acc_k)

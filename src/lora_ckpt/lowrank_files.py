@@ -98,10 +98,12 @@ class SourceRows:
     def dtype(self, key: str) -> torch.dtype:
         return self.source.entries[self.names[key]].dtype
 
-    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+    def rows(self, key: str, start: int, stop: int, *, scratch: torch.Tensor | None = None) -> torch.Tensor:
         full = self.names[key]
         if not self.shape(key):
             return self.source.read(full)
+        if scratch is not None:
+            return self.source.read_into(full, start, stop, scratch)
         return self.source.read(full, start, stop)
 
     def where(self, key: str) -> str:
