@@ -647,7 +647,6 @@ def detect_layout(
         state_dict: a model state dict or adapter file's tensors (any device, ``meta`` included).
         kinds: module name -> ``"linear"`` or ``"embedding"``, only needed where the shapes are square
             (loralib's factors of a square weight fit both); a ``"*"`` entry is the kind of every module not named.
-            enough to fit both (rank equal to the width).
         layout: the layout's name (a key of :data:`LAYOUTS`), where the keys alone cannot tell.
 
     Returns:
