@@ -174,8 +174,8 @@ def test_a_failed_base_write_leaves_neither_output(lora_file, tmp_path, monkeypa
 
 
 def test_square_modules_into_loralib_are_written_and_merge_with_kinds(tmp_path):
-    """loralib factors of a square weight fit a linear module and an embedding alike: saving records what it
-    can, and the merge asks which (kinds=...)."""
+    """loralib factors of a square weight fit a linear module and an embedding alike: the converted file records
+    each module's kind, and a bare state dict (no record) asks which (kinds=...)."""
     from lora_ckpt.formats.hf import load_model_weights
     from lora_ckpt.formats.peft import load_peft_adapter
     from lora_ckpt.testing.llama import LlamaShape, write_llama_adapter, write_llama_checkpoint
@@ -188,12 +188,14 @@ def test_square_modules_into_loralib_are_written_and_merge_with_kinds(tmp_path):
                           fan_in_fan_out=False)  # a bare state dict: Llama keeps nn.Linear
     src = save_checkpoint(tmp_path / "tune.safetensors", tune.state_dict, alpha=tune.alpha)
     got = load_checkpoint(stream_convert(src, tmp_path / "loralib.safetensors", to="loralib").files[0])
-    assert got.alpha == tune.alpha and got.metadata["layout"] is None
+    assert got.alpha == tune.alpha and got.metadata["layout"] == "loralib"
+    assert got.kinds == {name: "linear" for name in tune.alpha}
     with pytest.raises(LayoutError, match=r"4 modules \(model.layers.0.self_attn.k_proj, .*\) have square factors that fit "
                                           r"both a linear module and an embedding; say which: kinds=\{'\*':'linear'"):
         merge_lora(got.state_dict, alpha=got.alpha)
     layout = detect_layout(got.state_dict, kinds={name: "linear" for name in tune.alpha})
-    merged = merge_lora(got.state_dict, alpha=got.alpha, layout=layout)
+    assert got.detect().kinds == layout.kinds  # the record settles it
+    merged = merge_lora(got.state_dict, alpha=got.alpha, layout=got.detect())
     assert_state_dict_close(merged, merge_adapter(tmp_path / "base", tmp_path / "adapter"), rtol=1e-6, atol=1e-6)
 
 
@@ -214,6 +216,9 @@ def test_cli_kinds_settles_square_loralib_modules(tmp_path, capsys):
     lora = tmp_path / "loralib.safetensors"
     assert main(["convert", str(src), str(lora), "--to", "loralib", "--quiet"]) == 0
     capsys.readouterr()
+    written = load_checkpoint(lora)  # it records the kinds (tests/test_kinds_meta.py); the same tensors without the
+    lora = save_checkpoint(tmp_path / "old.safetensors", written.state_dict, alpha=written.alpha)  # record, as before
+    assert load_checkpoint(lora).kinds == {}
     assert main(["merge", str(lora), str(tmp_path / "m.safetensors"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "4 modules (model.layers.0.self_attn.k_proj, model.layers.0.self_attn.o_proj, " \

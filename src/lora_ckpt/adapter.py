@@ -15,7 +15,7 @@ from lora_ckpt.errors import AlphaError, TiedWeightError
 from lora_ckpt.formats.hf import tied_weights
 from lora_ckpt.formats.peft import adapter_orientation, load_peft_adapter
 from lora_ckpt.io import Checkpoint, PathLike, as_checkpoint
-from lora_ckpt.layout import Layout, detect_layout, split_prefix
+from lora_ckpt.layout import PEFT, Layout, detect_layout, split_prefix
 from lora_ckpt.merge import Alpha, MergePlan, Step, module_factors, plan_merge, require_data
 from lora_ckpt.source import Source
 
@@ -71,7 +71,8 @@ def plan_adapter_merge(
     """The checked plan of merging ``adapter`` into the standard state dict ``base`` (real or ``meta`` tensors).
 
     ``kinds`` settles modules of a non-PEFT adapter whose square shapes fit a linear module and an embedding
-    alike (:func:`~lora_ckpt.detect_layout`).
+    alike (:func:`~lora_ckpt.detect_layout`), with what the adapter's file records
+    (:meth:`~lora_ckpt.Checkpoint.detect`); a PEFT adapter's keys decide every kind, so there it may only agree.
 
     A PEFT adapter takes its scales from its config (``alpha`` is then an error) and each weight's orientation
     as PEFT loads it (:func:`~lora_ckpt.formats.peft.adapter_orientation`, from ``model_config``, the base
@@ -82,6 +83,8 @@ def plan_adapter_merge(
         peft = load_peft_adapter(adapter)
         if alpha is not None:
             raise AlphaError(f"{adapter.path}: the alpha comes from adapter_config.json; do not pass alpha")
+        if kinds:  # refused where it contradicts the keys, as every other kinds is
+            detect_layout(peft.state_dict, kinds=kinds, layout=PEFT.name)  # type: ignore[arg-type]
         base, tied = _with_tied_aliases(base, peft.layout, model_config)
         plain = {split_prefix(k)[1]: v for k, v in base.items()}
         turned = adapter_orientation(peft, plain, model_config=model_config, given=fan_in_fan_out)
@@ -89,7 +92,7 @@ def plan_adapter_merge(
                           fan_in_fan_out=turned)
         return _read_stored(plan, tied)
     ck = adapter.load() if isinstance(adapter, Source) else as_checkpoint(adapter)
-    layout = detect_layout(ck.state_dict, kinds=kinds)  # type: ignore[arg-type]
+    layout = ck.detect(kinds=kinds)
     base, tied = _with_tied_aliases(base, layout, model_config)
     plan = plan_merge(ck.state_dict, base=base, alpha=ck.resolve_alpha(alpha), dtype=dtype, layout=layout,
                       fan_in_fan_out=fan_in_fan_out)

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from lora_ckpt._table import Compact
-from lora_ckpt.errors import AlphaError, CheckpointFileError, LayoutError, brief
+from lora_ckpt.errors import AlphaError, CheckpointFileError, LayoutError, LoraCkptError, brief
 from lora_ckpt.filemeta import META_KEY, FileMeta
-from lora_ckpt.layout import check_dense
+from lora_ckpt.layout import Layout, ModuleKind, check_dense, detect_layout
 
 __all__ = ["STATE_DICT_KEYS", "Checkpoint", "checkpoint_from_dict", "is_state_dict"]
 
@@ -27,7 +27,8 @@ class Checkpoint(Compact):
 
     ``extra`` holds the other entries of a checkpoint dict (``optimizer``, ``model_args``,
     ``iter_num`` …); ``alpha`` is the alpha recorded in the file (lora_ckpt metadata, or nanoGPT's
-    ``model_args['lora_alpha']``), or None where the file does not say.
+    ``model_args['lora_alpha']``), or None where the file does not say; ``kinds`` the module kinds
+    (module -> ``"linear"``/``"embedding"``) its lora_ckpt metadata records, {} where it records none.
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -36,6 +37,7 @@ class Checkpoint(Compact):
     extra: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         alpha = self.alpha if not isinstance(self.alpha, Mapping) else f"{{{len(self.alpha)} modules}}"
@@ -54,10 +56,57 @@ class Checkpoint(Compact):
             "drop the alpha argument to use the recorded value"
         )
 
+    def resolve_kinds(self, kinds: Mapping[str, str] | None) -> dict[str, str] | None:
+        """The module kinds to detect with: the recorded ones and ``kinds``; raise where ``kinds`` names a module
+        the file records as the other kind (a ``"*"`` entry is checked by :meth:`detect`, which sees the shapes)."""
+        given = dict(kinds or {})
+        if not self.kinds:
+            return given or None
+        clash = {n: k for n, k in given.items() if n != "*" and n in self.kinds and self.kinds[n] != k}
+        if clash:
+            where = self.path or "the checkpoint"
+            shown = [f"{n} is recorded as {self.kinds[n]} in {where}; drop kinds={{{n!r}:{k!r}}} (CLI: --kinds {n}={k})"
+                     for n, k in list(clash.items())[:3]]
+            more = f" ({len(clash)} modules in all)" if len(clash) > 3 else ""
+            raise LayoutError("kinds: " + "; ".join(shown) + f"{more} to use the recorded kinds")
+        return {**self.kinds, **given}
+
+    def detect(self, tensors: Mapping[str, torch.Tensor] | None = None, *,
+               kinds: Mapping[str, str] | None = None) -> Layout:
+        """The :class:`~lora_ckpt.Layout` of ``tensors`` (default: :attr:`state_dict`; a file's ``meta`` stand-ins
+        too), each module's kind settled by what the file records and by ``kinds``; raise if they disagree.
+
+        ``kinds`` is :func:`~lora_ckpt.detect_layout`'s: module -> kind, ``"*"`` for every module whose shapes fit
+        both and that neither ``kinds`` nor the file names. A ``"*"`` that contradicts the recorded kind of such a
+        module is refused like a named one.
+
+        Raises:
+            LayoutError: ``kinds`` contradicts a recorded kind, or as :func:`~lora_ckpt.detect_layout`.
+        """
+        tensors = self.state_dict if tensors is None else tensors
+        layout = detect_layout(tensors, kinds=self.resolve_kinds(kinds))  # type: ignore[arg-type]
+        star = (kinds or {}).get("*")
+        if star is None or not self.kinds:
+            return layout
+        clash = [m.name for m in layout.modules
+                 if m.name in self.kinds and m.name not in (kinds or {}) and self.kinds[m.name] != star
+                 and _fits(layout, m.name, tensors, star)]
+        if clash:
+            names = ", ".join(clash[:3]) + (", …" if len(clash) > 3 else "")
+            recorded = sorted({self.kinds[n] for n in clash})
+            raise LayoutError(
+                f"kinds: {len(clash)} module(s) ({names}) whose shapes fit both kinds are recorded as "
+                f"{' or '.join(recorded)} in {self.path or 'the checkpoint'}; drop kinds={{'*':{star!r}}} "
+                f"(CLI: --kinds {star}) to use the recorded kinds"
+            )
+        return layout
+
     def record(self, meta: FileMeta | None) -> Checkpoint:
-        """Take the alpha this checkpoint's file records (lora_ckpt metadata, else ``model_args['lora_alpha']``)."""
+        """Take the alpha and module kinds this checkpoint's file records (lora_ckpt metadata; the alpha else
+        ``model_args['lora_alpha']``)."""
         if meta is not None:
             self.metadata = meta.to_dict()
+            self.kinds = dict(meta.kinds)
             if meta.alpha is not None:
                 self.alpha, self.alpha_source = meta.alpha, "lora_ckpt metadata"
                 return self
@@ -76,6 +125,17 @@ class Checkpoint(Compact):
                 )
             self.alpha, self.alpha_source = float(value), "model_args['lora_alpha']"
         return self
+
+
+def _fits(layout: Layout, name: str, tensors: Mapping[str, torch.Tensor], kind: str) -> bool:
+    """Whether module ``name``'s own tensors fit ``kind`` too (detected alone, told that kind)."""
+    module = {layout.prefix + k: tensors[layout.prefix + k] for k in layout.module(name).keys}
+    kinds: dict[str, ModuleKind] = {name: kind}  # type: ignore[dict-item]
+    try:
+        detect_layout(module, layout=layout.kind, kinds=kinds)
+    except LoraCkptError:
+        return False
+    return True
 
 
 def _same_alpha(a: float | Mapping[str, float], b: float | Mapping[str, float]) -> bool:
@@ -131,6 +191,7 @@ def checkpoint_from_dict(obj: object, path: Path | None) -> Checkpoint:
     if obj.get(META_KEY) is not None:
         meta = FileMeta.from_dict(obj[META_KEY], stored=state_dict, where=path or "the checkpoint")
         meta.check_keys(state_dict, where=path or "the checkpoint")
+        meta.check_kinds({k: tuple(t.shape) for k, t in state_dict.items()}, where=path or "the checkpoint")
     return Checkpoint(state_dict, extra=extra, path=path).record(meta)
 
 

@@ -149,7 +149,9 @@ def _finite(text: str) -> float:
 def _add_kinds(s: argparse.ArgumentParser) -> None:
     s.add_argument("--kinds", metavar="[MODULE=]KIND", type=_kind, action="append", default=[],
                    help="linear or embedding, for LoRA factors whose square shapes fit both (loralib's): "
-                   "MODULE=KIND for one module (it beats the bare KIND), KIND alone for every such module (repeatable)")
+                   "MODULE=KIND for one module (it beats the bare KIND), KIND alone for every such module "
+                   "(repeatable); files lora-ckpt wrote record each module's kind and need none (a --kinds that "
+                   "contradicts the record, or a kind the keys or shapes decide, is refused)")
 
 
 def _kinds(args: argparse.Namespace) -> dict[str, str] | None:
@@ -329,7 +331,6 @@ def _dtype(name: str | None) -> Any:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from lora_ckpt.layout import detect_layout
     from lora_ckpt.source import Source
 
     with Source.open(args.path) as source:
@@ -343,7 +344,7 @@ def _inspect(args: argparse.Namespace) -> int:
                       for n, s in peft.scales.items()}
             ckpt.alpha, ckpt.alpha_source = alphas, "adapter_config.json" + (", rsLoRA" if peft.settings and
                                                                                 peft.settings.use_rslora else "")
-    layout = detect_layout(ckpt.state_dict, kinds=_kinds(args))  # type: ignore[arg-type]
+    layout = ckpt.detect(kinds=_kinds(args))  # with the kinds the file records
     sd = ckpt.state_dict
     unique = {id(t): t for t in sd.values()}.values()
     info = {

@@ -227,14 +227,15 @@ def convert_state_dict(
         ignore: glob patterns of keys that need not be used or supplied.
         keep_factors: refuse (rather than merge) a module whose factors could be copied but whose target
             alpha is unknown: a live model's trained factors are not reset behind the user's back.
-        kinds: settles the checkpoint's modules whose square shapes fit both kinds (see :func:`detect_layout`).
+        kinds: settles the checkpoint's modules whose square shapes fit both kinds (see :func:`detect_layout`), with
+            the kinds its file records (:meth:`~lora_ckpt.Checkpoint.detect`: a contradiction is refused).
 
     Raises:
         KeyMismatchError, ShapeError, AlphaError, LayoutError.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(dict(checkpoint))
     ignore = tuple(ignore)
-    src = detect_layout(ckpt.state_dict, kinds=kinds)  # type: ignore[arg-type]
+    src = ckpt.detect(kinds=kinds)
     dst = target if isinstance(target, Layout) else detect_layout(target)
     tensors = {k[len(src.prefix) :]: v for k, v in ckpt.state_dict.items()}
     report = LoadReport(source_layout=src.kind, model_layout=dst.kind)

@@ -3,7 +3,8 @@
 In a ``.safetensors`` file it is the JSON string under ``"lora_ckpt"`` in the header's ``__metadata__``;
 in a ``.pt`` checkpoint dict, the dict under ``"lora_ckpt"``. A file is input like any other: every field
 is checked for type and range, aliases may only restore keys the file does not store, tied groups must
-name keys the file holds, and a ``format_version`` this version does not know is refused.
+name keys the file holds, recorded module kinds must name LoRA modules whose shapes fit them, and a
+``format_version`` this version does not know is refused.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from lora_ckpt._version import __version__
 from lora_ckpt.checks import unique_keys
-from lora_ckpt.errors import CheckpointFileError, brief
+from lora_ckpt.errors import CheckpointFileError, LoraCkptError, brief
+from lora_ckpt.layout import LAYOUTS, detect_layout, split_prefix
 
 __all__ = ["FORMAT_VERSION", "META_KEY", "FileMeta"]
 
@@ -25,7 +29,7 @@ META_KEY = "lora_ckpt"
 #: The metadata format this version writes and reads (older versions are read too).
 FORMAT_VERSION = 1
 
-_FIELDS = ("format_version", "lora_ckpt_version", "layout", "alpha", "tied", "aliases", "order", "model_args")
+_FIELDS = ("format_version", "lora_ckpt_version", "layout", "alpha", "tied", "aliases", "order", "model_args", "kinds")
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,10 @@ class FileMeta:
 
     ``alpha``: one float or per module; ``tied``: groups of keys holding one tensor; ``aliases``: keys a
     safetensors file stores once (alias -> the key stored); ``order``: the state dict's key order;
-    ``model_args``: nanoGPT's model arguments.
+    ``model_args``: nanoGPT's model arguments; ``kinds``: module -> ``"linear"`` or ``"embedding"``, recorded in
+    the layouts whose keys do not tell the two apart (loralib, minLoRA, nanoGPT's fork: see
+    :attr:`~lora_ckpt.layout.LayoutSpec.kinds_by_shape`), so that reading the file back needs no ``kinds``
+    (optional: older files have none, and nothing is then recorded).
     """
 
     format_version: int = FORMAT_VERSION
@@ -45,6 +52,7 @@ class FileMeta:
     aliases: dict[str, str] = field(default_factory=dict)
     order: tuple[str, ...] | None = None
     model_args: dict[str, Any] | None = None
+    kinds: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_header(cls, header: Mapping[str, str] | None, *, stored: Collection[str], where: object) -> FileMeta | None:
@@ -109,10 +117,11 @@ class FileMeta:
             order = None
         model_args = raw.get("model_args")
         bad.check(model_args is None or isinstance(model_args, Mapping), f"model_args is a {type(model_args).__name__}")
+        kinds = _kinds(raw.get("kinds"), layout, bad)
         bad.raise_any()
         return cls(
             version, str(written), layout, alpha, tuple(groups), aliases, tuple(order) if order else None,
-            dict(model_args) if isinstance(model_args, Mapping) else None,
+            dict(model_args) if isinstance(model_args, Mapping) else None, kinds,
         )
 
     def check_keys(self, keys: Collection[str], *, where: object) -> None:
@@ -128,6 +137,30 @@ class FileMeta:
             if missing:
                 bad.add(f"tied group {brief(list(group))} names {brief(missing)}, which the file neither stores "
                         "nor aliases")
+        bad.raise_any()
+
+    def check_kinds(self, shapes: Mapping[str, tuple[int, ...]], *, where: object) -> None:
+        """Raise unless every module ``kinds`` names is a LoRA module of the source whose shapes fit the recorded kind.
+
+        ``shapes``: every key of the source (aliases included) -> its shape. A kind its shapes contradict would
+        otherwise reach a merge as if the user had said it.
+        """
+        if not self.kinds:
+            return
+        spec = LAYOUTS[str(self.layout)]  # from_dict refused kinds without a layout that records them
+        plain = {split_prefix(k)[1]: k for k in shapes}
+        bad = _Problems(where)
+        for name, kind in self.kinds.items():
+            keys = {role: plain.get(spec.key(name, role)) for role in spec.roles}
+            if keys["a"] is None or keys["b"] is None:
+                bad.add(f"kinds names {brief(name)}, which is not a LoRA module of the file")
+                continue
+            module = {k: torch.empty(shapes[k], device="meta") for k in keys.values() if k is not None}
+            try:
+                detect_layout(module, layout=spec.name, kinds={name: kind})  # type: ignore[dict-item]
+            except LoraCkptError:
+                found = ", ".join(f"{role} {tuple(shapes[k])}" for role, k in keys.items() if k is not None)
+                bad.add(f"kinds records {brief(name)} as {kind}, which its shapes ({found}) do not fit")
         bad.raise_any()
 
     def ordered(self, keys: Collection[str]) -> list[str]:
@@ -148,6 +181,8 @@ class FileMeta:
             out["order"] = list(self.order)
         if self.model_args is not None:
             out["model_args"] = dict(self.model_args)
+        if self.kinds:
+            out["kinds"] = dict(self.kinds)
         return out
 
     def to_header(self) -> dict[str, str]:
@@ -174,6 +209,26 @@ def _alpha(value: object, bad: _Problems) -> float | dict[str, float] | None:
         bad.add(f"alpha {brief(value)} is not a finite number")
         return None
     return float(value)  # type: ignore[arg-type]
+
+
+def _kinds(value: object, layout: object, bad: _Problems) -> dict[str, str]:
+    """The recorded module kinds (module -> linear / embedding), checked for type; {} where none are recorded."""
+    if value is None:
+        return {}
+    if not (isinstance(value, Mapping) and all(isinstance(k, str) for k in value)):
+        bad.add(f"kinds {brief(value)} is not an object of module -> kind")
+        return {}
+    out: dict[str, str] = {}
+    for name, kind in value.items():
+        if kind not in ("linear", "embedding"):
+            bad.add(f"kinds gives {brief(name)} the kind {brief(kind)}, not linear or embedding")
+        else:
+            out[name] = kind
+    spec = LAYOUTS.get(layout) if isinstance(layout, str) else None
+    if value and (spec is None or not spec.kinds_by_shape):
+        bad.add(f"kinds are recorded for layout {brief(layout)}, whose keys "
+                + ("tell linear modules and embeddings apart" if spec is not None else "are not a LoRA layout's"))
+    return out
 
 
 def _is_scale(value: object) -> bool:

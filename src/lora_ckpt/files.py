@@ -28,7 +28,7 @@ from lora_ckpt.formats.hf import write_model_folder
 from lora_ckpt.adapter import plan_adapter_merge
 from lora_ckpt.formats.peft import PeftConfig, adapter_orientation, load_peft_adapter, write_peft_adapter
 from lora_ckpt.io import write_checkpoint
-from lora_ckpt.layout import LAYOUTS, Layout, detect_layout, layout_spec, split_prefix, tied_groups
+from lora_ckpt.layout import LAYOUTS, PEFT, Layout, detect_layout, layout_spec, split_prefix, tied_groups
 from lora_ckpt.merge import Alpha, MergePlan, Orientation, plan_merge
 from lora_ckpt.progress import progress_bar
 from lora_ckpt.output import FILE_SUFFIXES, Output, PathLike, write_together
@@ -102,7 +102,8 @@ def merge_files(
     rank runs this call and writes its share of a streamed output's shards; rank 0 installs it.
     ``fan_in_fan_out``: whether base weights are stored (in, out) (GPT-2's ``Conv1D``) where no config says.
     ``kinds``: module -> ``"linear"``/``"embedding"`` (``"*"``: every such module) for LoRA factors whose square
-    shapes fit both (loralib's), as :func:`~lora_ckpt.detect_layout` takes it.
+    shapes fit both (loralib's), as :func:`~lora_ckpt.detect_layout` takes it; files lora_ckpt wrote record them,
+    and a ``kinds`` that contradicts the record is refused (:meth:`~lora_ckpt.Checkpoint.detect`).
 
     Raises:
         LoraCkptError: any input problem, before anything is written; OSError from the file system.
@@ -123,7 +124,7 @@ def merge_files(
                                       "sharded with --max-shard-size); run a .pt, --tied tie or --format dcp output "
                                       "in one process")
         if format == "dcp":
-            return _merge_dcp(src, ad, out, alpha, dtype, tied, max_shard_size, fan_in_fan_out)
+            return _merge_dcp(src, ad, out, alpha, dtype, tied, max_shard_size, fan_in_fan_out, kinds)
         if tied == "tie" and src.kind == "dcp":
             raise LayoutError(f"{src.path}: a DCP checkpoint does not record which weights are tied, so "
                               "tied='tie' (CLI: --tied tie) has nothing to tie; merge without it (each key keeps "
@@ -138,7 +139,7 @@ def merge_files(
                 result.lines.insert(0, f"base: {named_base} (the adapter's base_model_name_or_path)")
             return result
         if streams:
-            layout = detect_layout(src.meta_tensors(), kinds=kinds)  # type: ignore[arg-type]
+            layout = src.recorded().detect(src.meta_tensors(), kinds=kinds)
             if not layout.is_lora:
                 raise LayoutError(f"{src.path}: holds no LoRA modules (standard layout), so there is nothing to "
                                   "merge; to merge an adapter into it give both: merge_files(BASE, DST, "
@@ -153,7 +154,7 @@ def merge_files(
             dropped = _standard_extra(src.recorded(), out.path)[1]
         else:
             ckpt = src.load()
-            layout = detect_layout(ckpt.state_dict, kinds=kinds)  # type: ignore[arg-type]  # the tensors: ties too
+            layout = ckpt.detect(kinds=kinds)  # the tensors: ties too
             updated = _tied_updates(src, layout)
             plan = plan_merge(ckpt.state_dict, alpha=ckpt.resolve_alpha(alpha), tied=tied, dtype=dtype, layout=layout,
                               fan_in_fan_out=fan_in_fan_out)
@@ -242,11 +243,12 @@ def _merge_dcp(
     tied: str,
     max_shard_size: int | str | None,
     fan_in_fan_out: bool | None,
+    kinds: Mapping[str, str] | None = None,
 ) -> FileResult:
     if max_shard_size is not None or tied != "untie":
         flag = "max_shard_size (CLI: --max-shard-size)" if max_shard_size is not None else "tied='tie' (CLI: --tied tie)"
         raise CheckpointFileError(f"{out.path}: a DCP output has its own files and no tied keys; drop {flag}")
-    report = merge_to_dcp(src, out, adapter=ad, alpha=alpha, dtype=dtype, fan_in_fan_out=fan_in_fan_out)
+    report = merge_to_dcp(src, out, adapter=ad, alpha=alpha, dtype=dtype, fan_in_fan_out=fan_in_fan_out, kinds=kinds)
     result = FileResult(report.files, True, len(report.merged), report.bytes, report.seconds,
                         leftovers=list(out.removed))
     result.lines.append(f"merged {len(report.merged)} LoRA module(s) of {src.path}"
@@ -461,6 +463,7 @@ def _convert_in_memory(
     orientation: Orientation = False if gpt2 else fan_in_fan_out
     task_type = None
     adapter = None
+    settled: Layout | None = None  # the source's layout, where it is not PEFT's (convert_layout detects that)
     if src.kind == "peft":
         adapter = load_peft_adapter(src)
         sd, scales, rec_alpha, extra = adapter.state_dict, adapter.scales, None, {}
@@ -468,12 +471,17 @@ def _convert_in_memory(
         if not gpt2 and base is None:  # the factors alone: the config's value is carried as it is
             orientation = _agree(given, adapter.settings.fan_in_fan_out, adapter.settings.where)
         task_type = adapter.settings.task_type
+        # PEFT's keys decide every kind: kinds may only agree with them
+        peft_layout = adapter.layout if not kinds else detect_layout(sd, kinds=kinds, layout=PEFT.name)  # type: ignore
+        source_kinds = peft_layout.kinds
     else:
         ckpt = src.load()
         if to == "peft" and gpt2:
             return _nanogpt_to_gpt2_peft(src, ckpt, dst, base_out, n_head, alpha, overwrite)
         sd, scales, rec_alpha = ckpt.state_dict, None, ckpt.resolve_alpha(alpha)
         extra = {k: v for k, v in ckpt.extra.items() if k != "optimizer"}
+        settled = ckpt.detect(kinds=kinds)
+        source_kinds = settled.kinds
     base_sd = None
     inputs: list[PathLike | None] = [*src.paths()]
     if base is not None:
@@ -486,7 +494,6 @@ def _convert_in_memory(
         elif adapter is not None:  # each weight as PEFT would load it: by the base model's layer types
             plain = {split_prefix(k)[1]: v for k, v in base_sd.items()}
             orientation = adapter_orientation(adapter, plain, model_config=model_config, given=given)
-    settled = detect_layout(sd, kinds=kinds) if kinds and adapter is None else None  # type: ignore[arg-type]
     rel = convert_layout(sd, to, alpha=rec_alpha, scales=scales, base=base_sd, fan_in_fan_out=orientation,
                          layout=settled,
                          task_type=task_type)
@@ -513,7 +520,8 @@ def _convert_in_memory(
                                task_type=rel.task_type)
         else:
             keep = extra if dst.suffix != ".safetensors" else {k: v for k, v in extra.items() if k == "model_args"}
-            write_checkpoint(staged[-1], rel.state_dict, alpha=rel.alpha, extra=keep, suffix=dst.suffix)
+            write_checkpoint(staged[-1], rel.state_dict, alpha=rel.alpha, extra=keep, suffix=dst.suffix,
+                             kinds=source_kinds)
     result = FileResult([o.path for o in outputs], False, leftovers=[x for o in outputs for x in o.removed])
     result.lines.append(f"converted {src.path} to the {to} layout: {dst} ({len(rel.alpha)} LoRA modules, factors unchanged)")
     return result
@@ -552,7 +560,7 @@ def _convert_like(src: Source, template: Source, dst: Path, alpha: Alpha | None,
     if gpt2:  # Hugging Face GPT-2 (Conv1D weights, lm_head left out as tied) in nanoGPT's layout first
         ckpt = dataclasses.replace(ckpt, state_dict=hf_to_nanogpt(ckpt.state_dict))
     t_ckpt = template.load()
-    layout = detect_layout(t_ckpt.state_dict)
+    layout = t_ckpt.detect()  # a template lora_ckpt wrote records its kinds
     conversion = convert_state_dict(ckpt, layout, alpha=alpha, target_alpha=t_ckpt.alpha, ignore=ignore, kinds=kinds)
     values = {**conversion.values, **fresh_factors(layout, conversion.report.initialised, seed=seed)}
     tie_conflicts(layout.tied, values, conversion.report)
@@ -564,7 +572,7 @@ def _convert_like(src: Source, template: Source, dst: Path, alpha: Alpha | None,
         extra = {k: v for k, v in extra.items() if k == "model_args"}
     out = Output.prepare(dst, overwrite=overwrite, folder=False, inputs=[*src.paths(), *template.paths()])
     with out.writing() as tmp:
-        write_checkpoint(tmp, ordered, alpha=t_ckpt.alpha, extra=extra, suffix=dst.suffix)
+        write_checkpoint(tmp, ordered, alpha=t_ckpt.alpha, extra=extra, suffix=dst.suffix, kinds=layout.kinds)
     result = FileResult([dst], False, conversion=conversion.report, leftovers=list(out.removed))
     result.lines.append(f"converted {src.path} ({conversion.report.source_layout}) to the layout of {template.path}: {dst}")
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +75,19 @@ def file_meta(
     *,
     layout: Layout | None = None,
     model_args: Mapping[str, Any] | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> FileMeta:
-    """The lora_ckpt metadata to record for ``state_dict``: its layout, per-module alpha, tied groups.
+    """The lora_ckpt metadata to record for ``state_dict``: its layout, per-module alpha, tied groups, module kinds.
 
-    ``layout`` is detected when not given; a state dict whose module kinds are ambiguous (loralib
-    factors of a square weight) records no layout: what only a merge needs is asked for there.
+    ``layout`` is detected when not given, settled by ``kinds`` (as :func:`~lora_ckpt.detect_layout` takes them:
+    a converter passes the kinds of the layout it converted from). In layouts whose keys do not tell linear
+    modules and embeddings apart (loralib, minLoRA, nanoGPT's fork) every LoRA module's kind is recorded, so
+    reading the file back needs no ``kinds``; a state dict whose kinds stay ambiguous (loralib factors of a
+    square weight, no ``kinds``) records no layout and no kinds: what only a merge needs is asked for there.
     """
     if layout is None:
         try:
-            layout = detect_layout(state_dict)
+            layout = detect_layout(state_dict, kinds=kinds)  # type: ignore[arg-type]
         except LayoutError:
             layout = None
     recorded: float | dict[str, float] | None = None
@@ -90,8 +95,10 @@ def file_meta(
         recorded = {k: float(v) for k, v in alpha.items()} if isinstance(alpha, Mapping) else float(alpha)
     elif alpha is not None and layout is not None:
         recorded = {m.name: float(alpha) for m in layout.modules if m.has_factors}
+    by_shape = layout is not None and layout.spec is not None and layout.spec.kinds_by_shape
     return FileMeta(layout=layout.kind if layout is not None else None, alpha=recorded,
-                    tied=tied_groups(dict(state_dict)), model_args=dict(model_args) if model_args else None)
+                    tied=tied_groups(dict(state_dict)), model_args=dict(model_args) if model_args else None,
+                    kinds=layout.kinds if by_shape and layout is not None else {})
 
 
 def save_checkpoint(
@@ -101,6 +108,7 @@ def save_checkpoint(
     alpha: float | Mapping[str, float] | None = None,
     extra: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    kinds: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``state_dict`` to ``path`` atomically and return the path; never leaves a partial file.
 
@@ -108,8 +116,9 @@ def save_checkpoint(
     metadata (layout, per-module alpha, ``model_args``). ``.bin`` is Hugging Face's flat
     ``pytorch_model.bin``: the state dict alone, so no alpha or extra entries. Other suffixes (``.pt``,
     ``.pth``, ``.ckpt``) store a nanoGPT-style checkpoint dict ``{'model': state_dict, **extra, 'lora_ckpt': meta}``.
-    The alpha is recorded so later merges need not be told. The rules for the path (what may be
-    replaced, permissions, leftovers of interrupted runs) are :class:`~lora_ckpt.output.Output`'s.
+    The alpha is recorded so later merges need not be told, and so is each LoRA module's kind in the layouts
+    whose keys do not tell linear modules and embeddings apart (loralib, minLoRA, nanoGPT's fork). The rules for
+    the path (what may be replaced, permissions, leftovers of interrupted runs) are :class:`~lora_ckpt.output.Output`'s.
 
     Args:
         path: the file to write.
@@ -118,6 +127,8 @@ def save_checkpoint(
         extra: other checkpoint entries (``optimizer``, ``model_args`` …); for safetensors only
             ``model_args`` (JSON-able) can be kept, anything else is an error.
         overwrite: replace an existing file (the old one stays intact until the new one is complete).
+        kinds: module -> ``"linear"``/``"embedding"`` (``"*"``: every module whose square factors fit both), as
+            :func:`~lora_ckpt.detect_layout` takes it, for the modules whose shapes cannot tell; recorded.
 
     Raises:
         CheckpointFileError: the file exists and ``overwrite`` is False, an unknown suffix, entries that
@@ -132,7 +143,7 @@ def save_checkpoint(
     _check_flat(p, alpha, extra)
     out = Output.prepare(p, overwrite=overwrite, folder=False)
     with out.writing() as tmp:
-        write_checkpoint(tmp, state_dict, alpha=alpha, extra=extra, suffix=p.suffix)
+        write_checkpoint(tmp, state_dict, alpha=alpha, extra=extra, suffix=p.suffix, kinds=kinds)
     return p
 
 
@@ -143,11 +154,13 @@ def write_checkpoint(
     alpha: float | Mapping[str, float] | None = None,
     extra: Mapping[str, Any] | None = None,
     suffix: str | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> None:
     """Write ``state_dict`` into the file ``path`` as :func:`save_checkpoint` stores it, in place.
 
     For writers that already hold a staging path from an :class:`~lora_ckpt.output.Output` (files
-    inside a folder being assembled); ``suffix`` picks the format when the staging name has none.
+    inside a folder being assembled); ``suffix`` picks the format when the staging name has none;
+    ``kinds`` settles the modules whose kinds the shapes cannot tell (see :func:`file_meta`).
     """
     fmt = suffix or path.suffix
     extra = dict(extra or {})
@@ -157,10 +170,9 @@ def write_checkpoint(
             raise CheckpointFileError(
                 f"{path}: safetensors cannot hold {rest}; write a .pt file to keep them, or leave them out"
             )
-        meta = file_meta(state_dict, alpha, model_args=extra.get("model_args"))
+        meta = file_meta(state_dict, alpha, model_args=extra.get("model_args"), kinds=kinds)
         aliases = {alias: group[0] for group in meta.tied for alias in group[1:]}
-        meta = FileMeta(layout=meta.layout, alpha=meta.alpha, tied=meta.tied, aliases=aliases,
-                        order=tuple(state_dict), model_args=meta.model_args)
+        meta = replace(meta, aliases=aliases, order=tuple(state_dict))
         check_safetensors_keys(state_dict, path)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if k not in aliases}
         header = meta.to_header()
@@ -170,7 +182,7 @@ def write_checkpoint(
             raise CheckpointFileError(f"{path}: cannot write safetensors ({e}); is the disk full?") from None
     else:
         _check_flat(path, alpha, extra, suffix=fmt)
-        meta = file_meta(state_dict, alpha)
+        meta = file_meta(state_dict, alpha, kinds=kinds)
         content = dict(state_dict) if fmt == ".bin" else {"model": dict(state_dict), **extra, META_KEY: meta.to_dict()}
         try:
             torch.save(content, path)

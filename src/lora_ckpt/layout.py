@@ -93,6 +93,12 @@ class LayoutSpec:
     def factor_roles(self) -> tuple[str, ...]:
         return ("a", "b", "magnitude", "alpha", "b_bias")
 
+    @property
+    def kinds_by_shape(self) -> bool:
+        """Whether linear modules and embeddings share key names here, so that only shapes (or a record) tell them
+        apart: loralib, minLoRA, nanoGPT's fork."""
+        return "embedding" in self.formulas and not self.embedding_roles
+
     def key(self, module: str, role: str, kind: str = "linear") -> str:
         """The key of ``role`` for ``module`` in this layout (without wrapper prefix)."""
         roles = {**self.roles, **(self.embedding_roles if kind in ("embedding", "lora_only_embedding") else {})}
@@ -301,6 +307,12 @@ class Layout(Compact):
     @property
     def factor_keys(self) -> frozenset[str]:
         return frozenset(k for m in self.modules for k in m.factor_keys)
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        """Each module with factors mapped to ``"linear"`` or ``"embedding"``, as :func:`detect_layout`'s ``kinds``
+        takes it: the decision, to carry to the same modules in another layout or file."""
+        return {m.name: "linear" if m.kind == "linear" else "embedding" for m in self.modules if m.has_factors}
 
     @property
     def needs_base(self) -> bool:
@@ -577,11 +589,12 @@ def _classify(
             return f"{name}: has no LoRA factors and no weight"
         return LoraModule(name, "base_only", 0, w[1], w[0], has_bias, key_map, "B@A", spec)
     if "_embedding" in roles:
-        kinds = ["embedding"]
-    else:  # a layout that names embedding factors apart has only linear modules under the plain names
-        kinds = ["linear"] if spec.embedding_roles else list(spec.formulas)
-    if hint is not None:
-        kinds = [k for k in kinds if k == ("linear" if hint == "linear" else "embedding")]
+        kinds, decided = ["embedding"], f"its keys ({spec.embedding_roles['a']}) make it an embedding"
+    elif spec.embedding_roles:  # a layout that names embedding factors apart: only linear modules under the plain names
+        kinds = ["linear"]
+        decided = f"{spec.name} names embedding factors apart, so {spec.roles['a']} is a linear module's"
+    else:
+        kinds, decided = list(spec.formulas), f"{spec.name} has no embeddings"
     fits = []
     for kind in kinds:
         formula = spec.formulas[kind]
@@ -595,6 +608,14 @@ def _classify(
         if w is None and kind == "linear" and spec.base_in_file:
             continue  # only embeddings may come without a base weight (nanoGPT lora-only)
         fits.append((kind, formula, r_a, rows, cols))
+    if hint is not None:
+        wanted = "linear" if hint == "linear" else "embedding"
+        if fits and all(f[0] != wanted for f in fits):  # the keys or the shapes decide, and they say otherwise
+            fitting = "a linear module" if fits[0][0] == "linear" else "an embedding"
+            why = decided if wanted not in kinds else f"its shapes (A {a}, B {b}, weight {w}) fit only {fitting}"
+            return (f"{name}: kinds={{{name!r}:{hint!r}}} (CLI: --kinds {name}={hint}) says {hint}, but {why}; "
+                    "drop that entry (kinds settle only modules whose shapes fit both)")
+        fits = [f for f in fits if f[0] == wanted]
     if len(fits) > 1 and default is not None:
         fits = [f for f in fits if f[0] == default]
     if len(fits) > 1:

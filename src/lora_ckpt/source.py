@@ -241,6 +241,8 @@ class Source:
         self.meta, self.loaded, self.config = meta, loaded, config
         self.reader = reader  # a DCP directory's reader (kind "dcp")
         self._fds: dict[Path, int] = {}
+        if meta is not None:  # every file's entries: the kinds of a sharded model may name modules in any shard
+            meta.check_kinds({k: e.shape for k, e in entries.items()}, where=path)
 
     @property
     def model_config(self) -> dict[str, Any] | None:
@@ -372,11 +374,12 @@ class Source:
         return {k: torch.empty(self.entries[k].shape, dtype=self.entries[k].dtype, device="meta") for k in self.keys()}
 
     def recorded(self) -> Checkpoint:
-        """What the input records beside its tensors, as a tensor-less :class:`Checkpoint`: alpha, ``model_args``, extra entries."""
+        """What the input records beside its tensors, as a tensor-less :class:`Checkpoint`: alpha, module kinds,
+        ``model_args``, extra entries (its :meth:`~lora_ckpt.Checkpoint.detect` gives :meth:`meta_tensors`' layout)."""
         if self.loaded is not None and self.kind == "pickle":
             base = self.loaded
             return Checkpoint({}, alpha=base.alpha, alpha_source=base.alpha_source, extra=dict(base.extra),
-                              path=self.path, metadata=base.metadata)
+                              path=self.path, metadata=base.metadata, kinds=dict(base.kinds))
         if self.reader is not None:
             return Checkpoint({}, extra=self.reader.extra(), path=self.path).record(None)
         model_args = self.meta.model_args if self.meta is not None else None
@@ -442,7 +445,7 @@ class Source:
             raise LayoutError(f"{self.path}: the file holds no tensors")
         info = self.recorded()
         return Checkpoint(tensors, alpha=info.alpha, alpha_source=info.alpha_source, extra=info.extra,
-                          path=self.path, metadata=info.metadata)
+                          path=self.path, metadata=info.metadata, kinds=info.kinds)
 
     def close(self) -> None:
         if self.reader is not None:

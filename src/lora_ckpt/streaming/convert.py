@@ -23,7 +23,7 @@ from lora_ckpt.convert import LoadReport, tie_conflicts, convert_state_dict, fre
 from lora_ckpt.errors import CheckpointFileError, LayoutError
 from lora_ckpt.formats.peft import write_peft_adapter
 from lora_ckpt.io import file_meta, write_checkpoint
-from lora_ckpt.layout import LAYOUTS, Layout, detect_layout, layout_spec
+from lora_ckpt.layout import LAYOUTS, Layout, layout_spec
 from lora_ckpt.merge import Alpha, MergePlan, Step, resolve_scales
 from lora_ckpt.output import Output, PathLike, write_together
 from lora_ckpt.relayout import convert_layout
@@ -63,7 +63,9 @@ def stream_convert(
     merged where rank or alpha change; ``ignore``: glob patterns of keys that need not be used or supplied
     (as :func:`~lora_ckpt.load_into`). Otherwise ``out`` is a ``.safetensors`` file, which records the alpha.
     ``layout``: the source's layout, when the caller detected it already; ``kinds`` settles the source's modules
-    whose square shapes fit a linear module and an embedding alike (see :func:`~lora_ckpt.detect_layout`).
+    whose square shapes fit a linear module and an embedding alike (see :func:`~lora_ckpt.detect_layout`), with
+    what the source records (:meth:`~lora_ckpt.Checkpoint.detect`: a contradiction is refused). The output
+    records every LoRA module's kind where its layout's keys do not tell (loralib, minLoRA, nanoGPT's fork).
 
     Raises:
         CheckpointFileError: unreadable inputs, an output that may not be written, too little disk.
@@ -108,7 +110,8 @@ def _convert(
     kinds: Mapping[str, str] | None = None,
 ) -> StreamReport:
     lazy = src.meta_tensors()
-    layout = layout or detect_layout(lazy, kinds=kinds)  # type: ignore[arg-type]
+    info = src.recorded()
+    layout = layout or info.detect(lazy, kinds=kinds)
     if layout.needs_base:
         raise LayoutError(
             f"{src.path} holds a {layout.kind} adapter only, with no base weights to stream; convert it in memory "
@@ -116,7 +119,6 @@ def _convert(
         )
     factors = read_factors(src, layout)
     plain_factors = {k[len(layout.prefix) :]: v for k, v in factors.items()}  # as the modules name them
-    info = src.recorded()
     source_alpha = info.resolve_alpha(alpha)
     merges: dict[str, str] = {}
     conversion = None
@@ -126,11 +128,12 @@ def _convert(
         def read(t: torch.Tensor) -> torch.Tensor:  # a stand-in's data, to compare tied values
             return src.read(by_id[id(t)]) if t.device.type == "meta" and id(t) in by_id else t
 
-        values, alphas, merges, conversion, t_args = _like(lazy, factors, info, alpha, like, seed, ignore, read, kinds)
+        values, alphas, merges, conversion, t_args, out_kinds = _like(lazy, factors, info, alpha, like, seed, ignore,
+                                                                      read, kinds)
     else:
         assert to is not None
         rel = convert_layout({**lazy, **factors}, to, alpha=source_alpha, layout=layout)
-        values, alphas, t_args = rel.state_dict, rel.alpha, None
+        values, alphas, t_args, out_kinds = rel.state_dict, rel.alpha, None, layout.kinds  # the same modules
         if not LAYOUTS[to].base_in_file:
             return _write_apart(src, lazy, layout, rel.base or {}, values, alphas, to, target, base_out,
                                 max_shard_size, progress, overwrite, options, inputs, rel.fan_in_fan_out)
@@ -143,8 +146,8 @@ def _convert(
     elif info.extra.get("model_args"):  # a template's ranks and alpha may differ from the source's lora_* entries
         model_args = {k: v for k, v in dict(info.extra["model_args"]).items()
                       if like is None or not str(k).startswith("lora_")}
-    meta = replace(file_meta(values, alphas), order=tuple(values), aliases=aliases, tied=tie_metadata(aliases),
-                   model_args=model_args)
+    meta = replace(file_meta(values, alphas, kinds=out_kinds), order=tuple(values), aliases=aliases,
+                   tied=tie_metadata(aliases), model_args=model_args)
     writer = ShardedWriter(target, options=options)
     report = write_plan(plan, src, "", writer, meta, progress=progress, label="converting")
     report.merged = [s.key for s in plan.steps if s.op == "merge"]
@@ -162,14 +165,16 @@ def _like(
     ignore: tuple[str, ...],
     read: Callable[[torch.Tensor], torch.Tensor],
     kinds: Mapping[str, str] | None = None,
-) -> tuple[dict[str, torch.Tensor], Alpha | None, dict[str, str], LoadReport, dict[str, Any] | None]:
+) -> tuple[dict[str, torch.Tensor], Alpha | None, dict[str, str], LoadReport, dict[str, Any] | None,
+           dict[str, str]]:
     """The source in the template's layout and key order, the template's alpha, merged key -> module, the report,
-    the template's ``model_args``."""
+    the template's ``model_args`` and module kinds."""
     template = like if isinstance(like, Source) else Source.open(like)
     try:
-        t_layout = detect_layout(template.meta_tensors())
-        t_alpha = template.recorded().alpha
-        recorded_args = template.recorded().extra.get("model_args")
+        t_info = template.recorded()
+        t_layout = t_info.detect(template.meta_tensors())  # a template lora_ckpt wrote records its kinds
+        t_alpha = t_info.alpha
+        recorded_args = t_info.extra.get("model_args")
         tied: dict[str, list[str]] = {}  # the template's tied groups, from its file (meta tensors cannot show them)
         for alias, stored in template.aliases().items():
             tied.setdefault(stored[len(t_layout.prefix):], [stored[len(t_layout.prefix):]]).append(
@@ -177,7 +182,8 @@ def _like(
     finally:
         if not isinstance(like, Source):
             template.close()
-    ckpt = Checkpoint({**lazy, **factors}, alpha=info.alpha, alpha_source=info.alpha_source, path=info.path)
+    ckpt = Checkpoint({**lazy, **factors}, alpha=info.alpha, alpha_source=info.alpha_source, path=info.path,
+                      kinds=info.kinds)
     conversion = convert_state_dict(ckpt, t_layout, alpha=alpha, target_alpha=t_alpha, ignore=ignore, kinds=kinds)
     values = {**conversion.values, **fresh_factors(t_layout, conversion.report.initialised, seed=seed)}
     tie_conflicts(tied.values(), values, conversion.report, read=read)
@@ -187,7 +193,8 @@ def _like(
         for k, how in conversion.sources.items()
         if how == "merge"
     }
-    return {t_layout.prefix + k: values[k] for k in t_layout.shapes}, t_alpha, merges, conversion.report, dict(recorded_args) if isinstance(recorded_args, dict) else None
+    return ({t_layout.prefix + k: values[k] for k in t_layout.shapes}, t_alpha, merges, conversion.report,
+            dict(recorded_args) if isinstance(recorded_args, dict) else None, t_layout.kinds)
 
 
 def _copy_plan(

@@ -24,7 +24,7 @@ from lora_ckpt.checkpoint import Checkpoint
 from lora_ckpt.errors import CheckpointFileError
 from lora_ckpt.filemeta import FileMeta
 from lora_ckpt.adapter import plan_adapter_merge
-from lora_ckpt.layout import Layout, detect_layout, split_prefix
+from lora_ckpt.layout import Layout, split_prefix
 from lora_ckpt.merge import Alpha, MergePlan, Step, plan_merge
 from lora_ckpt.output import Output, PathLike
 from lora_ckpt.progress import progress_bar
@@ -67,6 +67,8 @@ def stream_merge(
     blocks are merged on the GPU. ``layout``: the source's layout, when the caller detected it already.
     ``fan_in_fan_out``: whether base weights are stored (in, out) (GPT-2's ``Conv1D``) where no config says.
     ``options``: block and chunk sizes, direct I/O (see :class:`~lora_ckpt.streaming.StreamOptions`).
+    ``kinds``: module -> ``"linear"``/``"embedding"`` for factors whose square shapes fit both, with what the
+    file records (:meth:`~lora_ckpt.Checkpoint.detect`; a contradiction is refused).
     While it runs, torch uses one intra-op thread (restored afterwards), leaving the other cores to the writers.
     ``ranks``: under ``torchrun``, this process's place (:class:`~lora_ckpt.streaming.parallel.Ranks`): the
     output's shards are split across the ranks, and rank 0 writes the index and installs the output.
@@ -152,9 +154,9 @@ def plan_stream_merge(
     """The merge plan over the source's ``meta`` tensors, and the source's ``model_args`` (or {})."""
     meta = src.meta_tensors()
     if adapter is None:  # a LoRA file that holds its base: factors are small, read them now
-        layout = layout or detect_layout(meta, kinds=kinds)  # type: ignore[arg-type]
-        small = read_factors(src, layout)
         info = src.recorded()
+        layout = layout or info.detect(meta, kinds=kinds)
+        small = read_factors(src, layout)
         plan = plan_merge({**meta, **small}, alpha=info.resolve_alpha(alpha), dtype=dtype, layout=layout,
                           fan_in_fan_out=fan_in_fan_out)
         model_args = info.extra.get("model_args")
@@ -240,17 +242,19 @@ def merge_to_dcp(
     alpha: Alpha | None = None,
     dtype: torch.dtype | None = None,
     fan_in_fan_out: bool | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> StreamReport:
     """Merge into a ``torch.distributed.checkpoint`` directory, one tensor in memory at a time.
 
     The plan is :func:`stream_merge`'s (so the values are :func:`~lora_ckpt.merge_lora`'s, bit for bit);
     each output tensor is computed when DCP's writer asks for it. Tied keys are stored in full (DCP
     has no aliases). ``out`` is a folder :class:`~lora_ckpt.output.Output`, installed once complete.
+    ``kinds`` as :func:`stream_merge` takes it.
     """
     from lora_ckpt.formats.dcp import write_dcp
 
     started = time.perf_counter()
-    plan, _ = plan_stream_merge(src, adapter, alpha=alpha, dtype=dtype, fan_in_fan_out=fan_in_fan_out)
+    plan, _ = plan_stream_merge(src, adapter, alpha=alpha, dtype=dtype, fan_in_fan_out=fan_in_fan_out, kinds=kinds)
     prefix = plan_prefix(src)
     by_key = {s.key: s for s in plan.steps}
     shapes = {s.key: _meta_result(plan, by_key[s.source] if s.op == "alias" and s.source else s) for s in plan.steps}
