@@ -411,8 +411,14 @@ def test_unmerge_leaves_modules_to_save_and_says_so():
     sd = {**_peft_sd(6, 5, 2, 1, torch.float32), "base_model.model.head.weight": torch.ones(3, 5)}
     merged = {"q.weight": torch.zeros(6, 5), "head.weight": torch.ones(3, 5) * 7}
     out = unmerge_lora(merged, sd, scales={"q": 1.0}, layout="peft")
-    assert out.report.left_out == ["base_model.model.head.weight"]
+    assert out.report.left_out == ["head.weight"]  # named by the model's key
     assert torch.equal(out.state_dict["head.weight"], merged["head.weight"])
+    assert "cannot be restored without the base; they stay as merged: head.weight" in "\n".join(out.report.notes)
+    base = {"q.weight": torch.zeros(6, 5), "head.weight": torch.full((3, 5), 2.0)}
+    back = unmerge_lora(merged, sd, scales={"q": 1.0}, layout="peft", base=base)  # restored from the base
+    assert back.report.left_out == [] and torch.equal(back.state_dict["head.weight"], base["head.weight"])
+    assert back.state_dict["head.weight"] is not base["head.weight"]
+    assert "1 tensor(s) the adapter replaced whole are the base's again" in "\n".join(back.report.notes)
 
 
 # --- hostile input: non-finite values, dtype names, rules that keep nothing (issue 11's review) -----------------------
@@ -691,12 +697,25 @@ def test_files_resize_combine_unmerge_round_trip(tmp_path):
             torch.testing.assert_close(_logits(loaded), _logits(tuned), rtol=1e-4, atol=1e-4)
     un = unmerge_files(tmp_path / "tuned", tmp_path / "a", tmp_path / "back.safetensors", base=tmp_path / "base")
     assert un.report.totals()["max_abs_error"] < 1e-5
-    assert un.report.left_out  # the norm the adapter saves whole cannot be restored
+    assert un.report.left_out == [] and un.warnings == []  # the norm saved whole comes from the base
     from safetensors.torch import load_file
 
     back = load_file(tmp_path / "back.safetensors")
     w = base.state_dict()["model.layers.0.self_attn.q_proj.weight"]
     torch.testing.assert_close(back["model.layers.0.self_attn.q_proj.weight"], w, rtol=0, atol=1e-5)
+    assert torch.equal(back["model.norm.weight"], base.state_dict()["model.norm.weight"])
+    no_base = unmerge_files(tmp_path / "tuned", tmp_path / "a", tmp_path / "back2.safetensors")
+    assert no_base.report.left_out == ["model.norm.weight"]  # without the base it cannot be restored
+    other = _llama()  # another fine-tune of the same base: its adapter fits every shape, not the merged weights
+    other.load_state_dict(base.state_dict())
+    _fine_tune(other, 2, 9)
+    other.save_pretrained(tmp_path / "other")
+    extract_files(tmp_path / "base", tmp_path / "other", tmp_path / "wrong", rank=4)
+    bad = unmerge_files(tmp_path / "tuned", tmp_path / "wrong", tmp_path / "bad.safetensors", base=tmp_path / "base")
+    assert len(bad.warnings) == len(bad.report.rows) == 16  # every module, embeddings and lm_head too
+    assert re.search(r"the result differs from the base by up to \S+, \S+ of the update taken out \(more than a "
+                     r"merge's and an unmerge's roundings\): .*tuned is not the base plus this update; is .*wrong the "
+                     r"adapter merged into it", bad.warnings[0])
 
 
 def test_cli_commands(tmp_path, capsys):
@@ -718,7 +737,11 @@ def test_cli_commands(tmp_path, capsys):
     assert main(["resize", str(tmp_path / "x"), str(tmp_path / "r"), "--energy", "0.9", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] and data["operation"] == "resize" and data["modules"]
-    assert main(["combine", str(tmp_path / "x"), str(tmp_path / "r"), str(tmp_path / "c"), "--weights", "1", "-1"]) == 0
+    assert main(["combine", str(tmp_path / "x"), str(tmp_path / "r"), str(tmp_path / "c"), "--weights", "1", "-1"]) == 1
+    err = capsys.readouterr().err  # the changed norms are saved whole: x − r of them needs the base
+    assert "saved whole (modules_to_save), so it replaces the base's value, and the weights of the adapters holding " \
+           "it sum to 0, not 1" in err and "--others report" in err and not (tmp_path / "c").exists()
+    assert main(["combine", str(tmp_path / "x"), str(tmp_path / "r"), str(tmp_path / "c"), "--weights", "2", "-1"]) == 0
     assert "combine:" in capsys.readouterr().out
     assert main(["combine", str(tmp_path / "x"), str(tmp_path / "c2"), "--weights", "1", "2"]) == 2
     assert "--weights has 2 value(s) for 1 adapter(s)" in capsys.readouterr().err
@@ -822,9 +845,10 @@ def test_cli_refuses_hostile_input_in_one_line(hostile, capsys, argv, message):
 def test_combine_base_model_flag_and_dtype_names_through_files(hostile, capsys):
     root = hostile[0]
     out = root / "c_other"
-    assert main(["combine", str(root / "adapter"), str(root / "b_other"), str(out), "--base-model", "X"]) == 0
+    assert main(["combine", str(root / "adapter"), str(root / "b_other"), str(out), "--base-model", "X",
+                 "--weights", "0.5", "0.5"]) == 0  # their equal modules_to_save copies: weights summing to 1
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "X"
-    same = combine_files([root / "adapter", root / "adapter"], root / "c_same")
+    same = combine_files([root / "adapter", root / "adapter"], root / "c_same", weights=[0.25, 0.75])
     assert same.report.rows and json.loads((root / "c_same" / "adapter_config.json").read_text())[
         "base_model_name_or_path"] == str(root / "base")
     result = extract_files(root / "base", root / "tuned", root / "bf16", rank=4, dtype="bf16")
@@ -956,3 +980,102 @@ def test_unmerge_of_a_tied_lm_head_refuses_without_the_base_and_recovers_it_with
         for key, value in back.items():
             torch.testing.assert_close(value, want[key], rtol=0, atol=1e-6)
         assert result.report.totals()["max_abs_error"] < 1e-6
+
+
+# --- review findings: facts, not assumptions -------------------------------------------------------------------
+
+
+def _pair(tmp_path, make, seed=1):
+    torch.manual_seed(0)
+    base = make()
+    base.save_pretrained(tmp_path / "base")
+    tuned = make()
+    tuned.load_state_dict(base.state_dict())
+    _fine_tune(tuned, 3, seed)
+    tuned.save_pretrained(tmp_path / "tuned")
+    return base, tuned
+
+
+def test_extract_from_files_without_config_needs_the_layer_orientation(tmp_path, capsys):
+    """Regression: GPT-2 weight files (no config.json) were factored as nn.Linear: PEFT loaded the transposed
+    update of the square c_proj without a word and computed another model."""
+    torch.manual_seed(0)
+    base = _gpt2()
+    base.save_pretrained(tmp_path / "base")
+    tuned = _gpt2()
+    tuned.load_state_dict(base.state_dict())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # only the Conv1D layers change: "every 2-d weight is Conv1D" is then true of the update
+        for name, p in tuned.named_parameters():
+            if p.dim() == 2 and (".attn." in name or ".mlp." in name):
+                p.add_(0.05 * torch.randn(p.shape[0], 3, generator=g) @ torch.randn(3, p.shape[1], generator=g))
+    tuned.save_pretrained(tmp_path / "tuned")
+    b, t = tmp_path / "base" / "model.safetensors", tmp_path / "tuned" / "model.safetensors"
+    with pytest.raises(LayoutError, match=r"no config.json records the base model's layer types.*fan_in_fan_out="):
+        extract_files(b, t, tmp_path / "a", rank=8)
+    assert not (tmp_path / "a").exists()
+    assert main(["extract", str(b), str(t), str(tmp_path / "a"), "--rank", "8", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "--no-fan-in-fan-out" in err and "--fan-in-fan-out" in err and "fan_in_fan_out=" not in err
+    result = extract_files(b, t, tmp_path / "a", rank=8, fan_in_fan_out=True)
+    assert "every 2-d weight is taken as Conv1D" in "\n".join(result.report.notes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(_gpt2_from(tmp_path / "base"), tmp_path / "a").eval()
+    torch.testing.assert_close(_logits(loaded), _logits(tuned), rtol=1e-4, atol=1e-4)
+
+
+def _gpt2_from(path):
+    return transformers.GPT2LMHeadModel.from_pretrained(path).eval()
+
+
+def test_extract_to_kohya_refuses_tensors_it_cannot_hold_before_any_svd(tmp_path, monkeypatch, capsys):
+    """Regression: --to kohya said 'saved whole: model.norm.weight' and wrote a file without it."""
+    _pair(tmp_path, _llama)
+    b, t, out = str(tmp_path / "base"), str(tmp_path / "tuned"), tmp_path / "k.safetensors"
+
+    def no_svd(self):
+        raise AssertionError("an SVD ran before the refusal")
+
+    with monkeypatch.context() as m:
+        m.setattr(lowrank._Delta, "fill", no_svd)
+        with pytest.raises(LayoutError, match=r"model\.norm\.weight.*cannot hold: keep them in a PEFT adapter"):
+            extract_files(b, t, out, rank=8, to="kohya")
+    assert not out.exists()
+    assert main(["extract", b, t, str(out), "--rank", "8", "--to", "kohya", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "--to peft" in err and "--others report" in err and not out.exists()
+    left = extract_files(b, t, out, rank=8, to="kohya", others="report")
+    assert left.report.left_out == ["model.embed_tokens.weight", "model.norm.weight"] and left.report.saved == []
+    assert any("model.embed_tokens.weight, model.norm.weight" in w for w in left.warnings)  # no LoRA embeddings
+    assert out.is_file()
+
+
+def test_extract_compares_values_across_dtypes_and_warns_of_mixed_changed_weights():
+    """Regression: a float32 base and a bfloat16 tuned model saved every unchanged norm whole (its dtype differed)
+    and factored rounding noise without a word."""
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(24, 16, generator=g).bfloat16().float()  # float32 values that bfloat16 holds exactly
+    delta = torch.randn(24, 2, generator=g) @ torch.randn(2, 16, generator=g)
+    base = {"w.weight": w, "v.weight": w.clone(), "n.weight": torch.ones(24)}
+    tuned = {"w.weight": (w + delta).bfloat16(), "v.weight": w.bfloat16(), "n.weight": torch.ones(24).bfloat16()}
+    out = extract_lora(base, tuned, rank=8)
+    assert out.report.saved == [] and out.report.unchanged == 2  # v and n: the same values in another dtype
+    assert [r.module for r in out.report.rows] == ["w"]
+    (warning,) = out.report.warnings
+    assert "1 changed tensor(s) are stored in another dtype" in warning and "w.weight: torch.float32" in warning
+    same = extract_lora({k: v.bfloat16() for k, v in base.items()}, tuned, rank=8)
+    assert same.report.warnings == []
+
+
+def test_extract_progress_covers_every_2d_tensor(tmp_path):
+    """Regression: the bar ended at 69%: unchanged and unselected weights never moved it."""
+    _pair(tmp_path, _llama)
+    from safetensors.torch import load_file
+
+    b = load_file(tmp_path / "base" / "model.safetensors")
+    t = load_file(tmp_path / "tuned" / "model.safetensors")
+    seen: list[tuple[str, int]] = []
+    extract_lora(b, t, rank=8, modules=r"q_proj", on_module=lambda name, n: seen.append((name, n)))
+    assert sum(n for _, n in seen) == sum(v.numel() for v in t.values() if v.dim() == 2)
+    assert len(seen) == len({name for name, _ in seen}) == sum(v.dim() == 2 for v in t.values())

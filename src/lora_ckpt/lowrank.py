@@ -64,7 +64,7 @@ import torch
 from lora_ckpt._table import render_html, render_text
 from lora_ckpt.checks import check_alpha, check_rank
 from lora_ckpt.dtypes import DType, as_dtype
-from lora_ckpt.errors import KeyMismatchError, LayoutError, LoraCkptError, ShapeError
+from lora_ckpt.errors import AlphaError, KeyMismatchError, LayoutError, LoraCkptError, ShapeError
 from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LayoutSpec, LoraModule, detect_layout, formula_factors, tied_groups
 from lora_ckpt.memory import mapped_empty, release_freed
 from lora_ckpt.merge import Orientation, plan_merge, require_data, require_finite, resolve_scales
@@ -184,7 +184,7 @@ class LowRankReport:
 
     ``saved``: keys written whole (PEFT ``modules_to_save``: norms, biases, embeddings that changed but are not
     factored); ``left_out``: changed keys not written (each also explained in ``notes``); ``notes``: one line per
-    fact the user should know.
+    fact the user should know; ``warnings``: facts that make the result doubtful (also printed on stderr).
     """
 
     operation: str
@@ -194,6 +194,7 @@ class LowRankReport:
     unchanged: int = 0
     notes: list[str] = field(default_factory=list)
     rule: RankRule | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def totals(self) -> dict[str, Any]:
         """Module count, parameters kept, total retained energy (Σ over modules), mean and worst relative error."""
@@ -243,7 +244,7 @@ class LowRankReport:
         """The report as JSON-able values."""
         return {"operation": self.operation, "rule": self.rule.to_dict() if self.rule else None,
                 "modules": [r.to_dict() for r in self.rows], "totals": self.totals(), "saved": self.saved,
-                "left_out": self.left_out, "notes": self.notes}
+                "left_out": self.left_out, "notes": self.notes, "warnings": self.warnings}
 
 
 @dataclass
@@ -497,27 +498,40 @@ def _reader(x: Mapping[str, torch.Tensor] | RowReader, name: str) -> RowReader:
     return x
 
 
-def _scan(b: RowReader, t: RowReader, block_bytes: int) -> set[str]:
-    """The keys of ``t`` whose values differ from ``b``'s (or that ``b`` lacks, or holds in another shape or dtype),
-    reading both once in row blocks. Every block that differs is checked finite (NaN never equals itself), so a
+def _equal(base: torch.Tensor, tuned: torch.Tensor, scratch: _Scratch) -> bool:
+    """Whether two blocks hold the same values, in the wider of their dtypes where they differ (exact)."""
+    if base.dtype != tuned.dtype and base.is_floating_point() and tuned.is_floating_point():
+        wide = torch.promote_types(base.dtype, tuned.dtype)
+        like = torch.empty(0, dtype=wide)
+        base, tuned = (scratch.converted(base, like, "base, wide") if base.dtype != wide else base,
+                       scratch.converted(tuned, like, "tuned, wide") if tuned.dtype != wide else tuned)
+    return torch.equal(base, tuned)
+
+
+def _scan(b: RowReader, t: RowReader, block_bytes: int, mixed: list[str] | None = None) -> set[str]:
+    """The keys of ``t`` whose values differ from ``b``'s (or that ``b`` lacks, or holds in another shape), reading
+    both once in row blocks; ``mixed`` gets the keys the two hold in different dtypes. Every block that differs is checked finite (NaN never equals itself), so a
     NaN or an infinity the adapter would carry is refused here, before any SVD, naming its key and file."""
     changed: set[str] = set()
     base_keys = set(b.keys())
     scratch = _Scratch()  # each block is checked before the next is read
+    mixed = mixed if mixed is not None else []
 
     def differing() -> Iterator[tuple[str, torch.Tensor]]:  # (label, block) pairs to check; notes `changed` as it goes
         for key in t.keys():
             shape = t.shape(key)
             same = key in base_keys and b.shape(key) == shape  # then both feed ΔW: check both
-            if not same or b.dtype(key) != t.dtype(key):
+            if not same:
                 changed.add(key)
+            elif b.dtype(key) != t.dtype(key):
+                mixed.append(key)
             rows = shape[0] if shape else 1
             step = max(1, (block_bytes // t.dtype(key).itemsize) // max(1, math.prod(shape[1:])))
             for start in range(0, rows, step):
                 stop = min(start + step, rows)
                 tuned = scratch.rows(t, key, start, stop, "tuned")
                 base = scratch.rows(b, key, start, stop, "base") if same else None
-                if base is not None and key not in changed and torch.equal(base, tuned):
+                if base is not None and key not in changed and _equal(base, tuned, scratch):
                     continue  # equal so far (infinities too): nothing of it goes into the adapter yet
                 changed.add(key)
                 yield f"{key} in {t.where(key)}", tuned
@@ -609,7 +623,7 @@ def extract_lora(
     modules: str | None = None,
     kinds: Mapping[str, Kind] | None = None,
     tied: Mapping[str, str] | None = None,
-    others: Literal["save", "report"] = "save",
+    others: Literal["save", "report", "refuse"] = "save",
     svd: SvdMethod = "auto",
     oversample: int = 8,
     niter: int = 2,
@@ -627,8 +641,9 @@ def extract_lora(
     module (``kinds``; a module not named there is taken as ``nn.Linear`` (out, in)) that ``modules`` (a regex
     searched in the module name) selects is factored; everything else that changed (norms, biases of unfactored
     modules, embeddings whose vocabulary grew, unselected weights, new keys) goes whole into PEFT's
-    ``modules_to_save`` (``others="save"``) or is listed in ``report.left_out`` (``others="report"``): never
-    silently dropped. A changed bias of a factored linear module becomes its ``lora_B.bias`` (PEFT's
+    ``modules_to_save`` (``others="save"``), is listed in ``report.left_out`` (``others="report"``), or is
+    refused before any SVD (``others="refuse"``, for layouts that hold factors only): never silently dropped.
+    Changed biases of factored modules count as such tensors under ``"refuse"``. A changed bias of a factored linear module becomes its ``lora_B.bias`` (PEFT's
     ``lora_bias``). ``tied`` maps a weight key the state dicts lack to the key it shares storage with (a tied
     ``lm_head``); its module gets the same update, so input and output embeddings both change as in ``tuned``.
     Update exact to round-off when rank(ΔW) ≤ the rank kept. A module of which ``sv_epsilon`` keeps nothing is
@@ -647,7 +662,8 @@ def extract_lora(
         device: where the SVDs run (``"cuda"``); tensors are read on the CPU.
         resident_bytes: hold a ΔW whole when its ``acc`` bytes are at most this (default: always); larger ones
             are read in row blocks of about ``block_bytes``, once per randomized pass.
-        on_module: called with each module name and its number of elements, as it is done (progress bars).
+        on_module: called with each module name and its weight's number of elements as it is done, once for
+            every 2-d tensor of ``tuned`` (factored, unchanged or not factored): a progress bar's total.
 
     Raises:
         KeyMismatchError: keys in ``base`` that ``tuned`` lacks (and ``tied`` does not explain).
@@ -675,8 +691,8 @@ def extract_lora(
     if svd == "randomized" and rule.cap is None:
         raise LoraCkptError("svd='randomized' needs a rank cap: pass rank=R (CLI: --rank R) beside energy or "
                             "sv_epsilon, or svd='full' (CLI: --full-svd)")
-    if others not in ("save", "report"):
-        raise LoraCkptError(f"others is {others!r}; use 'save' or 'report'")
+    if others not in ("save", "report", "refuse"):
+        raise LoraCkptError(f"others is {others!r}; use 'save', 'report' or 'refuse'")
     if oversample < 0 or niter < 0:
         raise LoraCkptError(f"oversample ({oversample}) and niter ({niter}) must be ≥ 0")
     acc, dtype = _acc_dtype(acc), as_dtype(dtype)
@@ -697,8 +713,15 @@ def extract_lora(
     bad_ties = {a: s for a, s in tied.items() if s not in tuned_set or s not in base_set}
     if bad_ties:
         raise KeyMismatchError(f"tied names keys neither state dict holds in both: {bad_ties}")
-    changed = _scan(b, t, block_bytes)  # refuses non-finite values before any arithmetic
+    mixed: list[str] = []
+    changed = _scan(b, t, block_bytes, mixed)  # refuses non-finite values before any arithmetic
     report = LowRankReport("extract", rule=rule)
+    if differ := [k for k in mixed if k in changed]:
+        k0 = differ[0]
+        report.warnings.append(
+            f"{len(differ)} changed tensor(s) are stored in another dtype in each model ({k0}: {b.dtype(k0)} in the "
+            f"base, {t.dtype(k0)} in the tuned model{', …' if len(differ) > 1 else ''}): their difference holds the "
+            "rounding of every value, which no low rank captures; extract from a base in the tuned model's dtype")
     out: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     dropped: dict[str, str] = {}  # module -> why the rule keeps nothing of it
@@ -714,66 +737,80 @@ def extract_lora(
             return "other"
         return kind
 
-    plain: list[str] = []
+    plain: list[str] = []  # keys that are not factored: saved whole if they changed
+    factored: list[tuple[str, Kind]] = []
     for key in tuned_keys:
         if key not in base_set:
-            _keep_whole(key, t, saved, report, others, why="new in the tuned weights")
             continue
         shape_b, shape_t = b.shape(key), t.shape(key)
         factorable = (key.endswith(".weight") and len(shape_t) == 2 and shape_b == shape_t
                       and t.dtype(key).is_floating_point and b.dtype(key).is_floating_point and min(shape_t) > 0)
         kind = kind_of(key) if factorable else "other"
-        if kind == "other":
-            plain.append(key)
-            continue
-        if key not in changed:
-            report.unchanged += 1
-            continue
-        release_freed()  # the last module's blocks: glibc keeps them, and each module's peak would add up
-        acc_k = acc or (torch.float64 if torch.float64 in (b.dtype(key), t.dtype(key)) else torch.float32)
-        m, n = shape_t
-        step = max(1, (block_bytes // acc_k.itemsize) // max(1, n))
-        delta = _Delta(b, t, key, (m, n), acc_k, step)
-        hold = resident_bytes is None or m * n * acc_k.itemsize <= resident_bytes
-        acc_name = str(acc_k).removeprefix("torch.")
-        label = f"{key}: tuned − base in {acc_name}"
-        overflow = (f"both models hold an infinity there, or values near {acc_name}'s largest: extract from good "
-                    "checkpoints, or with acc=torch.float64")
-        if hold:
-            delta.whole = delta.fill()
-            require_finite({label: delta.whole}, fix=overflow)
-        else:
-            require_finite(((label, d) for _, d in delta.blocks()), fix=overflow)
-        cap = rule.cap
-        q = min(m, n) if cap is None else min(cap + oversample, min(m, n))
-        randomized = svd == "randomized" or (svd == "auto" and cap is not None and 2 * q < min(m, n))
-        if randomized:
-            u, s, vh, total = randomized_svd(delta.blocks, (m, n), q, niter=niter, seed=seed, acc=acc_k, device=device)
-        else:
-            whole = delta.whole if delta.whole is not None else delta.fill()
-            whole = whole.to(device) if device is not None else whole
-            u, s, vh = torch.linalg.svd(whole, full_matrices=False)
-            total = float(s.double().square().sum())
-            del whole
-        delta.whole = None
-        if not len(s) or float(s[0]) == 0.0:  # values that differ only below acc's precision: ΔW is zero
-            report.unchanged += 1
-            continue
-        k = _kept(rule, s, total, (m, n), acc_k)
-        module = key[: -len(".weight")]
-        if on_module is not None:
-            on_module(module, m * n)
-        if k == 0:
-            report.rows.append(_row(module, kind, (m, n), min(m, n), 0, total, total))
-            report.left_out.append(key)
-            dropped[module] = _nothing_kept(module, rule, s)
-            continue
-        left, right = _split(u, s, vh, k)  # stored ΔW ≈ left @ right
-        del u, vh
-        row = _row(module, kind, (m, n), min(m, n), k, *delta.residual(left, right))
-        done[key] = (left, right, row)
-        _emit(module, kind, left, right, row, dtype or t.dtype(key), out, alphas, report)
-        lora_kinds[module] = kind
+        (plain.append(key) if kind == "other" else factored.append((key, kind)))
+    new = [k for k in tuned_keys if k not in base_set]
+    if others == "refuse" and (unfit := new + [k for k in plain if k in changed]):
+        raise LayoutError(
+            f"{len(unfit)} changed tensor(s) are not LoRA factors and would need to be saved whole "
+            f"({', '.join(unfit[:3])}{' …' if len(unfit) > 3 else ''}), which this adapter cannot hold: keep them "
+            "in a PEFT adapter's modules_to_save, to='peft' (CLI: --to peft), or leave them out, others='report' "
+            "(CLI: --others report; the adapter then misses their change)")
+    for key in new:
+        _keep_whole(key, t, saved, report, others, why="new in the tuned weights")
+    for key, kind in factored:
+        try:
+            if key not in changed:
+                report.unchanged += 1
+                continue
+            release_freed()  # the last module's blocks: glibc keeps them, and each module's peak would add up
+            acc_k = acc or (torch.float64 if torch.float64 in (b.dtype(key), t.dtype(key)) else torch.float32)
+            m, n = t.shape(key)
+            step = max(1, (block_bytes // acc_k.itemsize) // max(1, n))
+            delta = _Delta(b, t, key, (m, n), acc_k, step)
+            hold = resident_bytes is None or m * n * acc_k.itemsize <= resident_bytes
+            acc_name = str(acc_k).removeprefix("torch.")
+            label = f"{key}: tuned − base in {acc_name}"
+            overflow = (f"both models hold an infinity there, or values near {acc_name}'s largest: extract from good "
+                        "checkpoints, or with acc=torch.float64")
+            if hold:
+                delta.whole = delta.fill()
+                require_finite({label: delta.whole}, fix=overflow)
+            else:
+                require_finite(((label, d) for _, d in delta.blocks()), fix=overflow)
+            cap = rule.cap
+            q = min(m, n) if cap is None else min(cap + oversample, min(m, n))
+            randomized = svd == "randomized" or (svd == "auto" and cap is not None and 2 * q < min(m, n))
+            if randomized:
+                u, s, vh, total = randomized_svd(delta.blocks, (m, n), q, niter=niter, seed=seed, acc=acc_k, device=device)
+            else:
+                whole = delta.whole if delta.whole is not None else delta.fill()
+                whole = whole.to(device) if device is not None else whole
+                u, s, vh = torch.linalg.svd(whole, full_matrices=False)
+                total = float(s.double().square().sum())
+                del whole
+            delta.whole = None
+            if not len(s) or float(s[0]) == 0.0:  # values that differ only below acc's precision: ΔW is zero
+                report.unchanged += 1
+                continue
+            k = _kept(rule, s, total, (m, n), acc_k)
+            module = key[: -len(".weight")]
+            if k == 0:
+                report.rows.append(_row(module, kind, (m, n), min(m, n), 0, total, total))
+                report.left_out.append(key)
+                dropped[module] = _nothing_kept(module, rule, s)
+                continue
+            left, right = _split(u, s, vh, k)  # stored ΔW ≈ left @ right
+            del u, vh
+            row = _row(module, kind, (m, n), min(m, n), k, *delta.residual(left, right))
+            done[key] = (left, right, row)
+            _emit(module, kind, left, right, row, dtype or t.dtype(key), out, alphas, report)
+            lora_kinds[module] = kind
+        finally:  # every weight considered, changed or not, moves the progress bar
+            if on_module is not None:
+                on_module(key[: -len(".weight")], math.prod(t.shape(key)))
+    if on_module is not None:  # the other 2-d tensors, not factored: the bar ends at its total
+        for key in [*plain, *new]:
+            if len(t.shape(key)) == 2:
+                on_module(key.rpartition(".")[0], math.prod(t.shape(key)))
     for alias, source in tied.items():
         if source in done and alias.endswith(".weight"):
             left, right, row = done[source]
@@ -1125,8 +1162,14 @@ def combine_lora(
     spec = found[0].spec
     assert spec is not None
     plain = [{k[len(lay.prefix):]: v for k, v in sd.items()} for sd, lay in zip(state_dicts, found)]
-    scale = [_scales(lay, t, alphas[i] if alphas is not None else None, scales[i] if scales is not None else None)
-             for i, (lay, t) in enumerate(zip(found, plain))]
+    scale = []
+    for i, (lay, t) in enumerate(zip(found, plain)):
+        try:
+            scale.append(_scales(lay, t, alphas[i] if alphas is not None else None,
+                                 scales[i] if scales is not None else None))
+        except AlphaError as e:
+            raise AlphaError(f"{label[i]}: {str(e).split('; pass ')[0]}; pass alphas=[…] with one alpha per adapter "
+                             "(CLI: --alpha A, the same for each)") from None
     parts: dict[str, list[tuple[int, LoraModule]]] = {}
     for i, lay in enumerate(found):
         for m in lay.modules:
@@ -1151,11 +1194,29 @@ def combine_lora(
                 clash.append(f"{k} ({label[i]})")
             rest.setdefault(k, v)
     if clash:
-        raise KeyMismatchError(f"{', '.join(clash[:4])} differs from an earlier adapter's; combine sums LoRA updates "
-                               "and cannot combine base weights or modules_to_save copies: keep one version")
+        raise KeyMismatchError(
+            f"{', '.join(clash[:4])} differs from an earlier adapter's; combine sums LoRA updates and cannot combine "
+            "base weights or whole tensors (modules_to_save) that differ: extract the adapters without them, "
+            "others='report' (CLI: extract --others report), or combine adapters of one base")
+    # Tensors an adapter replaces whole (modules_to_save): base + Σ wᵢ(T − base) over the adapters holding T is T
+    # itself only where their weights sum to 1; any other sum needs the base, which combine does not have.
+    whole = sorted(rest) if not spec.base_in_file else []
+    holders = {k: [i for i, t in enumerate(plain) if k in t] for k in whole}
+    unweighable = [k for k in whole if not math.isclose(sum(weights[i] for i in holders[k]), 1.0, abs_tol=1e-12)]
+    if unweighable:
+        k = unweighable[0]
+        raise LayoutError(
+            f"{', '.join(unweighable[:3])}{' …' if len(unweighable) > 3 else ''}: saved whole (modules_to_save), so "
+            f"it replaces the base's value, and the weights of the adapters holding it sum to "
+            f"{sum(weights[i] for i in holders[k]):g}, not 1; the weighted value needs the base: extract the adapters "
+            "without such tensors, others='report' (CLI: extract --others report), or weight them to sum to 1")
+    shared = [k for k in whole if len(holders[k]) > 1]
     acc = _acc_dtype(acc) or _acc(t[k] for lay, t in zip(found, plain) for m in lay.modules if m.has_factors
                                   for k in (m.a_key, m.b_key))
     report = LowRankReport("combine", rule=rule)
+    if shared:
+        report.notes.append(f"{', '.join(shared[:3])}{' …' if len(shared) > 3 else ''}: whole tensors "
+                            "(modules_to_save) equal in several adapters are kept once: their weights sum to 1")
     out = dict(rest)
     new_alpha: dict[str, float] = {}
     dropped = _Dropped(found[0], rule)
@@ -1266,21 +1327,73 @@ def unmerge_lora(
     saved = [k for k in tensors if k not in layout.factor_keys]
     factors = {k: v for k, v in tensors.items() if k in layout.factor_keys}
     if saved:
-        report.left_out.extend(saved)
-        report.notes.append(f"{len(saved)} tensor(s) the adapter replaces whole cannot be restored; they stay as "
-                            "merged: " + ", ".join(saved[:4]) + (" …" if len(saved) > 4 else ""))
         layout = detect_layout(factors, layout=spec.name)
     plan = plan_merge(factors, base=merged, scales=negated, layout=layout, dtype=dtype, fan_in_fan_out=fan_in_fan_out)
     touched = [s for s in plan.steps if s.op in ("merge", "bias") and s.source is not None and not s.from_adapter]
     require_finite({f"{s.source} in {names[0]}": plan.big[s.source] for s in touched},  # type: ignore[index]
                    fix="the merged weights are broken (a diverged run?): unmerge from a good checkpoint")
     result = plan.execute(plan.big)
+    _restore_whole([k.removeprefix(spec.key_prefix) for k in saved], result, base, report)
     for step in plan.steps:
         if step.op != "merge" or step.module is None:
             continue
         m = step.module
         err = None
         if base is not None and step.key in base:
-            err = float((result[step.key].double() - base[step.key].double()).abs().max())
+            before = plan.source(step, plan.big)
+            assert before is not None
+            err, rel = _base_error(result[step.key], base[step.key], before, m.rank)
+            if rel is not None:
+                report.warnings.append(
+                    f"{m.name}: the result differs from the base by up to {err:.3g}, {rel:.2g} of the update taken "
+                    f"out (more than a merge's and an unmerge's roundings): {names[0]} is not the base plus this "
+                    f"update; is {names[1]} the adapter merged into it, with its alpha (an adapter that only "
+                    "approximates the change, such as an extracted one, leaves its own error)?")
         report.rows.append(ModuleRow(m.name, m.kind, tuple(result[step.key].shape), m.rank, m.rank, 1.0, 0.0, err))
     return LowRankResult(result, {}, "standard", report)
+
+
+def _restore_whole(keys: Sequence[str], result: dict[str, torch.Tensor], base: Mapping[str, torch.Tensor] | None,
+                   report: LowRankReport) -> None:
+    """The tensors an adapter replaced whole (PEFT ``modules_to_save``): taken from ``base`` where it holds them,
+    else left as merged and named in ``report.left_out``."""
+    kept = []
+    for key in keys:
+        if base is not None and key in base and key in result and base[key].shape == result[key].shape:
+            result[key] = base[key].to(result[key].dtype, copy=True)
+        else:
+            kept.append(key)
+    if len(kept) < len(keys):
+        report.notes.append(f"{len(keys) - len(kept)} tensor(s) the adapter replaced whole are the base's again "
+                            "(from base)")
+    if kept:
+        report.left_out.extend(kept)
+        report.notes.append(f"{len(kept)} tensor(s) the adapter replaced whole cannot be restored without the base; "
+                            "they stay as merged: " + ", ".join(kept[:4]) + (" …" if len(kept) > 4 else ""))
+
+
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype``'s values at each ``|x|`` (float64; the smallest subnormal's at zero)."""
+    info = torch.finfo(dtype)
+    _, exponent = torch.frexp(x.double())
+    spacing = torch.ldexp(torch.full(x.shape, info.eps, dtype=torch.float64), exponent - 1)  # |x| < 2^e
+    return spacing.clamp_min(info.smallest_normal * info.eps)
+
+
+_FAR_FROM_BASE = 1e-3  # ‖result − base‖ / ‖update‖ above which an unmerge that also exceeds rounding is doubtful
+
+
+def _base_error(result: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, rank: int) -> tuple[float, float | None]:
+    """``(max |result − base|, None)``, or with ``‖result − base‖_F / ‖merged − result‖_F`` in place of None where
+    the result is not the base: some element beyond what rounding allows (half a unit in the last place of the
+    merged and of the unmerged value, both doubled, plus ``2·r·ε`` of the largest update for a merge computed in the
+    weights' own dtype, as PEFT's) and more than :data:`_FAR_FROM_BASE` of the update left."""
+    if not result.numel():
+        return 0.0, None
+    r, b, mg = result.double(), base.double(), merged.double()
+    err, update = (r - b).abs(), (mg - r).abs()
+    eps = max(torch.finfo(merged.dtype).eps, torch.finfo(result.dtype).eps)
+    allowed = _ulp(mg, merged.dtype) + _ulp(r, result.dtype) + 2 * max(rank, 1) * eps * float(update.max())
+    rel = float(torch.linalg.vector_norm(err) / torch.linalg.vector_norm(update).clamp_min(1e-300))
+    far = bool((err > allowed).any()) and rel > _FAR_FROM_BASE
+    return float(err.max()), rel if far else None

@@ -71,7 +71,7 @@ class LowRankFileResult:
         """What may surprise, for stderr: changed tensors the output leaves out."""
         left = self.report.left_out
         return [f"{len(left)} tensor(s) are not handled exactly (see the notes above): "
-                f"{', '.join(left[:4])}{' …' if len(left) > 4 else ''}"] if left else []
+                f"{', '.join(left[:4])}{' …' if len(left) > 4 else ''}"] * bool(left) + self.report.warnings
 
     def to_dict(self) -> dict[str, Any]:
         return {"outputs": [str(p) for p in self.outputs], "seconds": round(self.seconds, 3),
@@ -117,7 +117,7 @@ def layer_facts(
     note where the types are assumed; from the base model's ``config.json`` (see the module docstring).
 
     ``fan_in_fan_out`` (an argument) states that the 2-d weights are Conv1D (True) or nn.Linear (False) where no
-    config records it; it may not contradict a config.
+    config records it; it may not contradict a config. With neither, :class:`LayoutError`: the shapes cannot tell.
     """
     names = list(names)
     built = meta_model_facts(model_config)
@@ -136,13 +136,15 @@ def layer_facts(
         return {n: ("conv1d" if v else "linear") for n, v in types.items()}, {}, (
             "layer types from config.json's model_type (transformers not installed): embeddings are not known and "
             "2-d weights are taken as nn.Linear/Conv1D")
-    if fan_in_fan_out is None:
-        note = ("no config.json records the layer types: every 2-d weight is taken as nn.Linear (out, in); pass "
-                "fan_in_fan_out=True (CLI: --fan-in-fan-out) for GPT-2's Conv1D")
-    else:
-        note = None
+    if fan_in_fan_out is None:  # a weight's shape never tells: (out, in) and GPT-2's (in, out) both fit ΔW
+        raise LayoutError(
+            "no config.json records the base model's layer types, and an adapter's factors depend on them: give "
+            "the base as a Hugging Face model folder (with config.json), or say that every 2-d weight is an "
+            "nn.Linear (fan_in_fan_out=False (CLI: --no-fan-in-fan-out)) or GPT-2's Conv1D (fan_in_fan_out=True "
+            "(CLI: --fan-in-fan-out))")
     kind: Kind = "conv1d" if fan_in_fan_out else "linear"
-    return {n: kind for n in names}, {}, note
+    return {n: kind for n in names}, {}, (f"every 2-d weight is taken as {'Conv1D' if fan_in_fan_out else 'nn.Linear'}"
+                                          " (embeddings too), as fan_in_fan_out says")
 
 
 def extract_files(
@@ -193,13 +195,15 @@ def extract_files(
         config = b.model_config if b.kind == "folder" else None
         kinds, tied, note = layer_facts(config, names, fan_in_fan_out=fan_in_fan_out)
         tied = {a: s for a, s in tied.items() if a not in set(rt.keys()) and s in set(rt.keys())}
+        if to == "kohya":  # kohya has no LoRA embeddings: a changed embedding is a tensor it cannot hold
+            kinds = {n: "other" if k == "embedding" else k for n, k in kinds.items()}
         largest = max((e.nbytes for e in [*b.entries.values(), *t.entries.values()]), default=0)
         total = sum(rt.shape(k)[0] * rt.shape(k)[1] for k in rt.keys() if len(rt.shape(k)) == 2)
         bar = progress_bar(total, "extracting", unit="param") if progress else None
         try:
             result = extract_lora(
                 rb, rt, rank=rank, energy=energy, sv_epsilon=sv_epsilon, sv_ratio=sv_ratio, modules=modules,
-                kinds=kinds, tied=tied, others=others, svd=svd, oversample=oversample, niter=niter, dtype=dtype,
+                kinds=kinds, tied=tied, others="refuse" if to == "kohya" and others == "save" else others, svd=svd, oversample=oversample, niter=niter, dtype=dtype,
                 device=device, resident_bytes=max(largest, 64 << 20), block_bytes=block_bytes,
                 on_module=(lambda name, n: bar.update(n)) if bar is not None else None,
             )
