@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from conftest import assert_unchanged, snapshot
 from lora_ckpt import lowrank, merge_lora
 from lora_ckpt.cli import main
-from lora_ckpt.errors import KeyMismatchError, LayoutError, LoraCkptError, ShapeError
+from lora_ckpt.errors import AlphaError, KeyMismatchError, LayoutError, LoraCkptError, ShapeError
 from lora_ckpt.formats.peft import load_peft_adapter
 from lora_ckpt.lowrank import (
     RankRule,
@@ -1079,3 +1079,68 @@ def test_extract_progress_covers_every_2d_tensor(tmp_path):
     extract_lora(b, t, rank=8, modules=r"q_proj", on_module=lambda name, n: seen.append((name, n)))
     assert sum(n for _, n in seen) == sum(v.numel() for v in t.values() if v.dim() == 2)
     assert len(seen) == len({name for name, _ in seen}) == sum(v.dim() == 2 for v in t.values())
+
+
+def test_extract_records_the_base_folder_so_the_adapter_merges_from_anywhere(tmp_path, monkeypatch, capsys):
+    """Regression: base_model_name_or_path was the path as typed ('base'), so `merge ADAPTER DST` failed elsewhere,
+    and the message did not say that the name came from adapter_config.json."""
+    _pair(tmp_path, _llama)
+    monkeypatch.chdir(tmp_path)
+    extract_files("base", "tuned", "adapter", rank=4)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "base")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged"), "--quiet"]) == 0
+    config["base_model_name_or_path"] = "gone"
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    assert main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged2"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "gone: no such file or folder (the base model named by" in err and "base_model_name_or_path); give " \
+           "the base model too: lora-ckpt merge BASE ADAPTER DST" in err
+
+
+def test_folder_outputs_refuse_file_names_and_files(tmp_path, capsys):
+    """Regression: `extract … x.safetensors` made a folder of that name; an existing file got 'pass --force', and
+    --force then said it is not a folder."""
+    _pair(tmp_path, _llama)
+    b, t = str(tmp_path / "base"), str(tmp_path / "tuned")
+    assert main(["extract", b, t, str(tmp_path / "x.safetensors"), "--rank", "4", "--quiet"]) == 1
+    assert "x.safetensors: this output is a folder, and '.safetensors' names a file; give a folder name without a " \
+           "file suffix" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+    (tmp_path / "taken").write_text("mine")
+    assert main(["extract", b, t, str(tmp_path / "taken"), "--rank", "4", "--quiet"]) == 1
+    assert "taken: already exists and is a file, but this output is a folder; give another name" in \
+           capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_combine_lora_alpha_message_names_its_argument():
+    sd = make_lora_state_dict(rank=2)
+    with pytest.raises(AlphaError, match=r"^adapter 1: the LoRA alpha is not known for 2 module\(s\) .*; pass "
+                                         r"alphas=\[…\] with one alpha per adapter \(CLI: --alpha A, the same for each\)$"):
+        combine_lora([sd, sd], weights=[0.5, 0.5])
+    assert combine_lora([sd, sd], weights=[0.5, 0.5], alphas=[4.0, 4.0]).report.rows
+
+
+def test_combine_refuses_to_weight_a_whole_tensor():
+    """Regression: combine(A, weights=[0.5]) halved the LoRA update and kept the norm A replaces whole, unweighted."""
+    a = {**_peft_sd(6, 5, 2, 1, torch.float32), "base_model.model.norm.weight": torch.full((6,), 1.1)}
+    with pytest.raises(LayoutError, match=r"^base_model.model.norm.weight: saved whole \(modules_to_save\), so it "
+                                          r"replaces the base's value, and the weights of the adapters holding it "
+                                          r"sum to 0.5, not 1; .*others='report'"):
+        combine_lora([a], weights=[0.5], scales=[{"q": 1.0}])
+    both = combine_lora([a, a], weights=[0.25, 0.75], scales=[{"q": 1.0}] * 2)  # the weighted value is that value
+    assert torch.equal(both.state_dict["base_model.model.norm.weight"], a["base_model.model.norm.weight"])
+    assert any("kept once: their weights sum to 1" in n for n in both.report.notes)
+
+
+def test_unmerge_table_shows_what_unmerge_measures(tmp_path):
+    _pair(tmp_path, _llama)
+    extract_files(tmp_path / "base", tmp_path / "tuned", tmp_path / "a", rank=4)
+    un = unmerge_files(tmp_path / "tuned", tmp_path / "a", tmp_path / "back.safetensors", base=tmp_path / "base")
+    head = str(un.report).splitlines()[0]
+    assert "rank" in head and "max |error|" in head and "energy" not in head and "rel error" not in head
+    assert "unmerge: 16 module(s) taken out, largest |error| against the base" in str(un.report)

@@ -259,7 +259,8 @@ def test_symlinked_outputs_and_folders_named_like_files(proj, tmp_path, capsys):
     assert list(real.iterdir()) == []
     (tmp_path / "d.safetensors").mkdir()
     assert main(["merge", *args, str(tmp_path / "d.safetensors"), "--quiet"]) == 1
-    assert "d.safetensors: already exists; pass --force to replace it" in capsys.readouterr().err
+    err = capsys.readouterr().err  # not "pass --force": the folder would not become a file by it
+    assert "d.safetensors: already exists and is a folder, but this output is a file; give another name" in err
     assert main(["merge", *args, str(tmp_path / "d.safetensors"), "--force", "--quiet"]) == 1
     assert "d.safetensors: is a folder, and the output is a file; remove the folder" in capsys.readouterr().err
     assert not _leftovers(tmp_path)

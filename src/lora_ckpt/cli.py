@@ -179,8 +179,8 @@ def _kind(text: str) -> tuple[str, str]:
 
 def _add_orientation(s: argparse.ArgumentParser) -> None:
     s.add_argument("--fan-in-fan-out", action=argparse.BooleanOptionalAction, default=None,
-                   help="base weights are stored (in, out) as GPT-2's Conv1D keeps them (or not: nn.Linear), "
-                   "where no adapter config says; needed when square weights cannot tell")
+                   help="the 2-d weights are stored (in, out) as GPT-2's Conv1D keeps them (or not: nn.Linear); "
+                   "needed where no config.json of the model records the layer types and the shapes cannot tell")
 
 
 def _add_common(s: argparse.ArgumentParser) -> None:

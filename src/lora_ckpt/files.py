@@ -115,7 +115,13 @@ def merge_files(
         named_base = None
         if ad is None and src.kind == "peft" and src.config is not None:  # an adapter alone: the base it names
             ad, named_base = src, PeftConfig.read(src.config, where=src.path / ADAPTER_CONFIG).base_model()
-            src = stack.enter_context(Source.open(named_base))
+            try:
+                src = stack.enter_context(Source.open(named_base))
+            except CheckpointFileError as e:  # say where the name came from, and the way around it
+                raise CheckpointFileError(
+                    f"{e} (the base model named by {ad.path / ADAPTER_CONFIG}'s base_model_name_or_path); give the "
+                    "base model too: merge_files(BASE, DST, adapter=ADAPTER) (CLI: lora-ckpt merge BASE ADAPTER DST)"
+                ) from None
         out = Output.prepare(dst, overwrite=overwrite, inputs=[*src.paths(), *(ad.paths() if ad else [])],
                              folder=True if format == "dcp" else None)
         streams = tied == "untie" and (out.folder or out.path.suffix not in _PICKLES)

@@ -213,9 +213,12 @@ class LowRankReport:
     def table_rows(self) -> list[dict[str, object]]:
         rows = []
         for r in self.rows:
-            row: dict[str, object] = {"module": r.module, "kind": r.kind, "shape": "x".join(map(str, r.shape)),
-                                      "rank in": r.rank_in, "rank": r.rank, "energy": f"{r.energy:.6f}",
-                                      "rel error": f"{r.rel_error:.3e}"}
+            row: dict[str, object] = {"module": r.module, "kind": r.kind, "shape": "x".join(map(str, r.shape))}
+            if self.operation == "unmerge":  # nothing is approximated: the rank taken out, and the error if known
+                row["rank"] = r.rank
+            else:
+                row.update({"rank in": r.rank_in, "rank": r.rank, "energy": f"{r.energy:.6f}",
+                            "rel error": f"{r.rel_error:.3e}"})
             if any(x.max_abs_error is not None for x in self.rows):
                 row["max |error|"] = "" if r.max_abs_error is None else f"{r.max_abs_error:.3e}"
             rows.append(row)
@@ -225,7 +228,8 @@ class LowRankReport:
         t = self.totals()
         rule = f" ({', '.join(f'{k}={v}' for k, v in self.rule.to_dict().items())})" if self.rule else ""
         line = (f"{self.operation}{rule}: {t['modules']} module(s), {t['factor_parameters']:,} factor parameters, "
-                f"mean relative error {t['mean_rel_error']:.3e}, worst {t['max_rel_error']:.3e}")
+                f"mean relative error {t['mean_rel_error']:.3e}, worst {t['max_rel_error']:.3e}"
+                if self.operation != "unmerge" else f"unmerge: {t['modules']} module(s) taken out")
         if "max_abs_error" in t:
             line += f", largest |error| against the base {t['max_abs_error']:.3e}"
         extra = [f"saved whole: {', '.join(self.saved)}"] if self.saved else []

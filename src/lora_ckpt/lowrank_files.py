@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -214,7 +215,8 @@ def extract_files(
             result.report.notes.append(note)
         if not result.alpha and not result.report.saved:
             result.report.notes.append("the two models are equal: the adapter holds no update")
-        _write_adapter(target, result, to=to, base_path=b.path)
+        named = Path(os.path.abspath(base)) if os.path.exists(base) else b.path  # found from any directory
+        _write_adapter(target, result, to=to, base_path=named)
     return LowRankFileResult([target.path], result.report, time.perf_counter() - started, list(target.removed))
 
 

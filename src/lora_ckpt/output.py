@@ -109,6 +109,9 @@ class Output:
             )
         if not is_folder and str(path).endswith(("/", os.sep)):
             raise CheckpointFileError(f"{path}: names a folder (a trailing /) but the output is a file; drop the /")
+        if folder and p.suffix.lower() in FILE_SUFFIXES:  # a PEFT adapter is a folder: x.safetensors/ would surprise
+            raise CheckpointFileError(f"{path}: this output is a folder, and {p.suffix!r} names a file; give a folder "
+                                      "name without a file suffix")
         parent = p.parent
         if not parent.is_dir():
             raise CheckpointFileError(f"{p}: the folder {parent} does not exist")
@@ -118,6 +121,10 @@ class Output:
         removed = tuple(clean_leftovers(p, protect=[i for i in inputs if i is not None]))
         if os.path.lexists(p):
             if not overwrite:
+                if is_folder != p.is_dir() and not p.is_symlink():  # --force would not help: say what does
+                    what, want = ("a file", "a folder") if is_folder else ("a folder", "a file")
+                    raise CheckpointFileError(f"{p}: already exists and is {what}, but this output is {want}; give "
+                                              "another name")
                 hint = (" (it holds a PEFT adapter: to merge one, give BASE ADAPTER DST)"
                         if folder is None and (p / "adapter_config.json").is_file() else "")
                 raise CheckpointFileError(f"{p}: already exists{hint}; pass overwrite=True (CLI: --force) to replace it")

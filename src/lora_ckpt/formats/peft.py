@@ -313,8 +313,8 @@ def adapter_orientation(
         if settled is None:
             raise LayoutError(
                 f"{m.name}: a square weight, stored (out, in) by nn.Linear or (in, out) by GPT-2's Conv1D, and nothing "
-                "here tells which (PEFT decides by the layer's type, not by fan_in_fan_out); merge onto the base "
-                "model's folder, whose config.json names the type, or pass fan_in_fan_out=True (CLI: --fan-in-fan-out) "
+                "here tells which (PEFT decides by the layer's type, not by fan_in_fan_out); give the model as its "
+                "folder, whose config.json names the type, or pass fan_in_fan_out=True (CLI: --fan-in-fan-out) "
                 "for Conv1D or fan_in_fan_out=False (CLI: --no-fan-in-fan-out) for nn.Linear"
             )
         out[m.name] = settled
