@@ -158,17 +158,21 @@ def test_delta_held_whole_is_the_same_read_in_small_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize(("svd", "resident"), [("randomized", None), ("randomized", 0), ("full", None), ("full", 0)])
-def test_differences_below_the_accumulation_precision_are_unchanged(svd, resident):
-    """float64 weights that differ by less than float32 can hold: tuned − base is zero in float32, so the module
-    counts as unchanged (no factors of zeros); in float64 the same pair is a rank-1 update."""
+def test_float64_weights_with_a_float32_accumulator_subtract_first(svd, resident):
+    """Regression (hostile review): float64 weights with acc='fp32' were each rounded to float32 before the
+    subtraction, so an update 1e-9 of the weights became rounding noise (relative error 6.8, exit 0). The
+    difference is taken in float64 and rounded once; a zero difference still counts as unchanged."""
     g = torch.Generator().manual_seed(7)
-    w = torch.randn(40, 24, generator=g, dtype=torch.float64)
-    base, tuned = {"w.weight": w, "v.weight": w}, {"w.weight": w * (1 + 1e-12), "v.weight": w + 1.0}
-    out = extract_lora(base, tuned, rank=4, svd=svd, acc="fp32", resident_bytes=resident, block_bytes=7 * 24 * 8)
-    assert out.report.unchanged == 1 and [r.module for r in out.report.rows] == ["v"]
-    assert out.alpha == {"v": 1.0}
-    exact = extract_lora(base, tuned, rank=4, svd=svd, acc="fp64", resident_bytes=resident, block_bytes=7 * 24 * 8)
-    assert sorted(exact.alpha) == ["v", "w"] and exact.report.unchanged == 0
+    w = torch.randn(40, 30, generator=g, dtype=torch.float64)
+    delta = 1e-9 * torch.randn(40, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 30, generator=g,
+                                                                                         dtype=torch.float64)
+    base, tuned = {"w.weight": w, "v.weight": w}, {"w.weight": w + delta, "v.weight": w.clone()}
+    out = extract_lora(base, tuned, rank=4, svd=svd, acc="fp32", resident_bytes=resident, block_bytes=7 * 30 * 8)
+    (row,) = out.report.rows
+    assert row.module == "w" and row.rank == 2 and row.rel_error < 1e-5 and out.report.unchanged == 1
+    product = _product(out.state_dict, "w", "linear").double()
+    exact = (tuned["w.weight"] - base["w.weight"])
+    assert float(torch.linalg.matrix_norm(product - exact) / torch.linalg.matrix_norm(exact)) < 1e-5
 
 
 def _exact_rank_pair(m: int, n: int, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -466,7 +470,7 @@ def test_extract_infinities_equal_in_both_models():
     base["a.weight"][7, 5], tuned["a.weight"][7, 5] = 0.5, 1.0
     with pytest.raises(ShapeError, match=r"^a.weight: tuned − base in float32 holds NaN or infinite values; both "
                                          r"models hold an infinity there, or values near float32's largest: extract "
-                                         r"from good checkpoints, or with acc=torch.float64$"):
+                                         r"from good checkpoints, or with acc='fp64' \(CLI: --acc fp64\)$"):
         extract_lora(base, tuned, rank=2, block_bytes=6 * 4)
     big = {"a.weight": torch.full((4, 4), 3e38)}
     with pytest.raises(ShapeError, match=r"^a.weight: tuned − base in float32 holds NaN or infinite values"):
@@ -1018,7 +1022,8 @@ def test_extract_from_files_without_config_needs_the_layer_orientation(tmp_path,
     err = capsys.readouterr().err
     assert "--no-fan-in-fan-out" in err and "--fan-in-fan-out" in err and "fan_in_fan_out=" not in err
     result = extract_files(b, t, tmp_path / "a", rank=8, fan_in_fan_out=True)
-    assert "every 2-d weight is taken as Conv1D" in "\n".join(result.report.notes)
+    assert "no config.json records the base model's layer types: the 2-d weights are taken as Conv1D, as said" in \
+        result.report.notes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = peft.PeftModel.from_pretrained(_gpt2_from(tmp_path / "base"), tmp_path / "a").eval()
@@ -1144,3 +1149,83 @@ def test_unmerge_table_shows_what_unmerge_measures(tmp_path):
     head = str(un.report).splitlines()[0]
     assert "rank" in head and "max |error|" in head and "energy" not in head and "rel error" not in head
     assert "unmerge: 16 module(s) taken out, largest |error| against the base" in str(un.report)
+
+
+# --- hostile review of the rewrite ------------------------------------------------------------------------------
+
+
+def test_a_config_transformers_cannot_build_needs_the_kinds_said(tmp_path, capsys):
+    """Regression: without 'architectures' the embedding was factored as nn.Linear; PEFT only warned of missing
+    keys and lost its update (exit 0), and the note blamed a missing transformers."""
+    base, tuned = _pair(tmp_path, _llama)
+    for name in ("base", "tuned"):
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        del config["architectures"]
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    b, t = str(tmp_path / "base"), str(tmp_path / "tuned")
+    assert main(["extract", b, t, str(tmp_path / "a"), "--rank", "8", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "transformers cannot build the model config.json describes (no 'architectures'" in err
+    assert "--kinds model.embed_tokens=embedding" in err and not (tmp_path / "a").exists()
+    assert main(["extract", b, t, str(tmp_path / "a"), "--rank", "8", "--quiet", "--kinds",
+                 "model.embed_tokens=embedding"]) == 0  # model_type llama: nn.Linear for the rest
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                                                tmp_path / "a").eval()
+    torch.testing.assert_close(_logits(loaded), _logits(tuned), rtol=1e-4, atol=1e-4)
+    assert main(["extract", b, t, str(tmp_path / "c"), "--rank", "8", "--quiet", "--kinds", "nope=embedding"]) == 1
+    assert "kinds names ['nope'], which are not 2-d weights of the base" in capsys.readouterr().err
+
+
+def test_extract_kinds_may_not_contradict_the_built_model(tmp_path, capsys):
+    _pair(tmp_path, _llama)
+    assert main(["extract", str(tmp_path / "base"), str(tmp_path / "tuned"), str(tmp_path / "a"), "--rank", "8",
+                 "--quiet", "--kinds", "model.layers.0.mlp.up_proj=embedding"]) == 1
+    assert "kinds model.layers.0.mlp.up_proj=embedding (it is linear) contradict the base model's config.json" in \
+        capsys.readouterr().err
+
+
+def test_one_key_under_two_wrapper_prefixes_is_refused(tmp_path):
+    """Regression: SourceRows kept the last of 'a.weight' and '_orig_mod.a.weight' without a word."""
+    from safetensors.torch import save_file
+
+    w = torch.randn(8, 6)
+    save_file({"a.weight": w, "c.weight": w.clone()}, tmp_path / "b.safetensors")
+    save_file({"a.weight": w + 1, "_orig_mod.a.weight": w.clone(), "c.weight": w.clone()}, tmp_path / "t.safetensors")
+    with pytest.raises(LayoutError, match=r"t.safetensors: '_orig_mod.a.weight' and 'a.weight' are one key under "
+                                          r"different wrapper prefixes; keep one of them"):
+        extract_files(tmp_path / "b.safetensors", tmp_path / "t.safetensors", tmp_path / "o", rank=2,
+                      fan_in_fan_out=False)
+
+
+def test_resize_and_combine_refuse_integer_factors_and_overflowing_updates():
+    sd = _peft_sd(6, 5, 2, 1, torch.float32)
+    ints = {**sd, "base_model.model.q.lora_A.weight": sd["base_model.model.q.lora_A.weight"].to(torch.int32)}
+    for call in (lambda x: resize_lora(x, rank=1, scales={"q": 1.0}, layout="peft"),
+                 lambda x: combine_lora([x, sd], scales=[{"q": 1.0}] * 2, layouts=["peft"] * 2)):
+        with pytest.raises(LayoutError, match=r"LoRA factors must be floating point: base_model.model.q.lora_A.weight is torch.int32; "
+                                              r"integer, bool or complex factors are not a LoRA update"):
+            call(ints)
+    big = {k: v * 1e30 for k, v in sd.items()}  # finite factors, a product float32 cannot hold
+    for call in (lambda x: resize_lora(x, rank=1, scales={"q": 1.0}, layout="peft"),
+                 lambda x: combine_lora([x, sd], scales=[{"q": 1.0}] * 2, layouts=["peft"] * 2)):
+        with pytest.raises(ShapeError, match=r"^q: the update \(scale × B@A\) has norm \S+, which float32 cannot hold"):
+            call(big)
+
+
+def test_float8_weights_are_refused_in_one_line():
+    w = torch.randn(8, 6)
+    with pytest.raises(LayoutError, match=r"^l.weight in the tuned weights is float8_e4m3fn: extract works on float16, "
+                                          r"bfloat16, float32 or float64 weights; dequantize the model first$"):
+        extract_lora({"l.weight": w}, {"l.weight": w.to(torch.float8_e4m3fn)}, rank=2)
+
+
+def test_top_level_keys_are_their_own_modules_and_a_regex_that_matches_nothing_is_said():
+    w = torch.randn(8, 6)
+    base = {"step": torch.tensor(1.0), "mask": torch.ones(3), "l.weight": w}
+    tuned = {"step": torch.tensor(2.0), "mask": torch.ones(3), "l.weight": w + 0.1}
+    out = extract_lora(base, tuned, rank=2)
+    assert out.report.saved == ["step"] and out.report.unchanged == 1  # mask: unchanged, not saved
+    none = extract_lora(base, tuned, rank=2, modules=r"^nothing$")
+    assert any("modules='^nothing$' (CLI: --modules) matches no module of the base" in w for w in none.report.warnings)

@@ -489,6 +489,11 @@ def _add_lowrank_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--oversample", type=_positive, default=8, help="randomized SVD: extra columns (default 8)")
     s.add_argument("--niter", type=int, default=2, help="randomized SVD: power iterations (default 2)")
     s.add_argument("--dtype", choices=sorted(_DTYPES), help="dtype of the factors (default: the tuned weights')")
+    s.add_argument("--kinds", metavar="[MODULE=]KIND", type=_kind, action="append", default=[],
+                   help="linear or embedding: the layer type of a 2-d weight of the base (MODULE=KIND; KIND alone for "
+                   "every other one), needed only where transformers cannot build the model from config.json")
+    s.add_argument("--acc", choices=("fp32", "fp64"), help="dtype the differences and SVDs are computed in (default "
+                   "fp32; fp64 for float64 weights)")
     s.add_argument("--device", type=_device, help="run the SVDs on this device: cpu (default) or cuda[:N]")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--json", action="store_true", help="print the result (or the error) as JSON")
@@ -555,7 +560,8 @@ def _extract(args: argparse.Namespace) -> int:
 
     result = extract_files(args.base, args.tuned, args.out, **_rule(args), modules=args.modules, to=args.to,
                            others=args.others, svd="full" if args.full_svd else "auto", oversample=args.oversample,
-                           niter=args.niter, dtype=_dtype(args.dtype), device=args.device,
+                           niter=args.niter, dtype=_dtype(args.dtype), acc=args.acc, device=args.device,
+                           kinds=_kinds(args),  # type: ignore[arg-type]
                            fan_in_fan_out=args.fan_in_fan_out, progress=not args.quiet, overwrite=args.force)
     return _report(result, args)
 

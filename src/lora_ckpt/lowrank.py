@@ -67,7 +67,7 @@ from lora_ckpt.dtypes import DType, as_dtype
 from lora_ckpt.errors import AlphaError, KeyMismatchError, LayoutError, LoraCkptError, ShapeError
 from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LayoutSpec, LoraModule, detect_layout, formula_factors, tied_groups
 from lora_ckpt.memory import mapped_empty, release_freed
-from lora_ckpt.merge import Orientation, plan_merge, require_data, require_finite, resolve_scales
+from lora_ckpt.merge import Orientation, check_factors, plan_merge, require_data, require_finite, resolve_scales
 
 __all__ = [
     "Kind",
@@ -405,6 +405,16 @@ def _row(
     return ModuleRow(module, kind, shape, rank_in, k, max(0.0, 1.0 - ratio), math.sqrt(ratio))
 
 
+def _require_fits(module: str, left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse an update ``left @ right`` whose size ``dtype`` cannot hold (factors of finite values whose product
+    overflows), before an SVD fails on it or a file holds it; its norm is measured in float64 without the product."""
+    norm = float(torch.linalg.vector_norm(torch.linalg.qr(left.double()).R @ right.double()))
+    if not math.isfinite(norm) or norm > torch.finfo(dtype).max:
+        name = str(dtype).removeprefix("torch.")
+        raise ShapeError(f"{module}: the update (scale × B@A) has norm {norm:.3g}, which {name} cannot hold; "
+                         f"{_BROKEN_ADAPTER}")
+
+
 def _factor_residual(
     left: torch.Tensor, right: torch.Tensor, new_left: torch.Tensor, new_right: torch.Tensor
 ) -> tuple[float, float]:
@@ -579,9 +589,17 @@ class _Delta:
 
     def _difference(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Rows ``start:stop`` of ``tuned − base`` into ``out`` (any device), rounded once to ``out``'s dtype: the
-        narrower inputs are widened exactly before the subtraction."""
-        out.copy_(self.scratch.rows(self.tuned, self.key, start, stop, "tuned"))
+        inputs are widened exactly and subtracted in the widest of the three dtypes (float64 inputs with a float32
+        ``out`` are subtracted in float64: rounding each first would leave only the noise of a small update)."""
+        tuned = self.scratch.rows(self.tuned, self.key, start, stop, "tuned")
         base = self.scratch.rows(self.base, self.key, start, stop, "base")
+        wide = torch.promote_types(torch.promote_types(tuned.dtype, base.dtype), out.dtype)
+        if wide != out.dtype:
+            like = torch.empty(0, dtype=wide)
+            difference = self.scratch.converted(tuned, like, "tuned, wide")
+            difference.sub_(base if base.dtype == wide else self.scratch.converted(base, like, "base, wide"))
+            return out.copy_(difference)
+        out.copy_(tuned)
         if base.dtype != out.dtype or base.device != out.device:
             base = self.scratch.converted(base, out, "base, converted")
         return out.sub_(base)
@@ -717,6 +735,13 @@ def extract_lora(
     bad_ties = {a: s for a, s in tied.items() if s not in tuned_set or s not in base_set}
     if bad_ties:
         raise KeyMismatchError(f"tied names keys neither state dict holds in both: {bad_ties}")
+    for reader, keys in ((b, base_keys), (t, tuned_keys)):
+        eight = [k for k in keys if reader.dtype(k).is_floating_point and reader.dtype(k).itemsize == 1]
+        if eight:  # torch has no arithmetic between float8 and other dtypes
+            name = str(reader.dtype(eight[0])).removeprefix("torch.")
+            raise LayoutError(f"{eight[0]} in {reader.where(eight[0])} is {name}"
+                              f"{f' (and {len(eight) - 1} more)' if len(eight) > 1 else ''}: extract works on float16, "
+                              "bfloat16, float32 or float64 weights; dequantize the model first")
     mixed: list[str] = []
     changed = _scan(b, t, block_bytes, mixed)  # refuses non-finite values before any arithmetic
     report = LowRankReport("extract", rule=rule)
@@ -774,7 +799,7 @@ def extract_lora(
             acc_name = str(acc_k).removeprefix("torch.")
             label = f"{key}: tuned − base in {acc_name}"
             overflow = (f"both models hold an infinity there, or values near {acc_name}'s largest: extract from good "
-                        "checkpoints, or with acc=torch.float64")
+                        "checkpoints, or with acc='fp64' (CLI: --acc fp64)")
             if hold:
                 delta.whole = delta.fill()
                 require_finite({label: delta.whole}, fix=overflow)
@@ -826,6 +851,9 @@ def extract_lora(
             _emit(module, kind, left, right, row, dtype or t.dtype(source), out, alphas, report)
             lora_kinds[module] = kind
             report.notes.append(f"{alias} shares {source}'s storage: its module gets the same update")
+    if pattern is not None and not any(pattern.search(k[: -len(".weight")]) for k in tuned_keys if k.endswith(".weight")):
+        report.warnings.append(f"modules={modules!r} (CLI: --modules) matches no module of the base: nothing was "
+                               "factored")
     if report.rows and not lora_kinds:
         raise LoraCkptError(f"sv_epsilon={rule.sv_epsilon:g} keeps no singular value of any module ("
                             + "; ".join(list(dropped.values())[:3]) + "); give a smaller sv_epsilon")
@@ -865,7 +893,7 @@ def extract_lora(
             out[f"{_PEFT_PREFIX}{module}.lora_B.bias"] = value.to(out[a_key].dtype)
         report.notes.append(f"{len(changed_bias)} bias(es) of factored modules changed: written as lora_B.bias "
                             "(PEFT lora_bias=true)")
-    owners = {k.rpartition(".")[0] for k in saved}
+    owners = {k.rpartition(".")[0] for k in saved} - {""}  # a top-level key is its own module
     for key in tuned_keys:  # PEFT loads a modules_to_save module whole: every parameter of it, changed or not
         owner, _, leaf = key.rpartition(".")
         if owner in owners and key not in saved:
@@ -1037,6 +1065,7 @@ def resize_lora(
     _refuse_dora(layout, "resized")
     require_finite({f"{k} in {name}": v for k, v in state_dict.items()}, fix=_BROKEN_ADAPTER)
     tensors = {k[len(layout.prefix):]: v for k, v in state_dict.items()}
+    check_factors(layout, tensors)  # floating point, as a merge requires
     scale = _scales(layout, tensors, alpha, scales)
     acc = _acc_dtype(acc) or _acc(tensors[k] for m in layout.modules if m.has_factors for k in (m.a_key, m.b_key))
     report = LowRankReport("resize", rule=rule)
@@ -1047,10 +1076,11 @@ def resize_lora(
         if not m.has_factors:
             continue
         left, right = _canonical(layout, tensors, m, acc)
+        exact_left, exact_right = _canonical(layout, tensors, m, torch.float64)  # the target, in float64
+        _require_fits(m.name, exact_left * scale[m.name], exact_right, acc)
         u, s, vh = factor_svd(left * scale[m.name], right)
         k = _kept(rule, s, float(s.double().square().sum()), m.delta_shape, acc)
         nl, nr = _split(u, s, vh, k)
-        exact_left, exact_right = _canonical(layout, tensors, m, torch.float64)  # the target, in float64
         report.rows.append(_row(m.name, m.kind, m.delta_shape, m.rank, k,
                                 *_factor_residual(exact_left * scale[m.name], exact_right, nl, nr)))
         if k == 0:
@@ -1159,6 +1189,8 @@ def combine_lora(
         found.append(lay)
     require_finite(((f"{k} in {label[i]}", v) for i, sd in enumerate(state_dicts) for k, v in sd.items()),
                    fix=_BROKEN_ADAPTER)
+    for lay, sd in zip(found, state_dicts):
+        check_factors(lay, {k[len(lay.prefix):]: v for k, v in sd.items()})  # floating point, as a merge requires
     kinds = {lay.kind for lay in found}
     if len(kinds) > 1:
         raise LayoutError(f"the adapters are in different layouts ({', '.join(lay.kind for lay in found)}); convert "
@@ -1239,6 +1271,7 @@ def combine_lora(
         exact = torch.cat(exact_lefts, 1), torch.cat(exact_rights, 0)
         i0, m0 = items[0]
         r_in = left.shape[1]
+        _require_fits(name, *exact, acc)
         if rule is None:  # exact: the concatenated factors as they are
             nl, nr = left, right
         else:

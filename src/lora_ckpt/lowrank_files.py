@@ -17,6 +17,7 @@ layers are known (:func:`~lora_ckpt.formats.hf.module_types`) and every other 2-
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import time
@@ -88,7 +89,12 @@ class SourceRows:
 
     def __init__(self, source: Source) -> None:
         self.source = source
-        self.names = {split_prefix(k)[1]: k for k in source.keys()}
+        self.names: dict[str, str] = {}
+        for key in source.keys():
+            name = split_prefix(key)[1]
+            if self.names.setdefault(name, key) != key:
+                raise LayoutError(f"{source.path}: {self.names[name]!r} and {key!r} are one key under different "
+                                  "wrapper prefixes; keep one of them")
 
     def keys(self) -> Iterable[str]:
         return self.names.keys()
@@ -112,40 +118,66 @@ class SourceRows:
 
 
 def layer_facts(
-    model_config: Mapping[str, Any] | None, names: Iterable[str], *, fan_in_fan_out: bool | None = None
+    model_config: Mapping[str, Any] | None, names: Iterable[str], *, fan_in_fan_out: bool | None = None,
+    kinds: Mapping[str, Kind] | None = None,
 ) -> tuple[dict[str, Kind], dict[str, str], str | None]:
     """Per module name the layer type (``linear``/``conv1d``/``embedding``), the tied weights (alias -> key) and a
-    note where the types are assumed; from the base model's ``config.json`` (see the module docstring).
+    note where the types are stated rather than read; from the base model's ``config.json`` (see the module
+    docstring).
 
-    ``fan_in_fan_out`` (an argument) states that the 2-d weights are Conv1D (True) or nn.Linear (False) where no
-    config records it; it may not contradict a config. With neither, :class:`LayoutError`: the shapes cannot tell.
+    Where the model can be built (transformers installed, ``architectures`` in the config) its layers decide, and
+    ``fan_in_fan_out`` or ``kinds`` may not contradict them. Otherwise they are said: ``fan_in_fan_out`` states
+    that the 2-d weights are Conv1D (True) or nn.Linear (False) (a known ``model_type`` says it too), and ``kinds``
+    (module name -> ``"embedding"``/``"linear"``, ``"*"`` for every other module) which ones are embeddings. With
+    neither, :class:`LayoutError`: the shapes cannot tell, and an embedding taken as nn.Linear would load into PEFT
+    as missing keys (its update lost).
     """
     names = list(names)
+    given = dict(kinds or {})
     built = meta_model_facts(model_config)
     if built is not None:
-        kinds, tied = built
-        if fan_in_fan_out is not None and any((k == "conv1d") != fan_in_fan_out for k in kinds.values()
+        found, tied = built
+        if fan_in_fan_out is not None and any((k == "conv1d") != fan_in_fan_out for k in found.values()
                                               if k in ("linear", "conv1d")):
             raise LayoutError(f"fan_in_fan_out={fan_in_fan_out} contradicts the base model's config.json (its layer "
                               "types decide); drop the argument")
-        return kinds, tied, None
+        wrong = [f"{n}={k} (it is {found.get(n, 'not a layer')})" for n, k in given.items()
+                 if n != "*" and found.get(n) not in (k, "conv1d" if k == "linear" else k)]
+        if wrong:
+            raise LayoutError(f"kinds {', '.join(wrong[:3])} contradict the base model's config.json (its layer types "
+                              "decide); drop them (CLI: --kinds)")
+        return found, tied, None
     types = module_types(model_config, names)
-    if types is not None:
-        if fan_in_fan_out is not None and any(v != fan_in_fan_out for v in types.values()):
-            raise LayoutError(f"fan_in_fan_out={fan_in_fan_out} contradicts the base model's type in config.json; "
-                              "drop the argument")
-        return {n: ("conv1d" if v else "linear") for n, v in types.items()}, {}, (
-            "layer types from config.json's model_type (transformers not installed): embeddings are not known and "
-            "2-d weights are taken as nn.Linear/Conv1D")
-    if fan_in_fan_out is None:  # a weight's shape never tells: (out, in) and GPT-2's (in, out) both fit ΔW
+    why = ("no config.json records the base model's layer types" if model_config is None else
+           "transformers is not installed, so the layer types of the model config.json describes are not known"
+           if importlib.util.find_spec("transformers") is None else
+           "transformers cannot build the model config.json describes (no 'architectures', or one it lacks), so its "
+           "layer types are not known")
+    if types is not None and fan_in_fan_out is not None and any(v != fan_in_fan_out for v in types.values()):
+        raise LayoutError(f"fan_in_fan_out={fan_in_fan_out} contradicts the base model's type in config.json; "
+                          "drop the argument")
+    if fan_in_fan_out is None and not given:  # a weight's shape never tells: (out, in) and (in, out) both fit ΔW
         raise LayoutError(
-            "no config.json records the base model's layer types, and an adapter's factors depend on them: give "
-            "the base as a Hugging Face model folder (with config.json), or say that every 2-d weight is an "
-            "nn.Linear (fan_in_fan_out=False (CLI: --no-fan-in-fan-out)) or GPT-2's Conv1D (fan_in_fan_out=True "
-            "(CLI: --fan-in-fan-out))")
-    kind: Kind = "conv1d" if fan_in_fan_out else "linear"
-    return {n: kind for n in names}, {}, (f"every 2-d weight is taken as {'Conv1D' if fan_in_fan_out else 'nn.Linear'}"
-                                          " (embeddings too), as fan_in_fan_out says")
+            f"{why}, and an adapter's factors depend on them: give the base as a Hugging Face model folder whose "
+            "config.json transformers can build, or say them: fan_in_fan_out=False (CLI: --no-fan-in-fan-out) for "
+            "nn.Linear weights or fan_in_fan_out=True (CLI: --fan-in-fan-out) for GPT-2's Conv1D, and "
+            "kinds={'model.embed_tokens': 'embedding'} (CLI: --kinds model.embed_tokens=embedding) for each "
+            "embedding")
+    default: Kind = "conv1d" if fan_in_fan_out else "linear"
+    star = given.pop("*", None)
+    out: dict[str, Kind] = {}
+    for n in names:
+        by_type = ("conv1d" if types[n] else "linear") if types is not None else default
+        kind: Kind = given.get(n, star or by_type)
+        out[n] = by_type if kind == "linear" else kind
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise LayoutError(f"kinds names {unknown[:3]}, which are not 2-d weights of the base; check the names (CLI: "
+                          "--kinds)")
+    said = [f"{n}={k}" for n, k in given.items()]
+    return out, {}, (f"{why}: the 2-d weights are taken as {'Conv1D' if default == 'conv1d' else 'nn.Linear'}"
+                     f"{' (from model_type)' if types is not None else ''}"
+                     f"{', except ' + ', '.join(said[:3]) if said else ''}, as said")
 
 
 def extract_files(
@@ -164,8 +196,10 @@ def extract_files(
     oversample: int = 8,
     niter: int = 2,
     dtype: DType | None = None,
+    acc: DType | None = None,
     device: str | None = None,
     fan_in_fan_out: bool | None = None,
+    kinds: Mapping[str, Kind] | None = None,
     progress: bool = False,
     overwrite: bool = False,
     block_bytes: int = 32 << 20,
@@ -194,18 +228,19 @@ def extract_files(
         rb, rt = SourceRows(b), SourceRows(t)
         names = [k[: -len(".weight")] for k in rb.keys() if k.endswith(".weight") and len(rb.shape(k)) == 2]
         config = b.model_config if b.kind == "folder" else None
-        kinds, tied, note = layer_facts(config, names, fan_in_fan_out=fan_in_fan_out)
+        layers, tied, note = layer_facts(config, names, fan_in_fan_out=fan_in_fan_out, kinds=kinds)
         tied = {a: s for a, s in tied.items() if a not in set(rt.keys()) and s in set(rt.keys())}
         if to == "kohya":  # kohya has no LoRA embeddings: a changed embedding is a tensor it cannot hold
-            kinds = {n: "other" if k == "embedding" else k for n, k in kinds.items()}
+            layers = {n: "other" if k == "embedding" else k for n, k in layers.items()}
         largest = max((e.nbytes for e in [*b.entries.values(), *t.entries.values()]), default=0)
         total = sum(rt.shape(k)[0] * rt.shape(k)[1] for k in rt.keys() if len(rt.shape(k)) == 2)
         bar = progress_bar(total, "extracting", unit="param") if progress else None
         try:
             result = extract_lora(
                 rb, rt, rank=rank, energy=energy, sv_epsilon=sv_epsilon, sv_ratio=sv_ratio, modules=modules,
-                kinds=kinds, tied=tied, others="refuse" if to == "kohya" and others == "save" else others, svd=svd, oversample=oversample, niter=niter, dtype=dtype,
-                device=device, resident_bytes=max(largest, 64 << 20), block_bytes=block_bytes,
+                kinds=layers, tied=tied, others="refuse" if to == "kohya" and others == "save" else others, svd=svd,
+                oversample=oversample, niter=niter, dtype=dtype, acc=acc, device=device,
+                resident_bytes=max(largest, 64 << 20), block_bytes=block_bytes,
                 on_module=(lambda name, n: bar.update(n)) if bar is not None else None,
             )
         finally:

@@ -16,7 +16,7 @@ from lora_ckpt.errors import AlphaError, KeyMismatchError, LayoutError, ShapeErr
 from lora_ckpt.layout import FORMULAS, KOHYA, PEFT, Layout, LoraModule, detect_layout, split_prefix
 
 __all__ = [
-    "Alpha", "Factors", "MergePlan", "Orientation", "Step", "merge_lora", "merge_module", "check_finite", "check_scale", "require_finite", "merge_rows", "module_factors",
+    "Alpha", "Factors", "MergePlan", "Orientation", "Step", "merge_lora", "merge_module", "check_factors", "check_finite", "check_scale", "require_finite", "merge_rows", "module_factors",
     "orientation",
     "plan_merge", "require_data", "settle_orientation",
     "resolve_base_names", "resolve_scales",
@@ -224,6 +224,8 @@ def _finite(t: torch.Tensor) -> bool:
     """Whether every value is finite: min and max (NaN propagates to both, infinities land there) are."""
     if t.numel() == 0:
         return True
+    if t.dtype.itemsize == 1:  # float8: aminmax has no kernel for it; float16 holds every float8 value exactly
+        t = t.to(torch.float16)
     lo, hi = torch.aminmax(t.detach().reshape(-1))  # one pass, much faster than isfinite().all() on bf16
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
@@ -532,7 +534,7 @@ def plan_merge(
     if tied not in ("untie", "tie"):
         raise ValueError(f"tied must be 'untie' or 'tie', got {tied!r}")
     tensors = {k[len(layout.prefix) :]: v for k, v in state_dict.items()}
-    _check_factors(layout, tensors)
+    check_factors(layout, tensors)
     scales = dict(scales) if scales is not None else resolve_scales(layout, alpha, tensors)
     if layout.needs_base or base is not None:
         if base is None:
@@ -601,7 +603,7 @@ def _check_unique(steps: list[Step], tensors: Mapping[str, torch.Tensor]) -> Non
         )
 
 
-def _check_factors(layout: Layout, tensors: Mapping[str, torch.Tensor]) -> None:
+def check_factors(layout: Layout, tensors: Mapping[str, torch.Tensor]) -> None:
     """LoRA factors must be real floating-point tensors, with finite values where they have data."""
     bad, factors = [], {}
     for m in layout.modules:
