@@ -308,7 +308,7 @@ def test_resize_keeps_layout_and_scales_bias_and_refuses_dora():
     dora = {**_peft_sd(6, 5, 2, 1, torch.float32), "base_model.model.q.lora_magnitude_vector": torch.ones(6)}
     with pytest.raises(LayoutError, match=r"q: DoRA modules cannot be resized: the magnitude vector rescales"):
         resize_lora(dora, rank=1, scales={"q": 1.0}, layout="peft")
-    with pytest.raises(LayoutError, match=r"the state dict is in the standard layout: there is no LoRA update"):
+    with pytest.raises(LayoutError, match=r"the adapter is in the standard layout: there is no LoRA update"):
         resize_lora({"w.weight": torch.zeros(2, 2)}, rank=1)
 
 
@@ -1229,3 +1229,20 @@ def test_top_level_keys_are_their_own_modules_and_a_regex_that_matches_nothing_i
     assert out.report.saved == ["step"] and out.report.unchanged == 1  # mask: unchanged, not saved
     none = extract_lora(base, tuned, rank=2, modules=r"^nothing$")
     assert any("modules='^nothing$' (CLI: --modules) matches no module of the base" in w for w in none.report.warnings)
+
+
+def test_arguments_in_the_wrong_order_are_named(tmp_path, capsys):
+    """Newcomer review: swapped arguments got messages that named no file and no order."""
+    _pair(tmp_path, _llama)
+    b, t, a = str(tmp_path / "base"), str(tmp_path / "tuned"), str(tmp_path / "a")
+    assert main(["extract", b, t, a, "--rank", "4", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["extract", a, t, str(tmp_path / "x"), "--rank", "4", "--quiet"]) == 1
+    assert f"{a} is a PEFT adapter, not a model: extract takes the base model and the fine-tuned one (BASE TUNED OUT)" \
+        in capsys.readouterr().err
+    assert main(["resize", b, str(tmp_path / "r"), "--rank", "2"]) == 1
+    assert f"{b} is in the standard layout: there is no LoRA update to resize (resize takes an adapter)" in \
+        capsys.readouterr().err
+    assert main(["unmerge", a, t, str(tmp_path / "u.safetensors")]) == 1
+    assert f"{t} is in the standard layout: it holds no LoRA update to take out (the arguments are the merged " \
+           "weights, then the adapter)" in capsys.readouterr().err

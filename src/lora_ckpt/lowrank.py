@@ -1060,7 +1060,8 @@ def resize_lora(
     if not isinstance(layout, Layout):
         layout = detect_layout(state_dict, layout=layout)
     if not layout.is_lora or layout.spec is None:
-        raise LayoutError("the state dict is in the standard layout: there is no LoRA update to resize")
+        raise LayoutError(f"{name} is in the standard layout: there is no LoRA update to resize (resize takes an "
+                          "adapter)")
     require_data(state_dict)
     _refuse_dora(layout, "resized")
     require_finite({f"{k} in {name}": v for k, v in state_dict.items()}, fix=_BROKEN_ADAPTER)
@@ -1336,7 +1337,8 @@ def unmerge_lora(
     if not isinstance(layout, Layout):
         layout = detect_layout(adapter, layout=layout)
     if not layout.is_lora or layout.spec is None:
-        raise LayoutError("the adapter is in the standard layout: it holds no LoRA update to take out")
+        raise LayoutError(f"{names[1]} is in the standard layout: it holds no LoRA update to take out (the "
+                          "arguments are the merged weights, then the adapter)")
     _refuse_dora(layout, "unmerged")
     require_data(merged, adapter)
     require_finite({f"{k} in {names[1]}": v for k, v in adapter.items()}, fix=_BROKEN_ADAPTER)

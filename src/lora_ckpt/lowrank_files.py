@@ -221,6 +221,10 @@ def extract_files(
         raise LayoutError(f"extract writes to='peft' (a folder) or to='kohya' (a file), not {to!r}; convert the PEFT "
                           "adapter afterwards (lora-ckpt convert --to … --base BASE)")
     with Source.open(base) as b, Source.open(tuned) as t:
+        for src, role in ((b, "base"), (t, "tuned")):
+            if src.kind == "peft":
+                raise LayoutError(f"{src.path} is a PEFT adapter, not a model: extract takes the base model and the "
+                                  "fine-tuned one (BASE TUNED OUT) and writes the adapter")
         target = Output.prepare(out, overwrite=overwrite, folder=True if to == "peft" else None,
                                 inputs=[*b.paths(), *t.paths()])
         if to == "kohya" and target.folder:
