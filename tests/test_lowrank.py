@@ -1246,3 +1246,63 @@ def test_arguments_in_the_wrong_order_are_named(tmp_path, capsys):
     assert main(["unmerge", a, t, str(tmp_path / "u.safetensors")]) == 1
     assert f"{t} is in the standard layout: it holds no LoRA update to take out (the arguments are the merged " \
            "weights, then the adapter)" in capsys.readouterr().err
+
+
+def test_resize_combine_unmerge_read_and_keep_the_recorded_kinds_of_square_loralib_modules(tmp_path):
+    """loralib factors of a square weight fit a linear module and an embedding: a file lora-ckpt wrote records
+    which, and resize / combine / unmerge (which take no --kinds) read it and record it again."""
+    from lora_ckpt import detect_layout, load_checkpoint, merge_lora, save_checkpoint
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 8, generator=g)
+    a, b = torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g)
+    lora = {"q.weight": w, "q.lora_A": a, "q.lora_B": b}
+    path = save_checkpoint(tmp_path / "l.safetensors", lora, alpha=2.0, kinds={"q": "linear"})
+    with pytest.raises(LayoutError, match="fit both a linear module and an embedding"):
+        detect_layout(lora)  # without the record the shapes cannot tell
+    resized = resize_files(path, tmp_path / "r.safetensors", rank=1)
+    assert [r.rank for r in resized.report.rows] == [1]
+    assert load_checkpoint(tmp_path / "r.safetensors").kinds == {"q": "linear"}
+    combine_files([path, path], tmp_path / "c.safetensors", weights=[0.5, 0.5])
+    both = load_checkpoint(tmp_path / "c.safetensors")
+    assert both.kinds == {"q": "linear"}
+    merged = merge_lora(both.state_dict, alpha=both.alpha, layout=both.detect())
+    torch.testing.assert_close(merged["q.weight"], w + b @ a, rtol=1e-6, atol=1e-6)  # alpha/rank = 1
+    from safetensors.torch import save_file
+
+    save_file({"q.weight": w + b @ a}, tmp_path / "m.safetensors")
+    back = unmerge_files(tmp_path / "m.safetensors", path, tmp_path / "u.safetensors", fan_in_fan_out=False)
+    torch.testing.assert_close(load_checkpoint(tmp_path / "u.safetensors").state_dict["q.weight"], w,
+                               rtol=0, atol=1e-6)
+    assert back.report.rows[0].module == "q"
+
+
+def test_re_check_findings(tmp_path, capsys):
+    """The re-check after the reviews: unmerge onto an existing folder points at --base; combine names a model
+    given as an adapter; a model_type-only config asks only for the embeddings; --kinds with '.weight' is explained."""
+    _pair(tmp_path, _llama)
+    b, t, a = str(tmp_path / "base"), str(tmp_path / "tuned"), str(tmp_path / "a")
+    assert main(["extract", b, t, a, "--rank", "4", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["unmerge", t, a, b]) == 1
+    assert f"{b}: already exists (is it the base? give the base as --base BASE and a new OUT); pass --force" in \
+        capsys.readouterr().err
+    assert main(["combine", a, t, str(tmp_path / "c")]) == 1
+    assert f"{t} is in the standard layout: it holds no LoRA update (combine takes adapters, then OUT)" in \
+        capsys.readouterr().err
+    for name in ("base", "tuned"):
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        del config["architectures"]
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    assert main(["extract", b, t, str(tmp_path / "x"), "--rank", "4", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "model_type gives the rest, so --kinds model.embed_tokens=embedding for each embedding, or --kinds linear" \
+           " where none is" in err and "fan-in-fan-out" not in err
+    assert main(["extract", b, t, str(tmp_path / "x"), "--rank", "4", "--quiet", "--fan-in-fan-out"]) == 1
+    assert "config.json's model_type says which 2-d weights are Conv1D: drop --fan-in-fan-out" in capsys.readouterr().err
+    assert main(["extract", b, t, str(tmp_path / "x"), "--rank", "4", "--quiet", "--kinds",
+                 "model.embed_tokens.weight=embedding"]) == 1
+    assert "check the names: modules, without '.weight'" in capsys.readouterr().err
+    assert main(["extract", b, t, str(tmp_path / "x"), "--rank", "4", "--quiet", "--kinds", "linear"]) == 0
+    err = capsys.readouterr().err  # the user said 'no embeddings'; the name says otherwise: warned, not decided
+    assert "model.embed_tokens looks like an embedding by its name but is taken as linear, as said" in err

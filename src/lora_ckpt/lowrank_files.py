@@ -20,6 +20,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,7 +35,7 @@ from lora_ckpt.errors import CheckpointFileError, LayoutError
 from lora_ckpt.formats.hf import meta_model_facts, module_types, tied_weights, write_model_folder
 from lora_ckpt.formats.peft import load_peft_adapter, write_peft_adapter
 from lora_ckpt.io import write_checkpoint
-from lora_ckpt.layout import KOHYA, PEFT, split_prefix
+from lora_ckpt.layout import KOHYA, PEFT, Layout, split_prefix
 from lora_ckpt.lowrank import (
     Kind,
     LowRankReport,
@@ -153,16 +154,19 @@ def layer_facts(
            if importlib.util.find_spec("transformers") is None else
            "transformers cannot build the model config.json describes (no 'architectures', or one it lacks), so its "
            "layer types are not known")
-    if types is not None and fan_in_fan_out is not None and any(v != fan_in_fan_out for v in types.values()):
-        raise LayoutError(f"fan_in_fan_out={fan_in_fan_out} contradicts the base model's type in config.json; "
-                          "drop the argument")
+    example = next((n for n in names if _EMBEDDING_NAME.search(n)), names[0] if names else "MODULE")
+    embeddings = (f"kinds={{{example!r}:'embedding'}} (CLI: --kinds {example}=embedding) for each embedding, or "
+                  "kinds={'*':'linear'} (CLI: --kinds linear) where none is")
+    if types is not None and fan_in_fan_out is not None:
+        raise LayoutError(f"config.json's model_type says which 2-d weights are Conv1D: drop fan_in_fan_out (CLI: "
+                          f"--fan-in-fan-out); {why}, so say only the embeddings: {embeddings}")
     if fan_in_fan_out is None and not given:  # a weight's shape never tells: (out, in) and (in, out) both fit ΔW
         raise LayoutError(
             f"{why}, and an adapter's factors depend on them: give the base as a Hugging Face model folder whose "
-            "config.json transformers can build, or say them: fan_in_fan_out=False (CLI: --no-fan-in-fan-out) for "
-            "nn.Linear weights or fan_in_fan_out=True (CLI: --fan-in-fan-out) for GPT-2's Conv1D, and "
-            "kinds={'model.embed_tokens': 'embedding'} (CLI: --kinds model.embed_tokens=embedding) for each "
-            "embedding")
+            "config.json transformers can build, or say them: "
+            + (f"model_type gives the rest, so {embeddings}" if types is not None else
+               "fan_in_fan_out=False (CLI: --no-fan-in-fan-out) for nn.Linear weights or fan_in_fan_out=True (CLI: "
+               f"--fan-in-fan-out) for GPT-2's Conv1D, and {embeddings}"))
     default: Kind = "conv1d" if fan_in_fan_out else "linear"
     star = given.pop("*", None)
     out: dict[str, Kind] = {}
@@ -172,12 +176,30 @@ def layer_facts(
         out[n] = by_type if kind == "linear" else kind
     unknown = sorted(set(given) - set(names))
     if unknown:
-        raise LayoutError(f"kinds names {unknown[:3]}, which are not 2-d weights of the base; check the names (CLI: "
-                          "--kinds)")
+        raise LayoutError(f"kinds names {unknown[:3]}, which are not 2-d weights of the base; check the names: "
+                          "modules, without '.weight' (CLI: --kinds)")
     said = [f"{n}={k}" for n, k in given.items()]
-    return out, {}, (f"{why}: the 2-d weights are taken as {'Conv1D' if default == 'conv1d' else 'nn.Linear'}"
-                     f"{' (from model_type)' if types is not None else ''}"
+    taken = ("the layer types of its model_type (Conv1D where GPT-2 has them, nn.Linear elsewhere)"
+             if types is not None else "Conv1D" if default == "conv1d" else "nn.Linear")
+    return out, {}, (f"{why}: the 2-d weights are taken as {taken}"
                      f"{', except ' + ', '.join(said[:3]) if said else ''}, as said")
+
+
+#: Module names that usually are embeddings: only for warnings where the layer types were said, never for decisions.
+_EMBEDDING_NAME = re.compile(r"(^|\.)(embed\w*|wte|wpe|tok_embeddings|word_embeddings|\w*_embeddings?)$")
+
+
+def said_types_warnings(report: LowRankReport) -> list[str]:
+    """Where the layer types were said rather than read off the model: a factored module whose name looks like an
+    embedding but is taken as another layer, and factored embeddings whose tied output head is not known."""
+    out = [f"{r.module} looks like an embedding by its name but is taken as {r.kind}, as said; if it is an "
+           f"nn.Embedding, say kinds={{{r.module!r}:'embedding'}} (CLI: --kinds {r.module}=embedding): PEFT loads "
+           "an embedding's update only as one" for r in report.rows if r.kind != "embedding"
+           and _EMBEDDING_NAME.search(r.module)]
+    out += [f"{r.module}: whether an output head shares this embedding's weight (tie_word_embeddings) is not known "
+            "here, since the layer types were said; if one does, its half of the update is not in the adapter: give "
+            "the base as a model folder transformers can build" for r in report.rows if r.kind == "embedding"]
+    return out
 
 
 def extract_files(
@@ -252,6 +274,7 @@ def extract_files(
                 bar.close()
         if note:
             result.report.notes.append(note)
+            result.report.warnings.extend(said_types_warnings(result.report))
         if not result.alpha and not result.report.saved:
             result.report.notes.append("the two models are equal: the adapter holds no update")
         named = Path(os.path.abspath(base)) if os.path.exists(base) else b.path  # found from any directory
@@ -260,7 +283,7 @@ def extract_files(
 
 
 def _write_adapter(target: Output, result: LowRankResult, *, to: str, base_path: Path,
-                   carried: Mapping[str, Any] | None = None) -> None:
+                   carried: Mapping[str, Any] | None = None, kinds: Mapping[str, str] | None = None) -> None:
     """Install ``result`` (PEFT-keyed or in its own layout) at ``target``."""
     with target.writing() as tmp:
         if to == "peft" and result.layout == "peft":
@@ -276,19 +299,20 @@ def _write_adapter(target: Output, result: LowRankResult, *, to: str, base_path:
                                  layout=PEFT.name, fan_in_fan_out=False)
             write_checkpoint(tmp, rel.state_dict, alpha=rel.alpha, suffix=".safetensors")
         else:
-            write_checkpoint(tmp, result.state_dict, alpha=result.alpha or None, suffix=target.path.suffix)
+            write_checkpoint(tmp, result.state_dict, alpha=result.alpha or None, suffix=target.path.suffix, kinds=kinds)
 
 
 def _open_adapter(source: Source, alpha: float | None) -> tuple[dict[str, torch.Tensor], dict[str, float] | None,
-                                                                 Any, dict[str, Any] | None]:
-    """An adapter's tensors, its scales (a PEFT folder's, from its config), the alpha to use otherwise, its config."""
+                                                                 Any, dict[str, Any] | None, Layout | str]:
+    """An adapter's tensors, its scales (a PEFT folder's, from its config), the alpha to use otherwise, its config,
+    and its layout (a file's settled by the module kinds it records)."""
     if source.kind == "peft":
         peft = load_peft_adapter(source)
         if alpha is not None:
             raise LayoutError(f"{source.path}: the alpha comes from adapter_config.json; do not pass alpha")
-        return peft.state_dict, peft.scales, None, peft.config
+        return peft.state_dict, peft.scales, None, peft.config, PEFT.name
     ckpt = source.load()
-    return ckpt.state_dict, None, ckpt.resolve_alpha(alpha), None
+    return ckpt.state_dict, None, ckpt.resolve_alpha(alpha), None, ckpt.detect()
 
 
 def resize_files(
@@ -311,16 +335,25 @@ def resize_files(
     with Source.open(adapter) as src:
         target = Output.prepare(out, overwrite=overwrite, folder=True if src.kind == "peft" else None,
                                 inputs=src.paths())
-        sd, scales, rec_alpha, config = _open_adapter(src, alpha)
+        sd, scales, rec_alpha, config, layout = _open_adapter(src, alpha)
         result = resize_lora(sd, rank=rank, energy=energy, sv_epsilon=sv_epsilon, sv_ratio=sv_ratio,
-                             alpha=rec_alpha, scales=scales, layout=PEFT.name if config is not None else None,
-                             name=str(src.path))
-        _install_like(target, result, config, src)
+                             alpha=rec_alpha, scales=scales, layout=layout, name=str(src.path))
+        _install_like(target, result, config, src, layout)
     return LowRankFileResult([target.path], result.report, time.perf_counter() - started, list(target.removed))
 
 
-def _install_like(target: Output, result: LowRankResult, config: Mapping[str, Any] | None, src: Source) -> None:
-    """Write a resized or combined adapter in its input's form: a PEFT folder keeps the rest of its config."""
+def _standard(src: Source) -> bool:
+    """Whether a file's keys are in the standard layout (read from its header: nothing is loaded)."""
+    try:
+        return not src.recorded().detect(src.meta_tensors()).is_lora
+    except LayoutError:
+        return False  # a LoRA layout that needs more facts: the combine says which
+
+
+def _install_like(target: Output, result: LowRankResult, config: Mapping[str, Any] | None, src: Source,
+                  layout: Layout | str) -> None:
+    """Write a resized or combined adapter in its input's form: a PEFT folder keeps the rest of its config, a file
+    the module kinds (``layout``'s) of the modules it keeps."""
     if config is not None:
         carried = {k: v for k, v in config.items() if k not in _RECOMPUTED}
         task = config.get("task_type")
@@ -334,7 +367,8 @@ def _install_like(target: Output, result: LowRankResult, config: Mapping[str, An
         return
     if target.folder:
         raise CheckpointFileError(f"{target.path}: {src.path} is a file; give a file name (.safetensors or .pt)")
-    _write_adapter(target, result, to=result.layout, base_path=src.path)
+    kinds = {n: k for n, k in layout.kinds.items() if n in result.alpha} if isinstance(layout, Layout) else None
+    _write_adapter(target, result, to=result.layout, base_path=src.path, kinds=kinds)
 
 
 def combine_files(
@@ -364,10 +398,14 @@ def combine_files(
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         sources = [stack.enter_context(Source.open(p)) for p in adapters]
+        for src in sources:
+            if src.kind in ("folder", "dcp") or (src.kind != "peft" and _standard(src)):
+                raise LayoutError(f"{src.path} is in the standard layout: it holds no LoRA update (combine takes "
+                                  "adapters, then OUT)")
         kinds = {s.kind == "peft" for s in sources}
         if len(kinds) > 1:
-            raise LayoutError("mix of PEFT folders and other files; convert them to one layout first "
-                              "(lora-ckpt convert --to …)")
+            raise LayoutError("mix of PEFT folders and other files; convert them to one layout first (lora-ckpt "
+                              "convert ADAPTER OUT --to peft; a kohya file needs its base too: --base BASE)")
         target = Output.prepare(out, overwrite=overwrite, folder=True if sources[0].kind == "peft" else None,
                                 inputs=[p for s in sources for p in s.paths()])
         opened = [_open_adapter(s, alpha) for s in sources]
@@ -376,7 +414,7 @@ def combine_files(
         result = combine_lora(
             [o[0] for o in opened], weights=weights, rank=rank, energy=energy, sv_epsilon=sv_epsilon, sv_ratio=sv_ratio,
             alphas=[o[2] for o in opened], scales=[o[1] for o in opened],
-            layouts=[PEFT.name if peft else None] * len(opened), names=[str(s.path) for s in sources],
+            layouts=[o[4] for o in opened], names=[str(s.path) for s in sources],
         )
         config = opened[0][3]
         if config is not None:
@@ -389,7 +427,7 @@ def combine_files(
                         merged_cfg[f] = _union(merged_cfg.get(f), other.get(f))
             merged_cfg["base_model_name_or_path"] = bases
             config = merged_cfg
-        _install_like(target, result, config, sources[0])
+        _install_like(target, result, config, sources[0], opened[0][4])
     return LowRankFileResult([target.path], result.report, time.perf_counter() - started, list(target.removed))
 
 
@@ -446,7 +484,8 @@ def unmerge_files(
         a_src = stack.enter_context(Source.open(adapter))
         b_src = stack.enter_context(Source.open(base)) if base is not None else None
         inputs = [*m_src.paths(), *a_src.paths(), *(b_src.paths() if b_src else [])]
-        target = Output.prepare(out, overwrite=overwrite, inputs=inputs)
+        target = Output.prepare(out, overwrite=overwrite, inputs=inputs,
+                                exists_hint="is it the base? give the base as base=BASE (CLI: --base BASE) and a new OUT")
         merged_sd = m_src.load().state_dict
         orientation: Any = fan_in_fan_out
         tied: dict[str, str] = {}
@@ -467,7 +506,7 @@ def unmerge_files(
             sd, scales, rec_alpha = ck.state_dict, None, ck.resolve_alpha(alpha)
         base_sd = b_src.load().state_dict if b_src is not None else None
         result = unmerge_lora(merged_sd, sd, alpha=rec_alpha, scales=scales, fan_in_fan_out=orientation,
-                              base=base_sd, dtype=dtype, layout=PEFT.name if a_src.kind == "peft" else None,
+                              base=base_sd, dtype=dtype, layout=PEFT.name if a_src.kind == "peft" else ck.detect(),
                               names=(str(m_src.path), str(a_src.path)))
         if tied and base_sd is not None:
             _unmerge_tied(result, tied, alias_ads, base_sd, orientation=orientation, dtype=dtype,

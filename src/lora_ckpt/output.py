@@ -86,8 +86,12 @@ class Output:
         folder: bool | None = None,
         inputs: Iterable[PathLike | None] = (),
         siblings: Iterable[PathLike | None] = (),
+        exists_hint: str = "",
     ) -> Output:
         """Return the checked output for ``path``; nothing is written yet.
+
+        ``exists_hint``: said (in parentheses) when ``path`` exists and ``overwrite`` is not given, where the
+        command's other arguments may be what the user meant (``unmerge``'s ``--base``).
 
         ``folder`` defaults to whether the name lacks a checkpoint suffix (:data:`FILE_SUFFIXES`).
         ``siblings`` are the other outputs of the same command, which it may not be, hold or lie inside either.
@@ -126,7 +130,8 @@ class Output:
                     raise CheckpointFileError(f"{p}: already exists and is {what}, but this output is {want}; give "
                                               "another name")
                 hint = (" (it holds a PEFT adapter: to merge one, give BASE ADAPTER DST)"
-                        if folder is None and (p / "adapter_config.json").is_file() else "")
+                        if folder is None and (p / "adapter_config.json").is_file() else
+                        f" ({exists_hint})" if exists_hint else "")
                 raise CheckpointFileError(f"{p}: already exists{hint}; pass overwrite=True (CLI: --force) to replace it")
             _check_replaceable(p, is_folder)
         return cls(p, is_folder, overwrite, removed)
