@@ -409,7 +409,6 @@ def combine_files(
         target = Output.prepare(out, overwrite=overwrite, folder=True if sources[0].kind == "peft" else None,
                                 inputs=[p for s in sources for p in s.paths()])
         opened = [_open_adapter(s, alpha) for s in sources]
-        peft = sources[0].kind == "peft"
         bases = _one_base([(s, o[3]) for s, o in zip(sources, opened)], base_model)
         result = combine_lora(
             [o[0] for o in opened], weights=weights, rank=rank, energy=energy, sv_epsilon=sv_epsilon, sv_ratio=sv_ratio,
