@@ -405,25 +405,29 @@ def _row(
     return ModuleRow(module, kind, shape, rank_in, k, max(0.0, 1.0 - ratio), math.sqrt(ratio))
 
 
-def _require_fits(module: str, left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) -> None:
-    """Refuse an update ``left @ right`` whose size ``dtype`` cannot hold (factors of finite values whose product
-    overflows), before an SVD fails on it or a file holds it; its norm is measured in float64 without the product."""
+def _require_fits(module: str, left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) -> float:
+    """``‖left@right‖²_F`` (in float64, without the product); refuse an update whose size ``dtype`` cannot hold
+    (factors of finite values whose product overflows), before an SVD fails on it or a file holds it."""
     norm = float(torch.linalg.vector_norm(torch.linalg.qr(left.double()).R @ right.double()))
     if not math.isfinite(norm) or norm > torch.finfo(dtype).max:
         name = str(dtype).removeprefix("torch.")
         raise ShapeError(f"{module}: the update (scale × B@A) has norm {norm:.3g}, which {name} cannot hold; "
                          f"{_BROKEN_ADAPTER}")
+    return norm**2
 
 
 def _factor_residual(
-    left: torch.Tensor, right: torch.Tensor, new_left: torch.Tensor, new_right: torch.Tensor
+    left: torch.Tensor, right: torch.Tensor, new_left: torch.Tensor, new_right: torch.Tensor,
+    total: float | None = None,
 ) -> tuple[float, float]:
     """``(‖left@right‖²_F, ‖left@right − new_left@new_right‖²_F)`` in float64 without forming a product: by QR of
-    the stacked left factors, ``‖PQ‖_F = ‖R_P·Q‖_F``, accurate to ``ε₆₄·‖P‖‖Q‖`` (no difference of squares)."""
+    the stacked left factors, ``‖PQ‖_F = ‖R_P·Q‖_F``, accurate to ``ε₆₄·‖P‖‖Q‖`` (no difference of squares);
+    ``total``: the first, where :func:`_require_fits` has measured it."""
     left, right = left.double(), right.double()
     stacked = torch.cat([left, -new_left.to(left.device, torch.float64)], 1)  # (m, r + k)
     both = torch.cat([right, new_right.to(right.device, torch.float64)], 0)  # (r + k, n)
-    total = float(torch.linalg.vector_norm(torch.linalg.qr(left).R @ right)) ** 2
+    if total is None:
+        total = float(torch.linalg.vector_norm(torch.linalg.qr(left).R @ right)) ** 2
     residual = float(torch.linalg.vector_norm(torch.linalg.qr(stacked).R @ both)) ** 2
     return total, residual
 
@@ -1078,12 +1082,12 @@ def resize_lora(
             continue
         left, right = _canonical(layout, tensors, m, acc)
         exact_left, exact_right = _canonical(layout, tensors, m, torch.float64)  # the target, in float64
-        _require_fits(m.name, exact_left * scale[m.name], exact_right, acc)
+        total = _require_fits(m.name, exact_left * scale[m.name], exact_right, acc)
         u, s, vh = factor_svd(left * scale[m.name], right)
         k = _kept(rule, s, float(s.double().square().sum()), m.delta_shape, acc)
         nl, nr = _split(u, s, vh, k)
         report.rows.append(_row(m.name, m.kind, m.delta_shape, m.rank, k,
-                                *_factor_residual(exact_left * scale[m.name], exact_right, nl, nr)))
+                                *_factor_residual(exact_left * scale[m.name], exact_right, nl, nr, total)))
         if k == 0:
             dropped.add(m, s, out)
             continue
@@ -1272,13 +1276,13 @@ def combine_lora(
         exact = torch.cat(exact_lefts, 1), torch.cat(exact_rights, 0)
         i0, m0 = items[0]
         r_in = left.shape[1]
-        _require_fits(name, *exact, acc)
+        total = _require_fits(name, *exact, acc)
         if rule is None:  # exact: the concatenated factors as they are
             nl, nr = left, right
         else:
             u, s, vh = factor_svd(left, right)
             nl, nr = _split(u, s, vh, _kept(rule, s, float(s.double().square().sum()), m0.delta_shape, acc))
-        row = _row(name, m0.kind, m0.delta_shape, r_in, nl.shape[1], *_factor_residual(*exact, nl, nr))
+        row = _row(name, m0.kind, m0.delta_shape, r_in, nl.shape[1], *_factor_residual(*exact, nl, nr, total))
         report.rows.append(row)
         if not nl.shape[1]:
             dropped.add(m0, s, out)
