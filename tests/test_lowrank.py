@@ -621,6 +621,18 @@ def _fine_tune(model, rank, seed):
     return model
 
 
+def _pair(tmp_path, make, rank=3, seed=1):
+    """A base and its synthetic rank-``rank`` fine-tune, saved as Hugging Face folders ``base`` and ``tuned``."""
+    torch.manual_seed(0)
+    base = make()
+    base.save_pretrained(tmp_path / "base")
+    tuned = make()
+    tuned.load_state_dict(base.state_dict())
+    _fine_tune(tuned, rank, seed)
+    tuned.save_pretrained(tmp_path / "tuned")
+    return base, tuned
+
+
 def _logits(model):
     with torch.no_grad():
         return model(TOKENS).logits
@@ -628,13 +640,7 @@ def _logits(model):
 
 @pytest.mark.parametrize("make", [_gpt2, _llama], ids=["gpt2", "llama"])
 def test_extracted_adapter_reproduces_the_tuned_model_in_peft(tmp_path, make):
-    torch.manual_seed(0)
-    base = make()
-    base.save_pretrained(tmp_path / "base")
-    tuned = make()
-    tuned.load_state_dict(base.state_dict())
-    _fine_tune(tuned, 3, 1)
-    tuned.save_pretrained(tmp_path / "tuned")
+    base, tuned = _pair(tmp_path, make, rank=3, seed=1)
     result = extract_files(tmp_path / "base", tmp_path / "tuned", tmp_path / "adapter", rank=8)
     assert all(r.rank == 3 for r in result.report.rows)
     assert result.report.totals()["max_rel_error"] < 1e-5
@@ -657,13 +663,7 @@ def test_extract_from_files_in_small_blocks_equals_extract_in_memory(tmp_path, m
     from lora_ckpt.lowrank_files import SourceRows
     from lora_ckpt.source import Source
 
-    torch.manual_seed(0)
-    base = _llama()
-    base.save_pretrained(tmp_path / "base")
-    tuned = _llama()
-    tuned.load_state_dict(base.state_dict())
-    _fine_tune(tuned, 3, 1)
-    tuned.save_pretrained(tmp_path / "tuned")
+    base, tuned = _pair(tmp_path, _llama, rank=3, seed=1)
     options = {"rank": 4, "svd": "randomized", "resident_bytes": resident, "block_bytes": 7 * 64 * 4}
     in_memory = extract_lora(load_file(tmp_path / "base" / "model.safetensors"),
                              load_file(tmp_path / "tuned" / "model.safetensors"), **options)
@@ -680,13 +680,7 @@ def test_extract_from_files_in_small_blocks_equals_extract_in_memory(tmp_path, m
 
 
 def test_files_resize_combine_unmerge_round_trip(tmp_path):
-    torch.manual_seed(0)
-    base = _llama()
-    base.save_pretrained(tmp_path / "base")
-    tuned = _llama()
-    tuned.load_state_dict(base.state_dict())
-    _fine_tune(tuned, 2, 3)
-    tuned.save_pretrained(tmp_path / "tuned")
+    base, tuned = _pair(tmp_path, _llama, rank=2, seed=3)
     extract_files(tmp_path / "base", tmp_path / "tuned", tmp_path / "a", rank=4)
     same = resize_files(tmp_path / "a", tmp_path / "a2", rank=8)  # R ≥ rank: exact
     assert all(r.rel_error < 1e-6 for r in same.report.rows)
@@ -723,13 +717,7 @@ def test_files_resize_combine_unmerge_round_trip(tmp_path):
 
 
 def test_cli_commands(tmp_path, capsys):
-    torch.manual_seed(0)
-    base = _gpt2()
-    base.save_pretrained(tmp_path / "base")
-    tuned = _gpt2()
-    tuned.load_state_dict(base.state_dict())
-    _fine_tune(tuned, 2, 5)
-    tuned.save_pretrained(tmp_path / "tuned")
+    base, tuned = _pair(tmp_path, _gpt2, rank=2, seed=5)
     b, t = str(tmp_path / "base"), str(tmp_path / "tuned")
     assert main(["extract", b, t, str(tmp_path / "x"), "--rank", "4", "--quiet"]) == 0
     out = capsys.readouterr().out
@@ -987,17 +975,6 @@ def test_unmerge_of_a_tied_lm_head_refuses_without_the_base_and_recovers_it_with
 
 
 # --- review findings: facts, not assumptions -------------------------------------------------------------------
-
-
-def _pair(tmp_path, make, seed=1):
-    torch.manual_seed(0)
-    base = make()
-    base.save_pretrained(tmp_path / "base")
-    tuned = make()
-    tuned.load_state_dict(base.state_dict())
-    _fine_tune(tuned, 3, seed)
-    tuned.save_pretrained(tmp_path / "tuned")
-    return base, tuned
 
 
 def test_extract_from_files_without_config_needs_the_layer_orientation(tmp_path, capsys):
