@@ -1283,3 +1283,20 @@ def test_re_check_findings(tmp_path, capsys):
     assert main(["extract", b, t, str(tmp_path / "x"), "--rank", "4", "--quiet", "--kinds", "linear"]) == 0
     err = capsys.readouterr().err  # the user said 'no embeddings'; the name says otherwise: warned, not decided
     assert "model.embed_tokens looks like an embedding by its name but is taken as linear, as said" in err
+
+
+def test_kohya_to_another_layout_needs_the_base_for_its_module_names(tmp_path, capsys):
+    """Re-check finding: `convert k.safetensors out --to peft` without --base wrote kohya-mangled module names
+    (lora_unet_model_layers_0_…) that PEFT refuses and that combine summed as separate modules (exit 0)."""
+    _pair(tmp_path, _llama)
+    b, k = str(tmp_path / "base"), str(tmp_path / "k.safetensors")
+    assert main(["extract", b, str(tmp_path / "tuned"), k, "--to", "kohya", "--others", "report", "--rank", "4",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["convert", k, str(tmp_path / "p"), "--to", "peft"]) == 1
+    assert "kohya module names (lora_unet_…) write the model's dots as underscores, so only the base model's names " \
+           "tell which module each one is: pass --base BASE" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+    assert main(["convert", k, str(tmp_path / "p"), "--to", "peft", "--base", b]) == 0
+    adapter = load_peft_adapter(tmp_path / "p")
+    assert any(key.startswith("base_model.model.model.layers.0.self_attn.q_proj.") for key in adapter.state_dict)

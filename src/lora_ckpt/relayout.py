@@ -91,6 +91,9 @@ def convert_layout(
     if layout.needs_base and target.base_in_file and plain_base is None:
         raise LayoutError(f"{layout.kind} holds adapters only and {to} keeps base weights beside them; pass base=... (CLI: --base BASE)")
 
+    if layout.spec is KOHYA and target is not KOHYA and plain_base is None:
+        raise LayoutError("kohya module names (lora_unet_…) write the model's dots as underscores, so only the base "
+                          "model's names tell which module each one is: pass base=... (CLI: --base BASE)")
     problems = _inexpressible(layout, target)
     if problems:
         raise LayoutError("; ".join(problems))
