@@ -813,8 +813,6 @@ NAN_T = r"model.layers.1.self_attn.q_proj.weight in {tuned}/model.safetensors ho
     (["extract", "base", "tuned_inf", "o", "--rank", "4", "--quiet"], NAN_T.replace("{tuned}", "{tuned_inf}")),
     (["unmerge", "m1_nan", "adapter", "o"], r"model.layers.1.self_attn.q_proj.weight in {m1_nan} holds NaN or "
      r"infinite values; the merged weights are broken \(a diverged run\?\): unmerge from a good checkpoint"),
-    (["extract", "base", "tuned", "o", "--sv-ratio", "2", "--quiet"],  # regression: exit 0, rank 1, 0.76 error
-     r"sv_ratio is 2.0, not in \(0, 1\]; it keeps the σ ≥ sv_ratio·σ_max"),
     (["extract", "base", "tuned", "o", "--sv-epsilon", "1000", "--quiet"],
      r"sv_epsilon=1000 keeps no singular value of any module \(.*\); give a smaller sv_epsilon"),
     (["combine", "adapter", "b_other", "o"],  # regression: exit 0, keeping the first adapter's base
@@ -1300,3 +1298,15 @@ def test_kohya_to_another_layout_needs_the_base_for_its_module_names(tmp_path, c
     assert main(["convert", k, str(tmp_path / "p"), "--to", "peft", "--base", b]) == 0
     adapter = load_peft_adapter(tmp_path / "p")
     assert any(key.startswith("base_model.model.model.layers.0.self_attn.q_proj.") for key in adapter.state_dict)
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--sv-ratio", "2", "argument --sv-ratio: 2 is not in (0, 1]"),  # regression: exit 0, rank 1, 0.76 error
+    ("--energy", "1.5", "argument --energy: 1.5 is not in (0, 1]"),
+    ("--sv-epsilon", "-1", "argument --sv-epsilon: -1 is negative; give a number ≥ 0"),
+])
+def test_rank_rules_out_of_range_are_usage_errors(tmp_path, capsys, flag, value, message):
+    assert main(["resize", str(tmp_path / "a"), str(tmp_path / "o"), flag, value]) == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(LoraCkptError, match=r"^sv_ratio is 2.0, not in \(0, 1\]; it keeps the σ ≥ sv_ratio·σ_max$"):
+        RankRule(sv_ratio=2.0)

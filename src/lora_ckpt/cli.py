@@ -533,12 +533,26 @@ def _add_lowrank_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     _add_orientation(s)
 
 
-def _add_rank_rule(s: argparse.ArgumentParser) -> None:
+def _fraction(text: str) -> float:
+    value = _finite(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return value
+
+
+def _nonnegative(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; give a number ≥ 0")
+    return value
+
+
+def _add_rank_rule(s: argparse.ArgumentParser) -> None:  # ranges checked here: a bad value is a usage error (exit 2)
     s.add_argument("--rank", type=_positive, help="keep at most R singular values per module")
-    s.add_argument("--energy", type=_finite, metavar="E", help="keep the fewest with Σσ²_kept ≥ E·Σσ² (0 < E ≤ 1)")
-    s.add_argument("--sv-epsilon", type=_finite, metavar="S", help="keep the singular values above S (absolute); "
-                   "a module with none above S is left out (reported)")
-    s.add_argument("--sv-ratio", type=_finite, metavar="T", help="keep the singular values ≥ T·σ_max (0 < T ≤ 1)")
+    s.add_argument("--energy", type=_fraction, metavar="E", help="keep the fewest with Σσ²_kept ≥ E·Σσ² (0 < E ≤ 1)")
+    s.add_argument("--sv-epsilon", type=_nonnegative, metavar="S", help="keep the singular values above S "
+                   "(absolute); a module with none above S is left out (reported)")
+    s.add_argument("--sv-ratio", type=_fraction, metavar="T", help="keep the singular values ≥ T·σ_max (0 < T ≤ 1)")
 
 
 def _rule(args: argparse.Namespace) -> dict[str, Any]:
