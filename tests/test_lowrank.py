@@ -1310,3 +1310,15 @@ def test_rank_rules_out_of_range_are_usage_errors(tmp_path, capsys, flag, value,
     assert message in capsys.readouterr().err
     with pytest.raises(LoraCkptError, match=r"^sv_ratio is 2.0, not in \(0, 1\]; it keeps the σ ≥ sv_ratio·σ_max$"):
         RankRule(sv_ratio=2.0)
+
+
+def test_combine_of_updates_that_cancel_reports_a_zero_update():
+    """Hostile review: A − A reported a mean relative error of 1.03 for an update that is zero."""
+    sd = _peft_sd(12, 9, 3, 4, torch.float32)
+    out = combine_lora([sd, sd], weights=[1.0, -1.0], scales=[{"q": 1.0}] * 2)
+    (row,) = out.report.rows
+    assert row.rel_error == 0.0 and row.energy == 1.0
+    assert any("q: the weighted updates cancel" in n for n in out.report.notes)
+    torch.testing.assert_close(_product(out.state_dict, "q", "linear").float(), torch.zeros(12, 9), rtol=0, atol=1e-6)
+    half = combine_lora([sd, sd], weights=[1.0, -0.5], scales=[{"q": 1.0}] * 2)  # no cancellation: measured
+    assert half.report.rows[0].rel_error < 1e-6 and not any("cancel" in n for n in half.report.notes)

@@ -1282,7 +1282,14 @@ def combine_lora(
         else:
             u, s, vh = factor_svd(left, right)
             nl, nr = _split(u, s, vh, _kept(rule, s, float(s.double().square().sum()), m0.delta_shape, acc))
-        row = _row(name, m0.kind, m0.delta_shape, r_in, nl.shape[1], *_factor_residual(*exact, nl, nr, total))
+        terms = sum(float(torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b))  # Σ ‖cᵢ·leftᵢ‖·‖rightᵢ‖
+                    for a, b in zip(exact_lefts, exact_rights))
+        if math.sqrt(total) <= 1e-12 * terms:  # the updates cancel: no relative error to speak of
+            row = ModuleRow(name, m0.kind, m0.delta_shape, r_in, nl.shape[1], 1.0, 0.0)
+            report.notes.append(f"{name}: the weighted updates cancel (the sum is below 1e-12 of its terms): a zero "
+                                "update, to round-off")
+        else:
+            row = _row(name, m0.kind, m0.delta_shape, r_in, nl.shape[1], *_factor_residual(*exact, nl, nr, total))
         report.rows.append(row)
         if not nl.shape[1]:
             dropped.add(m0, s, out)
