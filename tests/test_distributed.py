@@ -379,7 +379,8 @@ def _worker(rank, world_size, port, folder, names):
         except Exception:  # noqa: BLE001 - reported to the test that owns the scenario
             results[name] = {"ok": False, "error": traceback.format_exc()}
         dist.barrier()
-    Path(folder, f"rank{rank}.json").write_text(json.dumps(results))
+    Path(folder, f"rank{rank}.part").write_text(json.dumps(results))
+    os.replace(Path(folder, f"rank{rank}.part"), Path(folder, f"rank{rank}.json"))  # whole, or absent
     dist.destroy_process_group()
 
 
@@ -392,15 +393,27 @@ def _free_port():
 def _run_group(tmp_path_factory, world_size, scenarios):
     import torch.multiprocessing as mp
 
-    folder = tmp_path_factory.mktemp(f"dist{world_size}")
-    ctx = mp.start_processes(_worker, args=(world_size, _free_port(), str(folder), [f.__name__ for f in scenarios]),
-                             nprocs=world_size, join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=5):  # returns when one rank ends; an error in a rank is raised here
-        if time.monotonic() > deadline:  # pragma: no cover - a hang
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail(f"the {world_size}-rank group did not finish in 240 s")
+    for attempt in range(2):
+        folder = tmp_path_factory.mktemp(f"dist{world_size}")
+        ctx = mp.start_processes(_worker, args=(world_size, _free_port(), str(folder), [f.__name__ for f in scenarios]),
+                                 nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + 240
+        try:
+            while not ctx.join(timeout=5):  # returns when one rank ends; an error in a rank is raised here
+                if time.monotonic() > deadline:  # pragma: no cover - a hang
+                    for p in ctx.processes:
+                        p.terminate()
+                    pytest.fail(f"the {world_size}-rank group did not finish in 240 s")
+        except mp.ProcessExitedException:
+            # torch's own gloo teardown has aborted intermittently on this 2-core machine ("terminate called without
+            # an active exception"): results every rank wrote before destroy_process_group are whole; a rank that
+            # died before writing them gets one fresh retry of the whole group
+            if all(Path(folder, f"rank{r}.json").exists() for r in range(world_size)):
+                break
+            if attempt:
+                raise
+            continue
+        break
     return [json.loads(Path(folder, f"rank{r}.json").read_text()) for r in range(world_size)]
 
 
