@@ -1437,13 +1437,29 @@ def _base_error(result: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, 
     """``(max |result − base|, None)``, or with ``‖result − base‖_F / ‖merged − result‖_F`` in place of None where
     the result is not the base: some element beyond what rounding allows (half a unit in the last place of the
     merged and of the unmerged value, both doubled, plus ``2·r·ε`` of the largest update for a merge computed in the
-    weights' own dtype, as PEFT's) and more than :data:`_FAR_FROM_BASE` of the update left."""
+    weights' own dtype, as PEFT's) and more than :data:`_FAR_FROM_BASE` of the update left.
+
+    In float64 a cache-sized block of rows at a time (a whole float64 copy of an embedding, several times over,
+    would be gigabytes): one pass for the norms and maxima, a second for the rounding check only where the
+    relative error already exceeds :data:`_FAR_FROM_BASE`."""
     if not result.numel():
         return 0.0, None
-    r, b, mg = result.double(), base.double(), merged.double()
-    err, update = (r - b).abs(), (mg - r).abs()
-    eps = max(torch.finfo(merged.dtype).eps, torch.finfo(result.dtype).eps)
-    allowed = _ulp(mg, merged.dtype) + _ulp(r, result.dtype) + 2 * max(rank, 1) * eps * float(update.max())
-    rel = float(torch.linalg.vector_norm(err) / torch.linalg.vector_norm(update).clamp_min(1e-300))
-    far = bool((err > allowed).any()) and rel > _FAR_FROM_BASE
-    return float(err.max()), rel if far else None
+    flat = [t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1) for t in (result, base, merged)]
+    step = max(1, _RESIDUAL_BLOCK_BYTES // (8 * flat[0].shape[1]))
+
+    def blocks() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:  # (result, |err|, merged) in float64
+        for start in range(0, flat[0].shape[0], step):
+            r, b, mg = (t[start : start + step].double() for t in flat)
+            yield r, (r - b).abs(), mg
+
+    worst = largest = err_sq = update_sq = 0.0
+    for r, err, mg in blocks():
+        update = (mg - r).abs()
+        worst, largest = max(worst, float(err.max())), max(largest, float(update.max()))
+        err_sq, update_sq = err_sq + float(err.square().sum()), update_sq + float(update.square().sum())
+    rel = math.sqrt(err_sq) / max(math.sqrt(update_sq), 1e-300)
+    if rel <= _FAR_FROM_BASE:
+        return worst, None
+    slack = 2 * max(rank, 1) * max(torch.finfo(merged.dtype).eps, torch.finfo(result.dtype).eps) * largest
+    beyond = any(bool((err > _ulp(mg, merged.dtype) + _ulp(r, result.dtype) + slack).any()) for r, err, mg in blocks())
+    return worst, rel if beyond else None
