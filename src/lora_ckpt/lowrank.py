@@ -500,13 +500,14 @@ class _Scratch:
         need = (stop - start) * math.prod(shape[1:]) * reader.dtype(key).itemsize if shape else 0
         return reader.rows(key, start, stop, scratch=self._bytes(role, need))
 
-    def converted(self, rows: torch.Tensor, like: torch.Tensor, role: str) -> torch.Tensor:
-        """``rows`` in ``like``'s dtype and on its device (an operation on two dtypes would make a temporary copy
-        of the narrower operand each time)."""
-        if like.device.type != "cpu":
-            return rows.to(like.device, like.dtype)
-        need = rows.numel() * like.dtype.itemsize
-        return self._bytes(role, need)[:need].view(like.dtype).view(rows.shape).copy_(rows)
+    def converted(self, rows: torch.Tensor, dtype: torch.dtype, role: str,
+                  device: torch.device | None = None) -> torch.Tensor:
+        """A copy of ``rows`` in ``dtype`` (on ``device``, default the CPU), in ``role``'s buffer on the CPU: an
+        operation on two dtypes would make a temporary copy of the narrower operand each time."""
+        if device is not None and device.type != "cpu":
+            return rows.to(device, dtype)
+        need = rows.numel() * dtype.itemsize
+        return self._bytes(role, need)[:need].view(dtype).view(rows.shape).copy_(rows)
 
 
 def _reader(x: Mapping[str, torch.Tensor] | RowReader, name: str) -> RowReader:
@@ -520,9 +521,8 @@ def _equal(base: torch.Tensor, tuned: torch.Tensor, scratch: _Scratch) -> bool:
     """Whether two blocks hold the same values, in the wider of their dtypes where they differ (exact)."""
     if base.dtype != tuned.dtype and base.is_floating_point() and tuned.is_floating_point():
         wide = torch.promote_types(base.dtype, tuned.dtype)
-        like = torch.empty(0, dtype=wide)
-        base, tuned = (scratch.converted(base, like, "base, wide") if base.dtype != wide else base,
-                       scratch.converted(tuned, like, "tuned, wide") if tuned.dtype != wide else tuned)
+        base, tuned = (scratch.converted(base, wide, "base, wide") if base.dtype != wide else base,
+                       scratch.converted(tuned, wide, "tuned, wide") if tuned.dtype != wide else tuned)
     return torch.equal(base, tuned)
 
 
@@ -599,13 +599,12 @@ class _Delta:
         base = self.scratch.rows(self.base, self.key, start, stop, "base")
         wide = torch.promote_types(torch.promote_types(tuned.dtype, base.dtype), out.dtype)
         if wide != out.dtype:
-            like = torch.empty(0, dtype=wide)
-            difference = self.scratch.converted(tuned, like, "tuned, wide")
-            difference.sub_(base if base.dtype == wide else self.scratch.converted(base, like, "base, wide"))
+            difference = self.scratch.converted(tuned, wide, "tuned, wide")  # a copy: sub_ may not touch the input
+            difference.sub_(base if base.dtype == wide else self.scratch.converted(base, wide, "base, wide"))
             return out.copy_(difference)
         out.copy_(tuned)
         if base.dtype != out.dtype or base.device != out.device:
-            base = self.scratch.converted(base, out, "base, converted")
+            base = self.scratch.converted(base, out.dtype, "base, converted", out.device)
         return out.sub_(base)
 
     def fill(self) -> torch.Tensor:

@@ -118,6 +118,10 @@ class SourceRows:
         return str(self.source.entries[self.names[key]].file)
 
 
+#: Module names that usually are embeddings: only for warnings where the layer types were said, never for decisions.
+_EMBEDDING_NAME = re.compile(r"(^|\.)(embed\w*|wte|wpe|tok_embeddings|word_embeddings|\w*_embeddings?)$")
+
+
 def layer_facts(
     model_config: Mapping[str, Any] | None, names: Iterable[str], *, fan_in_fan_out: bool | None = None,
     kinds: Mapping[str, Kind] | None = None,
@@ -183,10 +187,6 @@ def layer_facts(
              if types is not None else "Conv1D" if default == "conv1d" else "nn.Linear")
     return out, {}, (f"{why}: the 2-d weights are taken as {taken}"
                      f"{', except ' + ', '.join(said[:3]) if said else ''}, as said")
-
-
-#: Module names that usually are embeddings: only for warnings where the layer types were said, never for decisions.
-_EMBEDDING_NAME = re.compile(r"(^|\.)(embed\w*|wte|wpe|tok_embeddings|word_embeddings|\w*_embeddings?)$")
 
 
 def said_types_warnings(report: LowRankReport) -> list[str]:
