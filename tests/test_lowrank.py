@@ -767,13 +767,7 @@ def hostile(tmp_path_factory):
     from safetensors.torch import load_file, save_file
 
     root = tmp_path_factory.mktemp("hostile")
-    torch.manual_seed(0)
-    base = _llama()
-    base.save_pretrained(root / "base")
-    tuned = _llama()
-    tuned.load_state_dict(base.state_dict())
-    _fine_tune(tuned, 3, 1)
-    tuned.save_pretrained(root / "tuned")
+    base, tuned = _pair(root, _llama)
     extract_files(root / "base", root / "tuned", root / "adapter", rank=4)
 
     def broken(src, name, file, key, value):
