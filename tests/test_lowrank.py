@@ -243,6 +243,8 @@ def test_extract_error_paths():
         extract_lora(base, base, rank=2, svd="fast")  # type: ignore[arg-type]
     with pytest.raises(KeyMismatchError, match=r"tied names keys neither state dict holds in both"):
         extract_lora(base, base, rank=2, tied={"lm.weight": "nope.weight"})
+    with pytest.raises(LoraCkptError, match=r"^others is 'keep'; use 'save', 'report' or 'refuse'$"):
+        extract_lora(base, base, rank=2, others="keep")  # type: ignore[arg-type]
 
 
 def test_extract_reports_instead_of_saving_when_asked():
